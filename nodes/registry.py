@@ -1,0 +1,14 @@
+"""The V3 extension ComfyUI loads: every FFP node of every room. Imports ComfyUI (layering rule)."""
+
+from __future__ import annotations
+
+from ._comfy import ComfyExtension, io
+from .flow.node import FFPFlowPropagate
+from .video.node import FFPEvaluate
+
+NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate]
+
+
+class FFPropExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
