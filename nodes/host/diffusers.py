@@ -1,0 +1,207 @@
+"""Wan DiT adapter for diffusers' `WanTransformer3DModel` (optional dependency, imported lazily)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..common import log_once
+from . import names
+from .protocol import (
+    CLIP_DIM,
+    RopePositionFn,
+    WanCond,
+    WanDims,
+    apply_position_fn,
+    check_clip,
+    check_context,
+    compose_position_fns,
+    model_input,
+    stock_rope_ids,
+    timesteps,
+)
+
+TEXT_TOKENS = 512  # diffusers' WanAttnProcessor hard-codes 512 text tokens when image tokens are present
+
+
+def _diffusers_wan():
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError as e:
+        raise RuntimeError(
+            "the diffusers Wan host needs the 'diffusers' package (>= 0.33): pip install diffusers "
+            f"(import failed: {e})"
+        ) from e
+    return WanTransformer3DModel
+
+
+def rope_cos_sin(pos: Tensor, dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """pos [L] (any real values) -> cos, sin [L, dim] float32, pairs interleaved, as diffusers'
+    `get_1d_rotary_pos_embed(use_real=True, repeat_interleave_real=True)` with float64 angles."""
+    pos = pos.to(torch.float64)
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
+    ang = torch.outer(pos, inv)
+    return ang.cos().repeat_interleave(2, dim=1).float(), ang.sin().repeat_interleave(2, dim=1).float()
+
+
+class PositionRope(nn.Module):
+    """Stands in for `WanRotaryPosEmbed`: returns (cos, sin), each [1, L, 1, head_dim], for positions fn(ids).
+
+    Integer positions inside the stock table are read from it (bit-identical to the stock module); other
+    positions are computed the way `get_1d_rotary_pos_embed` builds the table (float64 angles, interleaved).
+    """
+
+    def __init__(self, stock: nn.Module, fn: RopePositionFn, theta: float = 10000.0):
+        super().__init__()
+        self.stock = stock
+        self.fn = fn
+        self.theta = theta
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        stock = self.stock
+        _, _, f, h, w = hidden_states.shape
+        p_t, p_h, p_w = stock.patch_size
+        ids = stock_rope_ids(f // p_t, h // p_h, w // p_w, device=stock.freqs_cos.device)
+        pos = apply_position_fn(self.fn, ids)
+        dims = [stock.t_dim, stock.h_dim, stock.w_dim]
+        cos_parts, sin_parts = [], []
+        tables = zip(stock.freqs_cos.split(dims, dim=1), stock.freqs_sin.split(dims, dim=1))
+        for axis, (dim, (cos_t, sin_t)) in enumerate(zip(dims, tables)):
+            p = pos[:, axis].to(torch.float64)
+            idx = p.round().clamp(0, cos_t.shape[0] - 1)
+            exact = (p == idx)[:, None]
+            cos, sin = rope_cos_sin(p, dim, self.theta)
+            cos, sin = cos.to(cos_t.dtype), sin.to(sin_t.dtype)
+            idx = idx.long()
+            cos_parts.append(torch.where(exact, cos_t[idx], cos))
+            sin_parts.append(torch.where(exact, sin_t[idx], sin))
+        n = ids.shape[0]
+        return torch.cat(cos_parts, dim=-1).reshape(1, n, 1, -1), torch.cat(sin_parts, dim=-1).reshape(1, n, 1, -1)
+
+
+class DiffusersWan:
+    """`WanDiT` over a diffusers `WanTransformer3DModel` (linear paths are relative to the model)."""
+
+    def __init__(self, model: nn.Module):
+        cls = _diffusers_wan()
+        if not isinstance(model, cls):
+            raise ValueError(
+                f"DiffusersWan needs a diffusers WanTransformer3DModel, got {type(model).__name__}. "
+                "Load one with load_diffusers_wan(<diffusers-format dir>)."
+            )
+        self.model = model
+        cfg = model.config
+        rope = model.rope.stock if isinstance(model.rope, PositionRope) else model.rope
+        image_dim = cfg.image_dim if getattr(model.condition_embedder, "image_embedder", None) is not None else None
+        self._dims = WanDims(
+            hidden_size=cfg.num_attention_heads * cfg.attention_head_dim,
+            num_heads=cfg.num_attention_heads,
+            head_dim=cfg.attention_head_dim,
+            num_layers=len(model.blocks),
+            patch_size=tuple(cfg.patch_size),
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels or cfg.in_channels,
+            text_dim=cfg.text_dim,
+            rope_axes_dim=(rope.t_dim, rope.h_dim, rope.w_dim),
+            clip_dim=image_dim,
+        )
+        self._has_added_kv = model.blocks[0].attn2.add_k_proj is not None if len(model.blocks) else False
+
+    @property
+    def dims(self) -> WanDims:
+        return self._dims
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
+    def linear_names(self) -> dict[str, list[str]]:
+        return names.block_linear_paths("diffusers", self._dims.num_layers, self._has_added_kv)
+
+    def predict(self, x_t: Tensor, t: Tensor | float, cond: WanCond) -> Tensor:
+        """x_t [B, 16, F, h, w], t [B] in 0..1 (1 = noise) -> velocity [B, 16, F, h, w] in x_t's dtype."""
+        dims = self._dims
+        param = next(self.model.parameters())
+        x = model_input(x_t, cond, dims)
+        b = x.shape[0]
+        context = check_context(cond, dims, b)
+        clip = check_clip(cond, dims, b)
+        if dims.clip_dim is None:
+            if clip is not None:
+                log_once("diffusers-clip-ignored", "FFP host: this diffusers Wan has no image embedder; clip_tokens are ignored.")
+            clip = None
+        else:
+            if clip is None:
+                raise ValueError(
+                    f"this diffusers Wan I2V model has an image embedder (image_dim {dims.clip_dim}) and needs "
+                    f"cond.clip_tokens [B, 257, {CLIP_DIM}]; pass CLIP-vision-H penultimate tokens of the first frame."
+                )
+            context = _pad_text(context)
+        out = self.model(
+            hidden_states=x.to(param.device, param.dtype),
+            timestep=timesteps(t, b, param.device),
+            encoder_hidden_states=context.to(param.device, param.dtype),
+            encoder_hidden_states_image=None if clip is None else clip.to(param.device, param.dtype),
+            return_dict=False,
+        )[0]
+        return out.to(x_t.dtype)
+
+    def with_rope_positions(self, fn: RopePositionFn) -> "DiffusersWan":
+        """A new adapter over a shallow copy of the model (own `_modules`, shared weights) with RoPE from fn(ids)."""
+        rope = self.model.rope
+        if isinstance(rope, PositionRope):
+            rope = PositionRope(rope.stock, compose_position_fns(fn, rope.fn), rope.theta)
+        else:
+            rope = PositionRope(rope, fn)
+        twin = copy.copy(self.model)
+        twin._modules = dict(self.model._modules)
+        twin._modules["rope"] = rope
+        return DiffusersWan(twin)
+
+
+def _pad_text(context: Tensor) -> Tensor:
+    """Zero-pad context to 512 tokens (as the diffusers Wan pipeline does): the I2V attention splits image and
+    text tokens by counting 512 text tokens from the end."""
+    n = context.shape[1]
+    if n > TEXT_TOKENS:
+        raise ValueError(
+            f"context has {n} tokens; diffusers' Wan I2V attention expects at most {TEXT_TOKENS} text tokens "
+            "(it counts 512 from the end to find the image tokens). Truncate the prompt embedding to 512."
+        )
+    if n < TEXT_TOKENS:
+        log_once("diffusers-pad-text", "FFP host: zero-padding the text context to 512 tokens for diffusers Wan I2V.")
+        context = torch.cat([context, context.new_zeros(context.shape[0], TEXT_TOKENS - n, context.shape[2])], dim=1)
+    return context
+
+
+def load_diffusers_wan(
+    path: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = "cpu"
+) -> DiffusersWan:
+    """Load a local diffusers-format WanTransformer3DModel (a dir with config.json, or a pipeline dir with
+    transformer/), no hub access."""
+    cls = _diffusers_wan()
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"no diffusers Wan model at '{root}'; pass a directory holding config.json.")
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if (root / "config.json").is_file():
+        model = cls.from_pretrained(str(root), **kwargs)
+    elif (root / "transformer" / "config.json").is_file():
+        model = cls.from_pretrained(str(root), subfolder="transformer", **kwargs)
+    else:
+        raise ValueError(
+            f"'{root}' is not a diffusers-format Wan transformer: expected config.json (or transformer/config.json) "
+            "plus diffusion_pytorch_model*.safetensors. A single ComfyUI .safetensors file loads in ComfyUI instead."
+        )
+    if device is not None:
+        model = model.to(device)
+    return DiffusersWan(model.eval())
