@@ -1,0 +1,91 @@
+"""Tiny model files for the e2e server: tiny random Wan 2.1 DiTs and a random Wan 2.1 VAE, in ComfyUI's format.
+
+The DiTs come from `comfy_support.tiny_wan_state_dict` (ComfyUI's own WanModel class, dim 128, 2 layers).
+The VAE cannot be made small: ComfyUI detects a Wan 2.1 VAE by its keys and always builds the fixed
+architecture (comfy/sd.py: dim 96, z 16, dim_mult [1, 2, 4, 4]; 126.9M parameters, about 254 MB in fp16),
+so it is built once from `comfy.ldm.wan.vae.WanVAE` with explicitly filled weights (comfy ops leave them
+uninitialised) and cached. Needs ComfyUI importable (call `comfy_support.import_comfy()` first).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# File names the harness writes into <base>/models; workflows point at them with extra.ffprop_ci.inputs.
+WAN_KINDS = ("i2v", "t2v", "fun_control")
+VAE_NAME = "ffp_random_wan21_vae.safetensors"
+VAE_VERSION = "v1"  # bump when the filling rule changes, so stale cached VAEs are not reused
+
+
+def tiny_wan_name(kind: str) -> str:
+    return f"ffp_tiny_wan21_{kind}.safetensors"
+
+
+# comfy/sd.py VAE.__init__, Wan 2.1 branch
+WAN21_VAE_CONFIG = {"dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+                    "temperal_downsample": [False, True, True], "dropout": 0.0}
+
+
+def random_wan21_vae_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A Wan 2.1 VAE state dict with seeded random weights: conv/linear weights ~ N(0, 1/fan_in), biases 0,
+    RMS-norm gammas 1. Keys and shapes are exactly ComfyUI's (so `comfy.sd.VAE` detects a Wan 2.1 VAE)."""
+    import comfy.ldm.wan.vae
+
+    with torch.device("meta"):
+        model = comfy.ldm.wan.vae.WanVAE(**WAN21_VAE_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("gamma"):
+            t = torch.ones(p.shape)
+        elif name.endswith("bias") or p.ndim < 2:
+            t = torch.zeros(p.shape)
+        else:
+            fan_in = math.prod(p.shape[1:])
+            t = torch.randn(p.shape, generator=g) / math.sqrt(fan_in)
+        sd[name] = t.to(dtype).contiguous()
+    return sd
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], path: Path, note: str) -> Path:
+    """Write to a temp name and rename, so an interrupted run never leaves a half-written model behind."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"ffprop_e2e": note})
+    os.replace(tmp, path)
+    return path
+
+
+def cached_random_vae(cache_dir: Path, seed: int = 0) -> Path:
+    """The random VAE file in cache_dir, built on first use (about 254 MB)."""
+    path = Path(cache_dir) / f"ffp_random_wan21_vae_{VAE_VERSION}_s{seed}.safetensors"
+    if not path.is_file():
+        save_safetensors(random_wan21_vae_state_dict(seed), path, "random Wan 2.1 VAE (test only)")
+    return path
+
+
+def write_models(models_dir: Path, cache_dir: Path) -> dict[str, float]:
+    """Fill <models_dir>/diffusion_models and /vae with the tiny test models; return build times in seconds."""
+    from comfy_support import tiny_wan_state_dict
+
+    times = {}
+    for kind in WAN_KINDS:
+        t0 = time.perf_counter()
+        sd = tiny_wan_state_dict(kind)
+        save_safetensors(sd, Path(models_dir) / "diffusion_models" / tiny_wan_name(kind), f"tiny random Wan 2.1 {kind}")
+        times[f"wan_{kind}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vae = cached_random_vae(cache_dir)
+    dst = Path(models_dir) / "vae" / VAE_NAME
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        dst.symlink_to(vae)
+    times["vae"] = time.perf_counter() - t0
+    return times

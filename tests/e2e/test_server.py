@@ -1,0 +1,133 @@
+"""The real server: the pack loads under another folder name, serves every FFP node with full docs, and
+POST /prompt runs core graphs (a UI-format one through the converter, and Wan 2.1 on the tiny models)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from e2e_media import check_output_file, make_input_file
+from e2e_server import PACK_FOLDER, TEST_PACK_FOLDER, TIMINGS, env_seconds
+from e2e_workflow import ui_to_api
+
+PACK_MODULE = f"custom_nodes.{PACK_FOLDER}"
+
+
+def registered_node_ids() -> list[str]:
+    from comfy_support import import_comfy
+
+    import_comfy()
+    from ffprop.nodes.registry import NODES
+
+    return [n.GET_SCHEMA().node_id for n in NODES]
+
+
+def test_pack_imports_cleanly(comfy_server, object_info):
+    log = comfy_server.log_text()
+    pack_lines = [ln for ln in log.splitlines() if PACK_FOLDER in ln or TEST_PACK_FOLDER in ln]
+    bad = [ln for ln in pack_lines if re.search(r"IMPORT FAILED|Cannot import|Error while calling|Skip ", ln)]
+    assert not bad, "a node pack failed to load:\n" + "\n".join(bad)
+    assert any("seconds" in ln and PACK_FOLDER in ln for ln in pack_lines), "the pack is not in the import-times list"
+    assert object_info["E2EWanTextConditioning"]["python_module"] == f"custom_nodes.{TEST_PACK_FOLDER}"
+
+
+def test_every_ffp_node_is_served(object_info):
+    expected = registered_node_ids()
+    assert expected, "ffprop.nodes.registry.NODES is empty"
+    served = {k for k, v in object_info.items() if v.get("python_module") == PACK_MODULE}
+    missing = sorted(set(expected) - set(object_info))
+    assert not missing, f"registered but not in /object_info: {missing}"
+    assert served == set(expected), f"served by {PACK_FOLDER} but not in the registry: {sorted(served - set(expected))}"
+    stray = sorted(k for k in object_info if k.startswith("FFP") and k not in expected)
+    assert not stray, f"FFP* ids in /object_info that the pack's registry does not list: {stray}"
+
+
+def test_ffp_nodes_are_documented(object_info):
+    problems = []
+    for nid in registered_node_ids():
+        info = object_info[nid]
+        if not (info.get("description") or "").strip():
+            problems.append(f"{nid}: no description")
+        if not str(info.get("category", "")).startswith("FFP/"):
+            problems.append(f"{nid}: category {info.get('category')!r} is not under 'FFP/'")
+        for section in ("required", "optional"):
+            for name, spec in (info.get("input", {}).get(section) or {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not (opts.get("tooltip") or "").strip():
+                    problems.append(f"{nid}: input {name!r} has no tooltip")
+        tips = info.get("output_tooltips") or []
+        for i, name in enumerate(info.get("output_name") or []):
+            if i >= len(tips) or not (tips[i] or "").strip():
+                problems.append(f"{nid}: output {name!r} has no tooltip")
+    assert not problems, "\n".join(problems)
+
+
+def test_core_ui_workflow_converts_and_runs(comfy_server, object_info):
+    """LoadImage -> ImageInvert -> SaveImage, saved in the frontend's UI format, through the converter."""
+    make_input_file(comfy_server.input_dir, "e2e_edit.png", "synthetic_edit_png")
+    ui = {
+        "last_node_id": 3, "last_link_id": 2, "version": 0.4, "extra": {}, "groups": [], "config": {},
+        "nodes": [
+            {"id": 1, "type": "LoadImage", "mode": 0, "widgets_values": ["e2e_edit.png", "image"],
+             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}, {"name": "MASK", "type": "MASK"}]},
+            {"id": 2, "type": "ImageInvert", "mode": 0, "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}]},
+            {"id": 3, "type": "SaveImage", "mode": 0, "widgets_values": ["e2e/invert"],
+             "inputs": [{"name": "images", "type": "IMAGE", "link": 2}]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]],
+    }
+    api = ui_to_api(ui, object_info)
+    assert api["3"]["inputs"] == {"images": ["2", 0], "filename_prefix": "e2e/invert"}
+    res = comfy_server.run_prompt(api, timeout=60, label="core UI workflow")
+    TIMINGS["prompt: core LoadImage->ImageInvert->SaveImage"] = res.seconds
+    assert len(res.files) == 1, res.history.get("outputs")
+    assert "64x64" in check_output_file(res.files[0])
+
+
+def test_prompt_validation_error_is_readable(comfy_server):
+    from e2e_server import ServerError
+
+    api = {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}
+    with pytest.raises(ServerError, match=r"node 1 \(SaveImage\).*images"):
+        comfy_server.run_prompt(api, timeout=30)
+
+
+def wan_graph(models: dict[str, str], kind: str) -> dict[str, dict]:
+    """Core-only Wan 2.1 graph on the tiny models: 64x64, 9 frames, 2 steps, saved as an animated WEBP."""
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": models[kind], "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": models["vae"]}},
+        "3": {"class_type": "E2EWanTextConditioning", "inputs": {"tokens": 8, "seed": 1, "scale": 0.5}},
+        "4": {"class_type": "E2EWanTextConditioning", "inputs": {"tokens": 8, "seed": 0, "scale": 0.0}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "e2e_edit.png"}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["6", 0], "negative": ["6", 1], "latent_image": ["6", 2], "seed": 3,
+            "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["2", 0]}},
+        "9": {"class_type": "SaveAnimatedWEBP", "inputs": {
+            "images": ["8", 0], "filename_prefix": f"e2e/wan_{kind}", "fps": 8.0, "lossless": False,
+            "quality": 80, "method": "default"}},
+    }
+    size = {"width": 64, "height": 64, "length": 9, "batch_size": 1}
+    cond = {"positive": ["3", 0], "negative": ["4", 0], "vae": ["2", 0]}
+    if kind == "i2v":
+        g["6"] = {"class_type": "WanImageToVideo", "inputs": {**cond, **size, "start_image": ["5", 0]}}
+    elif kind == "fun_control":
+        g["6"] = {"class_type": "WanFunControlToVideo",
+                  "inputs": {**cond, **size, "start_image": ["5", 0], "control_video": ["5", 0]}}
+    else:  # t2v: the conditioning passes through, the latent comes from an empty 16-channel video latent
+        g["6"] = {"class_type": "WanImageToVideo", "inputs": {**cond, **size}}
+    return g
+
+
+@pytest.mark.parametrize("kind", ["i2v", "t2v", "fun_control"])
+def test_tiny_wan_generates_through_prompt(comfy_server, tiny_models, kind):
+    """The tiny checkpoints, the random VAE and the test pack's conditioning run a real Wan 2.1 graph."""
+    make_input_file(comfy_server.input_dir, "e2e_edit.png", "synthetic_edit_png")
+    res = comfy_server.run_prompt(wan_graph(tiny_models, kind), timeout=env_seconds("FFP_E2E_PROMPT_TIMEOUT", 300),
+                                  label=f"tiny Wan {kind}")
+    TIMINGS[f"prompt: core Wan 2.1 {kind} 64x64x9, 2 steps"] = res.seconds
+    assert len(res.files) == 1, res.history.get("outputs")
+    desc = check_output_file(res.files[0])
+    assert "64x64" in desc and "9 frame(s)" in desc, desc

@@ -1,0 +1,42 @@
+"""Every shipped workflows/*.json runs on the real server, CPU-sized through its `extra.ffprop_ci` overrides:
+
+    "extra": {"ffprop_ci": {
+        "inputs":  {"<node id>": {"<input name>": value}},       # e.g. smaller sizes, tiny model file names
+        "files":   {"<name in input/>": "<generator>"},           # synthetic_clip_mp4 | synthetic_edit_png | synthetic_mask_png
+        "replace": {"<node id>": {"class_type": ..., "inputs": {...}}},  # e.g. text encoder -> E2EWanTextConditioning
+        "remove":  ["<node id>"],                                 # e.g. a loader nothing uses any more
+        "timeout_s": 300}}
+
+Tiny model file names: ffp_tiny_wan21_{i2v,t2v,fun_control}.safetensors (diffusion_models/) and
+ffp_random_wan21_vae.safetensors (vae/). Every output file is opened and checked (videos with PyAV, images
+with PIL); a workflow must produce at least one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from e2e_media import check_output_file, make_input_file
+from e2e_server import TIMINGS, env_seconds
+from e2e_workflow import apply_ci_overrides, ui_to_api
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+PARAMS = [pytest.param(p, id=p.stem) for p in WORKFLOWS] or [
+    pytest.param(None, id="none", marks=pytest.mark.skip(reason="workflows/ has no *.json yet"))]
+
+
+@pytest.mark.parametrize("workflow", PARAMS)
+def test_workflow_runs(workflow: Path, comfy_server, object_info, tiny_models):
+    data = json.loads(workflow.read_text())
+    ci = (data.get("extra") or {}).get("ffprop_ci") if isinstance(data.get("extra"), dict) else None
+    for name, generator in ((ci or {}).get("files") or {}).items():
+        make_input_file(comfy_server.input_dir, name, generator)
+    api = apply_ci_overrides(ui_to_api(data, object_info), ci)
+    timeout = float((ci or {}).get("timeout_s") or env_seconds("FFP_E2E_PROMPT_TIMEOUT", 300))
+    res = comfy_server.run_prompt(api, timeout=timeout, label=workflow.name)
+    TIMINGS[f"workflow {workflow.name}"] = res.seconds
+    assert res.files, f"{workflow.name} produced no output files: {res.history.get('outputs')}"
+    for f in res.files:
+        print(check_output_file(f))
