@@ -128,7 +128,7 @@ class DiffusersWan:
     def predict(self, x_t: Tensor, t: Tensor | float, cond: WanCond) -> Tensor:
         """x_t [B, 16, F, h, w], t [B] in 0..1 (1 = noise) -> velocity [B, 16, F, h, w] in x_t's dtype."""
         dims = self._dims
-        param = next(self.model.parameters())
+        param = self.model.patch_embedding.weight  # the input layer sets dtype and device
         x = model_input(x_t, cond, dims)
         b = x.shape[0]
         context = check_context(cond, dims, b)
@@ -190,18 +190,49 @@ def load_diffusers_wan(
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"no diffusers Wan model at '{root}'; pass a directory holding config.json.")
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if (root / "config.json").is_file():
-        model = cls.from_pretrained(str(root), **kwargs)
-    elif (root / "transformer" / "config.json").is_file():
-        model = cls.from_pretrained(str(root), subfolder="transformer", **kwargs)
-    else:
+    folder = root if (root / "config.json").is_file() else root / "transformer"
+    if not (folder / "config.json").is_file():
         raise ValueError(
             f"'{root}' is not a diffusers-format Wan transformer: expected config.json (or transformer/config.json) "
             "plus diffusion_pytorch_model*.safetensors. A single ComfyUI .safetensors file loads in ComfyUI instead."
         )
+    from diffusers.utils import is_accelerate_available
+
+    if is_accelerate_available():
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        model = cls.from_pretrained(str(folder), **kwargs)
+    else:
+        model = _load_without_accelerate(cls, folder, dtype)
     if device is not None:
         model = model.to(device)
     return DiffusersWan(model.eval())
+
+
+def _load_without_accelerate(cls, folder: Path, dtype: Optional[torch.dtype]) -> nn.Module:
+    """diffusers 0.42.1's from_pretrained refuses WanTransformer3DModel without `accelerate` (its fp32-module
+    rule needs low_cpu_mem_usage); build from config.json and load the safetensors shards directly instead."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise ValueError(f"'{folder}' has config.json but no diffusion_pytorch_model*.safetensors weights.")
+    model = cls.from_config(cls.load_config(str(folder)))
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    ignored = tuple(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not any(p in k for p in ignored)]
+    if missing or unexpected:
+        raise ValueError(
+            f"'{folder}' does not match its config.json: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Is it a complete Wan transformer?"
+        )
+    if dtype is not None:
+        keep = tuple(cls._keep_in_fp32_modules or ())
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not any(k in name for k in keep):
+                tensor.data = tensor.data.to(dtype)
+    return model.eval()
