@@ -9,6 +9,7 @@ Pure Python, no ComfyUI import: the only host knowledge needed is the server's G
   ("fixed", "increment", "decrement", "randomize") that is not an input; so is an upload combo (LoadImage,
   LoadVideo) by its upload button's value ("image", "video", "audio") when present;
 - a widget converted to an input keeps its slot in `widgets_values`; when it is linked the link wins;
+- a widget with no saved value gets its default (or a combo's first option), as the frontend would;
 - links are `[id, from_node, from_slot, to_node, to_slot, type]` (or objects with the same names);
 - Note/MarkdownNote (no inputs) are dropped, Reroute is followed through, a PrimitiveNode's value is written
   into the widgets it feeds, muted nodes (mode 2) are dropped, bypassed nodes (mode 4) are passed through by type.
@@ -65,6 +66,30 @@ def _has_control(name: str, typ: Any, opts: dict) -> bool:
     return typ == "INT" and name in ("seed", "noise_seed")
 
 
+def _is_control_value(value: Any, names: list[str], name: str, info: dict) -> bool:
+    """The saved control_after_generate value: a mode string, or a bool in files from old frontends."""
+    if isinstance(value, str):
+        return value in CONTROL_VALUES
+    if isinstance(value, bool):
+        nxt = names.index(name) + 1
+        return nxt >= len(names) or _input_spec(info, names[nxt])[0] != "BOOLEAN"
+    return False
+
+
+def widget_defaults(info: dict) -> dict[str, Any]:
+    """What the frontend puts in a widget that has no saved value: the default, or a combo's first option."""
+    out = {}
+    for name in widget_names(info):
+        typ, opts = _input_spec(info, name)
+        if "default" in opts:
+            out[name] = opts["default"]
+        elif isinstance(typ, list) and typ:
+            out[name] = typ[0]
+        elif typ == "COMBO" and opts.get("options"):
+            out[name] = opts["options"][0]
+    return out
+
+
 def widget_names(info: dict) -> list[str]:
     """Names of a node's widget inputs, in the frontend's order (required, then optional)."""
     order = info.get("input_order") or {s: list(info.get("input", {}).get(s, {})) for s in ("required", "optional")}
@@ -91,7 +116,7 @@ def map_widgets(class_type: str, info: dict, values: Any) -> dict[str, Any]:
         typ, opts = _input_spec(info, name)
         out[name] = values[i]
         i += 1
-        if _has_control(name, typ, opts) and i < len(values) and values[i] in CONTROL_VALUES:
+        if _has_control(name, typ, opts) and i < len(values) and _is_control_value(values[i], names, name, info):
             i += 1
         upload = next((v for k, v in UPLOAD_KEYS.items() if opts.get(k)), None)
         if upload and i < len(values) and values[i] == upload:
@@ -163,7 +188,7 @@ def ui_to_api(ui: dict, object_info: dict[str, dict]) -> dict[str, dict]:
                 f"node {nid} has type {ctype!r}, which this server does not know (missing custom node pack, "
                 "or a pack that failed to import: see the server log)"
             )
-        inputs = map_widgets(ctype, info, node.get("widgets_values"))
+        inputs = {**widget_defaults(info), **map_widgets(ctype, info, node.get("widgets_values"))}
         for inp in node.get("inputs") or []:
             name = (inp.get("widget") or {}).get("name") or inp.get("name")
             src = source(inp.get("link"))
