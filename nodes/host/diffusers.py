@@ -30,11 +30,15 @@ TEXT_TOKENS = 512  # diffusers' WanAttnProcessor hard-codes 512 text tokens when
 
 def _diffusers_wan():
     try:
-        from diffusers import WanTransformer3DModel
+        import diffusers
     except ImportError as e:
+        raise RuntimeError(f"the diffusers Wan host needs the 'diffusers' package (>= 0.33): pip install diffusers ({e})") from e
+    try:
+        from diffusers import WanTransformer3DModel
+    except (ImportError, RuntimeError) as e:  # diffusers wraps broken optional deps (e.g. torchaudio) in RuntimeError
         raise RuntimeError(
-            "the diffusers Wan host needs the 'diffusers' package (>= 0.33): pip install diffusers "
-            f"(import failed: {e})"
+            f"diffusers {diffusers.__version__} is installed but its WanTransformer3DModel failed to import; fix the "
+            f"environment (e.g. matching torch/torchaudio builds) or pip install -U diffusers. Cause: {e}"
         ) from e
     return WanTransformer3DModel
 
