@@ -45,9 +45,11 @@ def _diffusers_wan():
 
 def rope_cos_sin(pos: Tensor, dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """pos [L] (any real values) -> cos, sin [L, dim] float32, pairs interleaved, as diffusers'
-    `get_1d_rotary_pos_embed(use_real=True, repeat_interleave_real=True)` with float64 angles."""
-    pos = pos.to(torch.float64)
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim))
+    `get_1d_rotary_pos_embed(use_real=True, repeat_interleave_real=True)` with float64 angles (float32 on MPS,
+    which has no float64, as diffusers does)."""
+    wide = torch.float32 if pos.device.type == "mps" else torch.float64
+    pos = pos.to(wide)
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=wide, device=pos.device) / dim))
     ang = torch.outer(pos, inv)
     return ang.cos().repeat_interleave(2, dim=1).float(), ang.sin().repeat_interleave(2, dim=1).float()
 
@@ -75,7 +77,7 @@ class PositionRope(nn.Module):
         cos_parts, sin_parts = [], []
         tables = zip(stock.freqs_cos.split(dims, dim=1), stock.freqs_sin.split(dims, dim=1))
         for axis, (dim, (cos_t, sin_t)) in enumerate(zip(dims, tables)):
-            p = pos[:, axis].to(torch.float64)
+            p = pos[:, axis].to(torch.float32 if pos.device.type == "mps" else torch.float64)
             idx = p.round().clamp(0, cos_t.shape[0] - 1)
             exact = (p == idx)[:, None]
             cos, sin = rope_cos_sin(p, dim, self.theta)
