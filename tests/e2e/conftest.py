@@ -1,8 +1,8 @@
 """Fixtures for the e2e tier: one real ComfyUI server per session, tiny models, synthetic inputs, timings.
 
 Skips (with the reason) when COMFYUI_DIR is unset. COMFY_PYTHON is the interpreter that runs the server
-(default: the one running pytest); the models are built in the pytest process, which therefore also needs
-ComfyUI importable. Environment knobs: FFP_E2E_START_TIMEOUT (s, default 180), FFP_E2E_PROMPT_TIMEOUT
+(default: the one running pytest); the tiny models are built and the registry is read with that interpreter
+too (in a subprocess when it is not this one), so pytest itself needs no ComfyUI. Environment knobs: FFP_E2E_START_TIMEOUT (s, default 180), FFP_E2E_PROMPT_TIMEOUT
 (s, default 300), FFP_E2E_CACHE_DIR (keep the 254 MB random VAE between runs), FFP_E2E_KEEP (keep the temp
 base dir and print where it is).
 """
@@ -42,13 +42,12 @@ def comfy_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_root, tmp_path_factory):
+def comfy_server(comfy_root, comfy_python, tmp_path_factory):
     """The real ComfyUI server on CPU with only this pack (as ComfyUI-FFProp) and the test pack loaded."""
     from e2e_server import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy") / "base"
-    python = os.environ.get("COMFY_PYTHON") or sys.executable
-    server = ComfyServer(comfy_root, base, REPO, python)
+    server = ComfyServer(comfy_root, base, REPO, comfy_python)
     try:
         TIMINGS["server start"] = server.start(timeout=env_seconds("FFP_E2E_START_TIMEOUT", 180))
         yield server
@@ -82,18 +81,33 @@ def object_info(comfy_server) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(comfy_server, tmp_path_factory) -> dict[str, str]:
+def comfy_python() -> str:
+    """The interpreter that runs the server and builds the models (COMFY_PYTHON, default: this one)."""
+    return os.environ.get("COMFY_PYTHON") or sys.executable
+
+
+@pytest.fixture(scope="session")
+def registered_ids(comfy_root, comfy_python) -> list[str]:
+    """Node ids of ffprop.nodes.registry.NODES, as the server's interpreter imports them."""
+    from e2e_models import in_python
+
+    return in_python(comfy_python, "registry-ids")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfy_server, comfy_python, tmp_path_factory) -> dict[str, str]:
     """Tiny Wan 2.1 DiTs (i2v, t2v, fun_control) and the random Wan 2.1 VAE in the server's models dir.
     Returns {"i2v"|"t2v"|"fun_control"|"vae": file name as the loaders list it}."""
-    from comfy_support import import_comfy
-    from e2e_models import VAE_NAME, WAN_KINDS, tiny_wan_name, write_models
+    from e2e_models import VAE_NAME, WAN_KINDS, in_python, tiny_wan_name
 
-    import_comfy()
-    cache = Path(os.environ.get("FFP_E2E_CACHE_DIR") or tmp_path_factory.mktemp("vae_cache"))
+    keep = os.environ.get("FFP_E2E_CACHE_DIR")
+    cache = Path(keep) if keep else tmp_path_factory.mktemp("vae_cache")
     t0 = time.perf_counter()
-    write_models(comfy_server.models_dir, cache)
+    in_python(comfy_python, "write-models", str(comfy_server.models_dir), str(cache))
     TIMINGS["tiny models (write)"] = time.perf_counter() - t0
-    return {**{k: tiny_wan_name(k) for k in WAN_KINDS}, "vae": VAE_NAME}
+    yield {**{k: tiny_wan_name(k) for k in WAN_KINDS}, "vae": VAE_NAME}
+    if not keep:
+        shutil.rmtree(cache, ignore_errors=True)  # 254 MB; pytest keeps its last 3 temp dirs otherwise
 
 
 def pytest_terminal_summary(terminalreporter):

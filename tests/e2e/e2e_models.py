@@ -9,8 +9,11 @@ uninitialised) and cached. Needs ComfyUI importable (call `comfy_support.import_
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,3 +92,46 @@ def write_models(models_dir: Path, cache_dir: Path) -> dict[str, float]:
         dst.symlink_to(vae)
     times["vae"] = time.perf_counter() - t0
     return times
+
+
+def registered_node_ids() -> list[str]:
+    """Node ids in ffprop.nodes.registry.NODES (imports ComfyUI's comfy_api)."""
+    from comfy_support import import_comfy
+
+    import_comfy()
+    from ffprop.nodes.registry import NODES
+
+    return [n.GET_SCHEMA().node_id for n in NODES]
+
+
+def in_python(python: str, command: str, *args: str, timeout: float = 600) -> object:
+    """Run this module's command with another interpreter (the one that runs the server, COMFY_PYTHON) and
+    return its JSON answer; used when the pytest interpreter cannot import ComfyUI itself."""
+    if os.path.abspath(python) == os.path.abspath(sys.executable):  # not resolve(): venv pythons are symlinks
+        return COMMANDS[command](*args)
+    proc = subprocess.run([python, __file__, command, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{python} {Path(__file__).name} {command} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def templates_dir() -> str | None:
+    """Where ComfyUI's bundled workflow templates (package comfyui_workflow_templates) are, if installed."""
+    try:
+        import comfyui_workflow_templates
+    except ImportError:
+        return None
+    return str(Path(comfyui_workflow_templates.__file__).parent / "templates")
+
+
+COMMANDS = {
+    "templates-dir": templates_dir,
+    "write-models": lambda models_dir, cache_dir: write_models(Path(models_dir), Path(cache_dir)),
+    "registry-ids": registered_node_ids,
+}
+
+if __name__ == "__main__":  # python e2e_models.py write-models <models_dir> <cache_dir> | registry-ids
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]
+    print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])))

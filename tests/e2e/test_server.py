@@ -15,15 +15,6 @@ from e2e_workflow import ui_to_api
 PACK_MODULE = f"custom_nodes.{PACK_FOLDER}"
 
 
-def registered_node_ids() -> list[str]:
-    from comfy_support import import_comfy
-
-    import_comfy()
-    from ffprop.nodes.registry import NODES
-
-    return [n.GET_SCHEMA().node_id for n in NODES]
-
-
 def test_pack_imports_cleanly(comfy_server, object_info):
     log = comfy_server.log_text()
     pack_lines = [ln for ln in log.splitlines() if PACK_FOLDER in ln or TEST_PACK_FOLDER in ln]
@@ -33,8 +24,8 @@ def test_pack_imports_cleanly(comfy_server, object_info):
     assert object_info["E2EWanTextConditioning"]["python_module"] == f"custom_nodes.{TEST_PACK_FOLDER}"
 
 
-def test_every_ffp_node_is_served(object_info):
-    expected = registered_node_ids()
+def test_every_ffp_node_is_served(object_info, registered_ids):
+    expected = registered_ids
     assert expected, "ffprop.nodes.registry.NODES is empty"
     served = {k for k, v in object_info.items() if v.get("python_module") == PACK_MODULE}
     missing = sorted(set(expected) - set(object_info))
@@ -44,9 +35,9 @@ def test_every_ffp_node_is_served(object_info):
     assert not stray, f"FFP* ids in /object_info that the pack's registry does not list: {stray}"
 
 
-def test_ffp_nodes_are_documented(object_info):
+def test_ffp_nodes_are_documented(object_info, registered_ids):
     problems = []
-    for nid in registered_node_ids():
+    for nid in registered_ids:
         info = object_info[nid]
         if not (info.get("description") or "").strip():
             problems.append(f"{nid}: no description")
@@ -98,13 +89,16 @@ def _value_fits(typ, opts: dict, value) -> bool:
     return checks.get(typ, lambda v: True)(value)
 
 
-def test_converter_on_bundled_templates(object_info):
+def test_converter_on_bundled_templates(object_info, comfy_python):
     """Real frontend-saved workflows: ComfyUI's own templates (comfyui_workflow_templates, a ComfyUI requirement).
     Every template whose nodes this server knows converts with all required inputs and well-typed widgets."""
-    templates = pytest.importorskip("comfyui_workflow_templates")
+    from e2e_models import in_python
     from e2e_workflow import WorkflowFormatError, _input_spec, workflow_format
 
-    files = sorted((Path(templates.__file__).parent / "templates").glob("*.json"))
+    where = in_python(comfy_python, "templates-dir")
+    if where is None:
+        pytest.skip(f"comfyui_workflow_templates is not installed for {comfy_python}")
+    files = sorted(Path(where).glob("*.json"))
     converted, problems = 0, []
     for f in files:
         data = json.loads(f.read_text())
