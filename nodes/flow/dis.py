@@ -1,0 +1,61 @@
+"""Dense optical flow (OpenCV DIS) and the warping maths around it. numpy arrays, [H, W, 2] flows (dx, dy).
+
+A flow `f` from frame a to frame b says: pixel x of a is at x + f(x) in b."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+QUALITY = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+           "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+
+
+def to_gray(frame: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 grey [H, W]."""
+    return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+
+
+class DenseFlow:
+    """A reusable DIS estimator. `flow(a, b)` -> [H, W, 2] float32 from grey frame a to grey frame b."""
+
+    def __init__(self, quality: str = "medium"):
+        if quality not in QUALITY:
+            raise ValueError(f"unknown flow quality '{quality}'; use one of {list(QUALITY)}.")
+        self._dis = cv2.DISOpticalFlow_create(QUALITY[quality])
+        self._dis.setUseSpatialPropagation(True)
+
+    def flow(self, a: np.ndarray, b: np.ndarray, init: np.ndarray | None = None) -> np.ndarray:
+        """init: an initial guess [H, W, 2] (refined, not replaced)."""
+        if init is None:
+            return self._dis.calc(a, b, None)
+        return self._dis.calc(a, b, np.ascontiguousarray(init, dtype=np.float32))
+
+
+def identity_grid(h: int, w: int) -> np.ndarray:
+    """[H, W, 2] float32 pixel coordinates (x, y)."""
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return np.stack([xs, ys], -1)
+
+
+def sample(image: np.ndarray, coords: np.ndarray, nearest: bool = False) -> np.ndarray:
+    """Bilinear (or nearest) lookup of image [H, W(, C)] at absolute coords [H', W', 2]; edges replicated."""
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.remap(image, coords[..., 0], coords[..., 1], interp, borderMode=cv2.BORDER_REPLICATE)
+
+
+def inside(coords: np.ndarray, h: int, w: int) -> np.ndarray:
+    """[H', W'] bool: coords fall inside an h x w image."""
+    x, y = coords[..., 0], coords[..., 1]
+    return (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+
+
+def consistent(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
+    """Forward-backward check (Sundaram et al. 2010) for the backward flow b (t -> t-1) against the forward
+    flow f (t-1 -> t): pixel x of frame t is trusted when f(x + b(x)) ~= -b(x). Returns [H, W] bool."""
+    h, w = backward.shape[:2]
+    target = identity_grid(h, w) + backward
+    f_at = sample(forward, target)
+    err = np.sum((backward + f_at) ** 2, -1)
+    bound = 0.01 * (np.sum(backward ** 2, -1) + np.sum(f_at ** 2, -1)) + 0.5
+    return (err < bound) & inside(target, h, w)

@@ -1,0 +1,67 @@
+"""FFPFlowPropagate: carry a first-frame edit through a clip with optical flow (glue only)."""
+
+from __future__ import annotations
+
+from .._comfy import io, pack_video, progress, unpack_video
+from ..video.frames import FIT_POLICIES
+from .dis import QUALITY
+from .engine import MODES, FlowSettings, propagate_edit
+
+
+class FFPFlowPropagate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPFlowPropagate",
+            display_name="Propagate Edit (Optical Flow) · FFP",
+            category="FFP/video",
+            description="Carries the edit of frame 1 through the whole clip along the source's optical flow "
+                        "(CPU, no model weights). Pixels outside the propagated edit region stay exactly the "
+                        "source's. A fast preview of a propagation, or the whole job for rigid edits.",
+            inputs=[
+                io.Video.Input("source_video", tooltip="The clip to edit (e.g. from Load Video)."),
+                io.Image.Input("edited_first_frame", tooltip="Frame 1 of the clip after your edit, from any "
+                               "image tool. Another size is fitted by size_policy."),
+                io.Mask.Input("edit_mask", optional=True,
+                              tooltip="Where the edit is (white = edited). One mask for frame 1 (carried by "
+                                      "flow) or one per frame (e.g. from SAM2). Unconnected: derived from the "
+                                      "difference between the edited and the source frame 1."),
+                io.Combo.Input("mode", options=list(MODES), default="delta",
+                               tooltip="delta: add the edit's change to every source frame (keeps the clip's "
+                                       "lighting and shading; best for recolours and textures). pixels: paste "
+                                       "the edited pixels (best for replacing an object's look outright)."),
+                io.Combo.Input("size_policy", options=list(FIT_POLICIES), default="auto",
+                               tooltip="How an edited frame of another size is fitted to the clip: auto = "
+                                       "resize if the aspect ratio matches, else centre-crop."),
+                io.Combo.Input("flow_quality", options=list(QUALITY), default="medium",
+                               tooltip="OpenCV DIS preset: medium is the most accurate; fast/ultrafast for "
+                                       "quick previews of long or large clips."),
+                io.Float.Input("mask_threshold", default=0.08, min=0.01, max=0.9, step=0.01,
+                               tooltip="Colour difference (0..1) that counts as edited when edit_mask is not "
+                                       "connected. Raise it if compression noise shows up as edits."),
+                io.Int.Input("mask_grow", default=4, min=0, max=64,
+                             tooltip="Pixels to grow the edit region by before compositing."),
+                io.Int.Input("feather", default=3, min=0, max=64,
+                             tooltip="Soft edge width in pixels where the edit blends into the source."),
+                io.Float.Input("match_tolerance", default=0.06, min=0.01, max=0.5, step=0.01,
+                               tooltip="How closely (0..1 mean colour difference) a pixel must match frame 1 "
+                                       "to keep the edit. Lower hides the edit under occluders sooner; higher "
+                                       "keeps it through lighting changes."),
+            ],
+            outputs=[
+                io.Video.Output(display_name="video", tooltip="The edited clip (source fps and audio kept)."),
+                io.Image.Output(display_name="frames", tooltip="The edited clip as IMAGE frames."),
+                io.Mask.Output(display_name="edit_mask", tooltip="The edit region in every frame (1 = edit)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, source_video, edited_first_frame, mode, size_policy, flow_quality, mask_threshold,
+                mask_grow, feather, match_tolerance, edit_mask=None) -> io.NodeOutput:
+        frames, fps, audio = unpack_video(source_video)
+        settings = FlowSettings(mode=mode, quality=flow_quality, mask_threshold=mask_threshold,
+                                mask_grow=mask_grow, feather=feather, match_tolerance=match_tolerance)
+        on_step, should_stop = progress(frames.shape[0])
+        result = propagate_edit(frames, edited_first_frame.cpu(), None if edit_mask is None else edit_mask.cpu(),
+                                settings, size_policy, on_step, should_stop)
+        return io.NodeOutput(pack_video(result.video, fps, audio), result.video, result.mask)
