@@ -189,6 +189,11 @@ class ComfyServer:
         if status != 200:
             raise ServerError(f"{label}: POST /prompt answered {status}:\n{format_prompt_error(body)}")
         pid = body["prompt_id"]
+        if body.get("node_errors"):  # 200 with node_errors: ComfyUI runs only the outputs that validated
+            self.post("/queue", {"delete": [pid]})
+            self.post("/interrupt", {})
+            raise ServerError(f"{label}: some outputs failed validation (the server would run only the rest):\n"
+                              f"{format_prompt_error(body)}")
         deadline = t0 + timeout
         while True:
             hist = self.get(f"/history/{pid}").get(pid)
