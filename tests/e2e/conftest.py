@@ -113,7 +113,7 @@ def tiny_models(comfy_server, comfy_python, tmp_path_factory) -> dict[str, str]:
 def pytest_terminal_summary(terminalreporter):
     if not TIMINGS:
         return
-    TIMINGS["e2e tier (session so far)"] = time.perf_counter() - _T0
+    TIMINGS["pytest session (collection to summary)"] = time.perf_counter() - _T0
     terminalreporter.section("FFProp e2e timings")
     for name, sec in TIMINGS.items():
         terminalreporter.write_line(f"{sec:8.2f} s  {name}")
