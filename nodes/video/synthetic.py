@@ -41,7 +41,8 @@ def _paste(frame: np.ndarray, patch: np.ndarray, shape: np.ndarray, x: float, y:
 
 def synthetic_clip(num_frames: int = 49, height: int = 288, width: int = 512, seed: int = 0) -> SyntheticClip:
     """A panning textured background with a moving textured disc (the edited object) and a moving square
-    that passes in front of it (an occluder). The edit recolours the disc."""
+    that passes in front of it (an occluder; about frame 34). Speeds are per frame, so short clips show
+    the start of the 49-frame motion. The edit recolours the disc."""
     rng = np.random.default_rng(seed)
     pan = np.array([1.1, 0.35])                                   # background px / frame
     margin = int(np.ceil(np.abs(pan).max() * num_frames)) + 2
@@ -61,11 +62,11 @@ def synthetic_clip(num_frames: int = 49, height: int = 288, width: int = 512, se
         m = np.float32([[1, 0, -ox], [0, 1, -oy]])
         base = cv2.warpAffine(bg, m, (width, height), flags=cv2.INTER_LINEAR)
         frames = [base.copy(), base.copy()]
-        dx = width * 0.15 + t * (width * 0.45 / max(num_frames - 1, 1))
+        dx = width * 0.15 + t * (width * 0.45 / 48)
         dy = height * 0.3 + height * 0.12 * np.sin(t / 6)
         for frame, tex in zip(frames, (disc_tex, disc_edit)):
             cover = _paste(frame, tex, disc, dx, dy)
-        sx = width * 0.85 - t * (width * 0.5 / max(num_frames - 1, 1))
+        sx = width * 0.85 - t * (width * 0.5 / 48)
         for frame in frames:
             hidden = _paste(frame, square_tex, square, sx, height * 0.45)
         src.append(frames[0])
