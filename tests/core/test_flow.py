@@ -42,7 +42,7 @@ def test_translated_square_is_tracked_within_one_pixel():
         err, valid = square_errors(t, track, margin=3)
         dist = np.linalg.norm(err, axis=1)
         assert np.linalg.norm(np.median(err, 0)) < 0.5, f"frame {t}: square off by {np.median(err, 0)} px"
-        assert (dist < 1).mean() > 0.85 and valid.mean() > 0.85, f"frame {t}: {(dist < 1).mean():.1%} within 1 px"
+        assert (dist < 1).mean() > 0.8 and valid.mean() > 0.8, f"frame {t}: {(dist < 1).mean():.1%} within 1 px"
         err, _ = square_errors(t, track, margin=6)          # beyond DIS's 8 px patches reaching the edge
         assert np.percentile(np.linalg.norm(err, axis=1), 95) < 1.0
 
