@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ._comfy import ComfyExtension, io
 from .flow.node import FFPFlowPropagate
+from .masks.node import FFPMaskCombine, FFPMaskOps, FFPMaskPrompts, FFPMaskPropagate, FFPSAM2Loader
 from .video.node import FFPEvaluate
 
-NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate]
+NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate,
+                                   FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine]
 
 
 class FFPropExtension(ComfyExtension):
