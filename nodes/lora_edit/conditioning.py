@@ -114,3 +114,33 @@ def wan_cond(cond_latent: Tensor, keep: Tensor, context: Tensor, clip_tokens: Op
             f"{mask.shape[3]}, {mask.shape[4]}] for {keep.shape[0]} frames of {keep.shape[2]}x{keep.shape[1]}."
         )
     return WanCond(keep_mask=mask, cond_latent=cond_latent, context=context, clip_tokens=clip_tokens)
+
+
+def prepare_clip(source: Tensor, edit_mask: Optional[Tensor], frame_policy: str = "trim", size_policy: str = "crop",
+                 length: int = 0) -> tuple[Tensor, Optional[Tensor], list[str]]:
+    """Apply the Wan rules to a clip and its mask together: first `length` frames (0 = all), 4k+1 frames by
+    frame_policy ('error'/'trim'/'pad'), sizes that are multiples of 16 by size_policy ('error'/'crop'/'pad'/
+    'resize'). A one-frame mask is kept as one frame. Returns (source, mask, notes of every change made)."""
+    from ..video.frames import fix_frame_count, fix_size
+
+    check_video(source, "source")
+    notes = []
+    if edit_mask is not None:
+        edit_mask = check_mask(edit_mask.float(), "edit_mask", source)
+    if length:
+        if length > source.shape[0]:
+            raise ValueError(f"length {length} is longer than the clip ({source.shape[0]} frames); use 0 for all.")
+        source = source[:length]
+        if edit_mask is not None and edit_mask.shape[0] > 1:
+            edit_mask = edit_mask[:length]
+    source, note = fix_frame_count(source, frame_policy)
+    if note:
+        notes.append(note)
+        if edit_mask is not None and edit_mask.shape[0] > 1:
+            edit_mask, _ = fix_frame_count(edit_mask, frame_policy)
+    source, note = fix_size(source, size_policy)
+    if note:
+        notes.append(note)
+        if edit_mask is not None:
+            edit_mask = (fix_size(edit_mask, size_policy)[0] > EDIT_THRESHOLD).float()
+    return source, edit_mask, notes

@@ -164,8 +164,13 @@ def train_lora_edit(dit, stage1: list[TrainSample], settings: TrainSettings = Tr
         raise ValueError("no stage-1 training samples.")
     device = torch.device(device) if device is not None else stage1[0].target.device
     gen = torch.Generator().manual_seed(settings.seed)
-    lora = lora if lora is not None else create_lora(dit, settings.rank, settings.targets, settings.seed, device=device)
-    lora.requires_grad_(True)
+    with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; the LoRA must be trainable
+        if lora is None:
+            lora = create_lora(dit, settings.rank, settings.targets, settings.seed, device=device)
+        if any(p.is_inference() for p in lora.parameters()):
+            raise RuntimeError("the LoRA was created under torch.inference_mode and cannot be trained; create it "
+                               "inside torch.inference_mode(False).")
+        lora.requires_grad_(True)
     params = [p for p in lora.parameters()]
     opt = torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay)
     plan = [(1, ("video", i % len(stage1))) for i in range(settings.steps)]

@@ -1,0 +1,357 @@
+"""LoRA-Edit nodes (glue only): conditioning for the stock KSampler, the trainer, its memory settings, saving.
+
+`lora_edit_conditioning` is a plain function other nodes reuse (the chunk chainer)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import node_helpers
+import torch
+
+from .._comfy import io, ui
+from ..common import log
+from ..host.comfy import ComfyWan
+from ..video.frames import FIT_POLICIES, FRAME_POLICIES, SIZE_POLICIES, fit_to_frame, frames_to_latent
+from .conditioning import comfy_concat_mask, masked_condition_video, prepare_clip
+from .lora import TARGETS, LoRA, attach_weight_wrappers, create_lora, save_lora
+from .lowvram import PRESET_ORDER, MemorySettings, log_settings, preset
+from .trainer import (
+    TrainSettings,
+    build_keyframe_samples,
+    build_video_samples,
+    check_i2v,
+    loss_curve_image,
+    parse_indices,
+    train_lora_edit,
+)
+
+LoraType = io.Custom("FFP_LORA")
+MemoryType = io.Custom("FFP_LORA_EDIT_MEMORY")
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def lora_edit_conditioning(positive, negative, vae, source, edit_mask, head, clip_vision_output=None):
+    """Like WanImageToVideo, with LoRA-Edit's masked video: returns (positive, negative, {"samples": zeros}).
+
+    source IMAGE [T, H, W, 3] (T = 4k+1, H/W multiples of 16), edit_mask MASK (1 = edit) or None (global edit),
+    head IMAGE [K, H, W, 3] (the edited first frame). Sets concat_latent_image = VAE(V_cond) and concat_mask
+    (ComfyUI's sense, 1 = generate) so WAN21.concat_cond builds the 36-channel I2V input."""
+    t, h, w = source.shape[0], source.shape[1], source.shape[2]
+    frames_to_latent(t)
+    v_cond, keep = masked_condition_video(source, edit_mask, head)
+    latent_image = vae.encode(v_cond[..., :3])
+    values = {"concat_latent_image": latent_image, "concat_mask": comfy_concat_mask(keep).to(latent_image)}
+    if clip_vision_output is not None:
+        values["clip_vision_output"] = clip_vision_output
+    positive = node_helpers.conditioning_set_values(positive, values)
+    negative = node_helpers.conditioning_set_values(negative, values)
+    latent = torch.zeros([1, 16, frames_to_latent(t), h // 8, w // 8], device=comfy.model_management.intermediate_device())
+    return positive, negative, {"samples": latent}
+
+
+def _clip_inputs(frame_policy_tip: bool = True) -> list:
+    return [
+        io.Combo.Input("frame_policy", options=list(FRAME_POLICIES), default="trim",
+                       tooltip="Wan needs 4k+1 frames (49, 81): trim drops the tail, pad repeats the last frame, "
+                               "error refuses. The change is logged."),
+        io.Combo.Input("size_policy", options=list(SIZE_POLICIES), default="crop",
+                       tooltip="Wan needs width and height that are multiples of 16: crop (centre), pad (edges), "
+                               "resize, or error. Applied to the clip and its mask alike."),
+    ]
+
+
+class FFPLoRAEditConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPLoRAEditConditioning",
+            display_name="LoRA-Edit Conditioning · FFP",
+            category="FFP/conditioning",
+            description="Image-to-video conditioning for a LoRA-Edit LoRA: the source clip with the edit region "
+                        "greyed out (the same mask as training) and your edited first frame as frame 1. Feeds "
+                        "the stock KSampler, like WanImageToVideo.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="Prompt describing the edited clip (text encoder output)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE."),
+                io.Image.Input("source_video", tooltip="The source clip frames (IMAGE), the one the LoRA was "
+                               "trained on."),
+                io.Image.Input("edited_first_frame", tooltip="Frame 1 after your edit; another size is fitted by "
+                               "first_frame_fit."),
+                io.Mask.Input("edit_mask", optional=True,
+                              tooltip="The training mask (white = edit region; one frame or one per frame; > 0.5 "
+                                      "counts as edit). Unconnected = global edit: frames 2..T generated whole."),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True,
+                                          tooltip="CLIP-vision of the edited first frame (Wan 2.1 I2V uses it)."),
+                io.Int.Input("length", default=0, min=0, max=10000, step=1,
+                             tooltip="Frames to use from the clip (4k+1, e.g. 49); 0 = the whole clip."),
+                *_clip_inputs(),
+                io.Combo.Input("first_frame_fit", options=list(FIT_POLICIES), default="auto",
+                               tooltip="How an edited frame of another size is fitted: auto = resize when the "
+                                       "aspect matches, else centre-crop."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="Positive with the LoRA-Edit I2V inputs."),
+                io.Conditioning.Output(display_name="negative", tooltip="Negative with the same I2V inputs."),
+                io.Latent.Output(display_name="latent", tooltip="Empty latent of the clip's size for KSampler."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, vae, source_video, edited_first_frame, length, frame_policy, size_policy,
+                first_frame_fit, edit_mask=None, clip_vision_output=None) -> io.NodeOutput:
+        source, mask, notes = prepare_clip(source_video.cpu(), None if edit_mask is None else edit_mask.cpu(),
+                                           frame_policy, size_policy, length)
+        head, note = fit_to_frame(edited_first_frame[:1].cpu(), source.shape[1], source.shape[2], first_frame_fit)
+        for n in notes + ([note] if note else []):
+            log.info("FFP LoRA-Edit conditioning: %s", n)
+        return io.NodeOutput(*lora_edit_conditioning(positive, negative, vae, source, mask, head[None],
+                                                     clip_vision_output))
+
+
+class FFPLoRAEditMemory(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPLoRAEditMemory",
+            display_name="LoRA-Edit Memory Settings · FFP",
+            category="FFP/training",
+            description="Manual low-VRAM settings for the LoRA-Edit trainer (overrides its memory_preset): "
+                        "gradient checkpointing, block swap, temporal windows, compute dtype.",
+            inputs=[
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Re-run each block in the backward pass instead of storing activations "
+                                         "(much less memory, about 30 % slower). Block swap needs it."),
+                io.Float.Input("swap_fraction", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the frozen blocks kept on the CPU and streamed in one by one "
+                                       "(the next is prefetched). 0.95 = 38 of Wan-14B's 40 blocks."),
+                io.Int.Input("window_frames", default=0, min=0, max=10001, step=4,
+                             tooltip="Train on overlapping windows of this many frames (4k+1; LoRA-Edit's "
+                                     "low-cost mode uses 9). 0 = the whole clip. Inference is unchanged."),
+                io.Int.Input("window_stride", default=4, min=1, max=1000,
+                             tooltip="Frames between window starts (4 = one latent frame)."),
+                io.Combo.Input("compute_dtype", options=list(DTYPES), default="auto",
+                               tooltip="dtype the DiT computes in; auto = the model's (bf16 for fp8 weights). "
+                                       "fp8 base weights: choose weight_dtype fp8 in Load Diffusion Model."),
+            ],
+            outputs=[MemoryType.Output(display_name="memory", tooltip="Connect to the trainer's memory input.")],
+        )
+
+    @classmethod
+    def execute(cls, gradient_checkpointing, swap_fraction, window_frames, window_stride, compute_dtype) -> io.NodeOutput:
+        if window_frames:
+            frames_to_latent(window_frames)
+        return io.NodeOutput(MemorySettings(gradient_checkpointing, swap_fraction, window_frames, window_stride,
+                                            compute_dtype))
+
+
+class FFPTrainLoRAEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPTrainLoRAEdit",
+            display_name="Train LoRA-Edit (per video) · FFP",
+            category="FFP/training",
+            description="Trains LoRA-Edit's mask-aware LoRA on one clip: stage 1 learns the clip's motion with the "
+                        "edit region masked out of the I2V conditioning; stage 2 (optional) learns the look of "
+                        "extra edited keyframes. Returns the MODEL with the LoRA applied (a patched clone; your "
+                        "model is unchanged), the LoRA, and the loss curve.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan 2.1 image-to-video MODEL (36 input channels), e.g. "
+                               "wan2.1_i2v_480p_14B. T2V models are refused."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE."),
+                io.Image.Input("source_video", tooltip="The source clip frames (49 frames at 832x480 in the paper)."),
+                io.Conditioning.Input("positive", tooltip="Prompt for the source clip (LoRA-Edit: 'p3rs0n, ' + a "
+                                      "caption of frame 1)."),
+                io.Mask.Input("edit_mask", optional=True,
+                              tooltip="Edit region (white; one per frame or one for all; a loose box, +10 %, works "
+                                      "best). Unconnected = global edit (stylisation). An empty mask is an error."),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True,
+                                          tooltip="CLIP-vision of the source frame 1 (Wan 2.1 I2V uses it)."),
+                io.Image.Input("keyframes", optional=True,
+                               tooltip="Stage 2: extra edited frames (same size as the clip), trained as masked stills."),
+                io.String.Input("keyframe_frames", default="", optional=True,
+                                tooltip="1-based frame numbers of the keyframes, e.g. '25, 49' (one per image)."),
+                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Stage-1 steps (paper: 100)."),
+                io.Int.Input("steps_stage2", default=100, min=0, max=100000,
+                             tooltip="Stage-2 steps when keyframes are connected (paper: +100)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (paper: 1e-4)."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (alpha = rank; code: 16)."),
+                io.Combo.Input("target_modules", options=list(TARGETS), default="all_linears",
+                               tooltip="all_linears: every block linear except k_img/v_img (LoRA-Edit's code); "
+                                       "attention: self- and cross-attention only (the paper's wording)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for LoRA init, noise and t."),
+                io.Combo.Input("memory_preset", options=list(PRESET_ORDER), default="24GB",
+                               tooltip="VRAM budget for Wan-14B at 832x480 (estimates): 24GB swaps 40 % of the "
+                                       "blocks, 16GB 80 %, 12GB 85 % + 21-frame windows, 8GB 95 % + 9-frame "
+                                       "windows; unlimited = no checkpointing. A memory input overrides it."),
+                MemoryType.Input("memory", optional=True, tooltip="Manual settings from 'LoRA-Edit Memory Settings'."),
+                *_clip_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A clone of the model with the LoRA applied as a "
+                                "ComfyUI weight patch (works with fp8 and lowvram)."),
+                LoraType.Output(display_name="lora", tooltip="The trained LoRA; save it with 'Save LoRA'."),
+                io.Image.Output(display_name="loss", tooltip="Loss curve (raw and 10-step average)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, source_video, positive, steps, steps_stage2, learning_rate, rank, target_modules,
+                seed, memory_preset, frame_policy, size_policy, edit_mask=None, clip_vision_output=None,
+                keyframes=None, keyframe_frames="", memory=None) -> io.NodeOutput:
+        settings = TrainSettings(steps=steps, steps_stage2=steps_stage2, learning_rate=learning_rate, rank=rank,
+                                 targets=target_modules, seed=seed)
+        mem = memory if memory is not None else preset(memory_preset)
+        check_i2v(ComfyWan(model))
+        src, mask, notes = prepare_clip(source_video.cpu(), None if edit_mask is None else edit_mask.cpu(),
+                                        frame_policy, size_policy)
+        for n in notes:
+            log.info("FFP LoRA-Edit trainer: %s", n)
+        trainer = model.clone()
+        dtype = DTYPES[mem.compute_dtype] or _auto_dtype(trainer)
+        trainer.set_model_compute_dtype(dtype)
+        dit = ComfyWan(trainer)
+        device = trainer.load_device
+        base = trainer.model
+
+        def encode(frames):
+            return base.process_latent_in(vae.encode(frames[..., :3])).to(device, dtype)
+
+        context = positive[0][0].to(device, dtype)
+        clip = None
+        if clip_vision_output is not None:
+            clip = clip_vision_output.penultimate_hidden_states.to(device, dtype)
+        stage1 = build_video_samples(src, mask, encode, context, clip, mem.window_frames, mem.window_stride)
+        stage2 = None
+        if keyframes is not None and steps_stage2 > 0:
+            idx = parse_indices(keyframe_frames, keyframes.shape[0], src.shape[0])
+            stage2 = build_keyframe_samples(src, mask, _fit_keyframes(keyframes.cpu(), src), idx, encode, context, clip)
+        log_settings(mem, dit.dims.num_layers)
+        with torch.inference_mode(False):
+            lora = create_lora(dit, rank, target_modules, seed, device=device)
+        total = steps + (steps_stage2 if stage2 else 0)
+        bar = comfy.utils.ProgressBar(total)
+        losses: list[float] = []
+
+        def on_step(i, n, loss):
+            losses.append(loss)
+            preview = None
+            if i == n or i % 10 == 0:
+                log.info("FFP LoRA-Edit: step %d/%d loss %.4f", i, n, loss)
+                preview = ("JPEG", _to_pil(loss_curve_image(losses)[0]), 512)
+            bar.update_absolute(i, n, preview)
+
+        def should_stop():
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return False
+
+        def attach(lo: LoRA):
+            attach_weight_wrappers(trainer, lo)
+            return lambda: _drop_wrappers(trainer)
+
+        _unload_clones_of(trainer)  # a loaded clone of this model would make ComfyUI skip the wrapper patching
+        try:
+            result = train_lora_edit(dit, stage1, settings, stage2, mem, attach, lora, on_step, should_stop, device)
+        finally:
+            _unload_clones_of(trainer)
+        return io.NodeOutput(apply_lora(model, result.lora), result.lora,
+                             loss_curve_image(result.losses, result.stages))
+
+
+def apply_lora(model, lora: LoRA, strength: float = 1.0):
+    """A clone of `model` with `lora` as ComfyUI "lora" weight patches (the stock LoraLoader's path)."""
+    out = model.clone()
+    key_map = comfy.lora.model_lora_keys_unet(out.model, {})
+    loaded = comfy.lora.load_lora(lora.comfy_state_dict(), key_map)
+    applied = set(out.add_patches(loaded, strength))
+    if len(applied) != len(lora.paths):
+        raise RuntimeError(f"only {len(applied)} of {len(lora.paths)} LoRA modules matched this model's weights.")
+    return out
+
+
+def _unload_clones_of(patcher) -> None:
+    """Unload (unpatch) every loaded ModelPatcher that shares `patcher`'s model, so the next load re-patches."""
+    mm = comfy.model_management
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        other = loaded.model
+        if other is not None and other.is_clone(patcher):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+
+
+def _drop_wrappers(patcher) -> None:
+    """Take the trainer's weight wrappers off the shared modules again (the next load resets them too)."""
+    wrappers = {id(f) for fns in patcher.weight_wrapper_patches.values() for f in fns}
+    for m in patcher.model.diffusion_model.modules():
+        for attr in ("weight_function", "bias_function"):
+            fns = getattr(m, attr, None)
+            if fns:
+                setattr(m, attr, [f for f in fns if id(f) not in wrappers])
+    patcher.weight_wrapper_patches = {}
+
+
+def _auto_dtype(patcher) -> torch.dtype:
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _fit_keyframes(keyframes: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    return torch.stack([fit_to_frame(k, source.shape[1], source.shape[2])[0] for k in keyframes])
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((image.clamp(0, 1) * 255).byte().cpu().numpy())
+
+
+class FFPSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPSaveLoRA",
+            display_name="Save LoRA · FFP",
+            category="FFP/training",
+            description="Writes a trained LoRA to models/loras/<name>.safetensors in ComfyUI's key format, so "
+                        "'LoraLoaderModelOnly' loads it (written to a temporary file, then renamed).",
+            is_output_node=True,
+            inputs=[
+                LoraType.Input("lora", tooltip="The LoRA from 'Train LoRA-Edit'."),
+                io.String.Input("name", default="ffp_lora_edit",
+                                tooltip="File name without extension (letters, digits, - _ . and subfolders /)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of that name; off = add _2, _3, ..."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The file name as LoraLoader lists it.")],
+        )
+
+    @classmethod
+    def execute(cls, lora, name, overwrite) -> io.NodeOutput:
+        root = Path(folder_paths.get_folder_paths("loras")[0])
+        path = lora_path(root, name, overwrite)
+        save_lora(lora, path, metadata={"ffprop": "lora_edit", "rank": lora.rank})
+        rel = path.relative_to(root).as_posix()
+        log.info("FFP LoRA-Edit: saved %s", path)
+        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}").as_dict())
+
+
+def lora_path(root: Path, name: str, overwrite: bool) -> Path:
+    name = name.strip().removesuffix(".safetensors")
+    if not name or not re.fullmatch(r"[\w\-. /]+", name) or ".." in name.split("/") or name.startswith("/"):
+        raise ValueError(f"LoRA name '{name}' is not allowed; use letters, digits, '-', '_', '.' and '/' for "
+                         "subfolders, without '..'.")
+    path = root / f"{name}.safetensors"
+    n = 2
+    while path.exists() and not overwrite:
+        path = root / f"{name}_{n}.safetensors"
+        n += 1
+    return path

@@ -1,0 +1,161 @@
+"""LoRA-Edit nodes with ComfyUI's real Wan classes (needs COMFYUI_DIR): the conditioning reaches WAN21.concat_cond
+as the keep-mask, the trainer runs under inference mode like the server, the MODEL output carries ComfyUI lora
+patches, the base model stays bit-identical, the saved file loads with ComfyUI's LoRA loader and gives the same
+output, cancel stops training, T2V is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_support import import_comfy, load_tiny_comfy_wan
+
+import_comfy()
+
+import comfy.lora  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+from ffprop.nodes.host.comfy import ComfyWan  # noqa: E402
+from ffprop.nodes.host.protocol import WanCond  # noqa: E402
+from ffprop.nodes.lora_edit.conditioning import keep_channels, masked_condition_video  # noqa: E402
+from ffprop.nodes.lora_edit.node import (  # noqa: E402
+    FFPLoRAEditConditioning,
+    FFPLoRAEditMemory,
+    FFPSaveLoRA,
+    FFPTrainLoRAEdit,
+    lora_edit_conditioning,
+)
+
+T, H, W = 9, 32, 32
+
+
+class FakeVAE:
+    """vae.encode(IMAGE [T, H, W, 3]) -> [1, 16, F, H/8, W/8] like ComfyUI's Wan VAE (deterministic toy)."""
+
+    def __init__(self):
+        self.proj = torch.randn(16, 3, generator=torch.Generator().manual_seed(7))
+
+    def encode(self, frames):
+        x = frames.permute(0, 3, 1, 2) * 2 - 1
+        groups = [x[:1]] + [x[i:i + 4].mean(0, keepdim=True) for i in range(1, x.shape[0], 4)]
+        x = torch.nn.functional.avg_pool2d(torch.cat(groups), 8)
+        return torch.einsum("oc,fchw->ofhw", self.proj, x)[None]
+
+
+def clip_and_mask():
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(T, H, W, 3, generator=g)
+    mask = torch.zeros(T, H, W)
+    mask[:, 8:24, 8:24] = 1
+    return src, mask
+
+
+def positive(seed=3):
+    return [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    with torch.inference_mode():   # the server loads models under inference mode: weights are inference tensors
+        return load_tiny_comfy_wan("i2v")
+
+
+def predict(patcher, x, cond):
+    with torch.inference_mode():
+        return ComfyWan(patcher).predict(x, 0.5, cond)
+
+
+def probe_cond():
+    g = torch.Generator().manual_seed(5)
+    keep = torch.ones(1, 4, 3, 4, 4)
+    keep[:, :, 1:, 1:3, 1:3] = 0
+    return WanCond(keep, torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 8, 4096, generator=g))
+
+
+def train(model, **kw):
+    src, mask = clip_and_mask()
+    args = dict(model=model, vae=FakeVAE(), source_video=src, positive=positive(), steps=4, steps_stage2=0,
+                learning_rate=1e-2, rank=4, target_modules="all_linears", seed=0, memory_preset="24GB",
+                frame_policy="trim", size_policy="crop", edit_mask=mask)
+    args.update(kw)
+    with torch.inference_mode():
+        return FFPTrainLoRAEdit.execute(**args).args
+
+
+def test_conditioning_reaches_concat_cond_as_keep_mask(model):
+    src, mask = clip_and_mask()
+    edited = torch.rand(1, H, W, 3)
+    pos, neg, latent = lora_edit_conditioning(positive(), positive(4), FakeVAE(), src, mask, edited)
+    assert latent["samples"].shape == (1, 16, 3, 4, 4)
+    cond = pos[0][1]
+    assert neg[0][1]["concat_mask"] is cond["concat_mask"]
+    noise = torch.zeros(1, 16, 3, 4, 4)
+    y = model.model.concat_cond(noise=noise, device="cpu", concat_latent_image=cond["concat_latent_image"],
+                                concat_mask=cond["concat_mask"])
+    _, keep = masked_condition_video(src, mask, edited)
+    assert y.shape == (1, 20, 3, 4, 4)
+    assert torch.equal(y[:, :4], keep_channels(keep))                              # mask: 1 = keep, frame 1 kept
+    v_cond, _ = masked_condition_video(src, mask, edited)
+    torch.testing.assert_close(y[:, 4:], model.model.process_latent_in(FakeVAE().encode(v_cond)))
+    out = FFPLoRAEditConditioning.execute(positive(), positive(4), FakeVAE(), src[:, :30, :30], edited, 0, "trim",
+                                          "crop", "auto", edit_mask=mask[:, :30, :30]).args
+    assert out[2]["samples"].shape == (1, 16, 3, 2, 2)   # 30x30 centre-cropped to 16x16
+
+
+def test_trainer_patches_a_clone_and_leaves_the_base_bit_identical(model):
+    x, cond = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(9)), probe_cond()
+    before_sd = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    before = predict(model, x, cond)
+    patched, lora, loss = train(model)
+    assert patched is not model and len(patched.patches) == len(lora.paths) == 2 * 10
+    assert all(type(v[0][1]).__name__ == "LoRAAdapter" for v in patched.patches.values())  # stock lora patches
+    assert loss.shape == (1, 256, 512, 3)
+    after_base = predict(model, x, cond)
+    assert torch.equal(before, after_base)
+    assert all(torch.equal(before_sd[k], v) for k, v in model.model.diffusion_model.state_dict().items())
+    with_lora = predict(patched, x, cond)
+    assert (with_lora - before).abs().max() > 1e-4
+    assert torch.equal(predict(model, x, cond), before)     # unloading the patched clone restores the base
+
+
+def test_saved_lora_loads_with_comfy_loader_and_matches(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_folder_paths", lambda name: [str(tmp_path)])
+    patched, lora, _ = train(model, steps=2, seed=1)
+    name = FFPSaveLoRA.execute(lora, "edits/clip1", False).args[0]
+    assert name == "edits/clip1.safetensors" and (tmp_path / name).is_file()
+    assert FFPSaveLoRA.execute(lora, "edits/clip1", False).args[0] == "edits/clip1_2.safetensors"
+    with pytest.raises(ValueError, match="not allowed"):
+        FFPSaveLoRA.execute(lora, "../escape", False)
+    sd = comfy.utils.load_torch_file(str(tmp_path / name), safe_load=True)
+    loaded, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+    x, cond = torch.randn(1, 16, 3, 4, 4), probe_cond()
+    a, b = predict(loaded, x, cond), predict(patched, x, cond)
+    assert torch.equal(a, b) and not torch.equal(a, predict(model, x, cond))
+
+
+def test_memory_node_stage2_and_windows(model):
+    mem = FFPLoRAEditMemory.execute(True, 1.0, 5, 4, "fp32").args[0]
+    src, _ = clip_and_mask()
+    keys = src[[4]].clone()
+    _, lora, loss = train(model, memory=mem, keyframes=keys, keyframe_frames="5", steps=2, steps_stage2=3)
+    assert len(lora.paths) == 20 and loss.shape[0] == 1
+    with pytest.raises(ValueError, match="outside the clip"):
+        train(model, keyframes=keys, keyframe_frames="12", steps=1, steps_stage2=1)
+
+
+def test_cancel_and_bad_input(model):
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(model, steps=50)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    with torch.inference_mode():
+        t2v = load_tiny_comfy_wan("t2v")
+    with pytest.raises(ValueError, match="text-to-video"):
+        train(t2v)
+    with pytest.raises(ValueError, match="unconnected"):
+        train(model, edit_mask=torch.zeros(T, H, W))
+    with pytest.raises(ValueError, match="4k\\+1"):
+        train(model, source_video=torch.rand(8, H, W, 3), edit_mask=None, frame_policy="error")
