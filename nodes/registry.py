@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ._comfy import ComfyExtension, io
 from .flow.node import FFPFlowPropagate
+from .lora_edit.node import FFPLoRAEditConditioning, FFPLoRAEditMemory, FFPSaveLoRA, FFPTrainLoRAEdit
 from .masks.node import FFPMaskCombine, FFPMaskOps, FFPMaskPrompts, FFPMaskPropagate, FFPSAM2Loader
 from .video.node import FFPEvaluate
 
 NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate,
-                                   FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine]
+                                   FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine,
+                                   FFPLoRAEditConditioning, FFPTrainLoRAEdit, FFPLoRAEditMemory, FFPSaveLoRA]
 
 
 class FFPropExtension(ComfyExtension):
