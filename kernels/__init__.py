@@ -1,3 +1,67 @@
 """Compute kernels: each a pure-torch reference, a Triton version and a dispatch here (STYLE.md 5.7).
 
-The first kernel (fused 3-D RoPE) lands with the AST-RoPE capability; until then this package is empty."""
+`rope_qk(q, k, pos, backend)` applies Wan's 3-D RoPE at per-token positions to q and k:
+backend "auto" = Triton when triton imports, the tensors are on CUDA and the shape is supported, else the
+torch reference (the reason logged once); "triton" forces the kernel (error when it cannot run); "torch"
+forces the reference. The Triton interpreter (TRITON_INTERPRET=1) makes "triton" runnable on CPU for tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from ..nodes.common import log_once
+from .rope import THETA, apply_rope_reference, rope_cos_sin, rope_reference, rope_split
+
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = ["BACKENDS", "THETA", "apply_rope_reference", "rope_cos_sin", "rope_qk", "rope_reference",
+           "rope_split", "triton_status"]
+
+
+def triton_status(device_type: str = "cuda") -> tuple[bool, str]:
+    """(usable, reason) for the Triton RoPE kernel on tensors of this device type."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type != "cuda" and not interp:
+        return False, f"tensors are on {device_type} (Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1)"
+    try:
+        from . import rope_triton  # noqa: F401
+    except Exception as e:  # ImportError, or a triton build that fails to initialise
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    return True, "ok"
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """auto/triton/torch -> "triton" or "torch" for tensors on device_type; logs an auto fallback once."""
+    if backend not in BACKENDS:
+        raise ValueError(f"rope backend must be one of {BACKENDS}; got {backend!r}.")
+    if backend == "torch":
+        return "torch"
+    ok, why = triton_status(device_type)
+    if ok:
+        if backend == "auto" and device_type != "cuda":   # the interpreter is for tests, never picked by auto
+            return "torch"
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"rope backend 'triton' was requested but cannot run: {why}. Use backend 'auto' or 'torch'.")
+    log_once(f"rope-fallback-{device_type}", "FFP kernels: fused RoPE unavailable, using the torch reference: %s", why)
+    return "torch"
+
+
+def rope_qk(q: Tensor, k: Tensor, pos: Tensor, theta: float = THETA, backend: str = "auto",
+            host: str = "comfy") -> tuple[Tensor, Tensor]:
+    """q, k [B, L, H, D], pos [L, 3] (t, h, w; may be fractional) -> (RoPE(q), RoPE(k)) in q's dtype.
+    `host` sets the torch path's operation order (bit-identical to "comfy" or "diffusers" at equal cos/sin)."""
+    if q.shape != k.shape or q.ndim != 4:
+        raise ValueError(f"q and k must both be [B, L, H, D]; got {tuple(q.shape)} and {tuple(k.shape)}.")
+    rope_split(q.shape[-1])
+    if pos.shape != (q.shape[1], 3):
+        raise ValueError(f"positions must be [L, 3] = [{q.shape[1]}, 3] for q of shape {tuple(q.shape)}; got {tuple(pos.shape)}.")
+    if resolve_backend(backend, q.device.type) == "triton":
+        from .rope_triton import rope_qk_triton
+
+        return rope_qk_triton(q, k, pos, theta)
+    cos, sin = rope_cos_sin(pos.to(q.device), q.shape[-1], theta)
+    return apply_rope_reference(q, cos, sin, host=host), apply_rope_reference(k, cos, sin, host=host)
