@@ -6,6 +6,8 @@ functions only, so this file imports in a plain Python process. Patches go on a 
 
 from __future__ import annotations
 
+import copy
+import types
 from typing import Any
 
 import torch
@@ -51,6 +53,67 @@ class RopePositionWrapper(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         pos = torch.stack([apply_position_fn(self.fn, i.float()) for i in ids])
         return self.inner(pos)
+
+
+class RopeState:
+    """Shared by a `PositionRecorder` and the `fused_self_attention` patches of one MODEL clone: the final
+    per-token positions [L, 3] of the current forward (set by the recorder, read by every block)."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        self.positions: Tensor | None = None
+
+
+class PositionRecorder(nn.Module):
+    """Innermost rope_embedder patch: records the (already remapped) ids, then builds the stock table (kept for
+    any consumer that is not a patched self-attention, e.g. a fallback)."""
+
+    def __init__(self, inner: nn.Module, state: RopeState):
+        super().__init__()
+        self.inner = inner
+        self.state = state
+
+    def forward(self, ids: Tensor) -> Tensor:
+        self.state.positions = ids[0].float()
+        return self.inner(ids)
+
+
+def _fused_self_attention_forward(self, x: Tensor, freqs: Tensor, transformer_options={}) -> Tensor:  # noqa: B006
+    """WanSelfAttention.forward of ComfyUI 0.3.64 with q/k RoPE applied by `kernels.rope_qk` at the positions
+    recorded for this forward (Triton on CUDA, else the torch reference, which repeats apply_rope1's
+    operations). Falls back to the stock table when no positions match the sequence."""
+    from comfy.ldm.flux.math import apply_rope1
+    from comfy.ldm.wan.model import optimized_attention
+
+    from ...kernels import rope_qk
+
+    b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+    q = self.norm_q(self.q(x)).view(b, s, n, d)
+    k = self.norm_k(self.k(x)).view(b, s, n, d)
+    state = self._ffp_rope_state
+    pos = state.positions
+    if pos is not None and pos.shape[0] == s:
+        q, k = rope_qk(q, k, pos.to(q.device), backend=state.backend)
+    else:
+        log_once("comfy-fused-rope-fallback", "FFP AST-RoPE: positions unavailable for a self-attention call; "
+                 "using the stock rope table there.")
+        q, k = apply_rope1(q, freqs), apply_rope1(k, freqs)
+    out = optimized_attention(q.view(b, s, n * d), k.view(b, s, n * d), self.v(x).view(b, s, n * d),
+                              heads=self.num_heads, transformer_options=transformer_options)
+    return self.o(out)
+
+
+def fused_self_attention(attn: nn.Module, state: RopeState) -> nn.Module:
+    """A shallow copy of a WanSelfAttention (same child modules, so weight keys and LoRA patches still resolve
+    as `blocks.N.self_attn.q.weight`) whose forward routes RoPE through kernels/. The input stays untouched."""
+    stock = getattr(attn, "_ffp_stock", attn)
+    new = copy.copy(stock)
+    new._modules = dict(stock._modules)
+    # plain attributes (object.__setattr__): registering `stock` as a child would make a module cycle
+    object.__setattr__(new, "_ffp_stock", stock)
+    object.__setattr__(new, "_ffp_rope_state", state)
+    object.__setattr__(new, "forward", types.MethodType(_fused_self_attention_forward, new))
+    return new
 
 
 class ComfyWan:
@@ -135,6 +198,30 @@ class ComfyWan:
         Hooks compose: the newest fn sees the stock ids and feeds any hook already on this MODEL."""
         clone = self.patcher.clone()
         clone.add_object_patch(ROPE_OBJECT, RopePositionWrapper(clone.get_model_object(ROPE_OBJECT), fn))
+        return ComfyWan(clone)
+
+    def with_fused_rope(self, backend: str = "auto") -> "ComfyWan":
+        """A new adapter on a clone whose self-attentions apply RoPE through `kernels.rope_qk` (backend
+        auto/triton/torch) at the positions the rope hooks produce. Object patches only: each block's
+        `self_attn` and `rope_embedder` (a `PositionRecorder` innermost, under any existing position hooks)."""
+        from ...kernels import resolve_backend
+
+        resolve_backend(backend, "cpu")  # validates the name; the device is decided per call
+        clone = self.patcher.clone()
+        state = RopeState(backend)
+        chain = []
+        rope = clone.get_model_object(ROPE_OBJECT)
+        while isinstance(rope, (RopePositionWrapper, PositionRecorder)):
+            if isinstance(rope, RopePositionWrapper):
+                chain.append(rope.fn)
+            rope = rope.inner
+        rope = PositionRecorder(rope, state)
+        for fn in reversed(chain):
+            rope = RopePositionWrapper(rope, fn)
+        clone.add_object_patch(ROPE_OBJECT, rope)
+        for i in range(self._dims.num_layers):
+            name = f"diffusion_model.blocks.{i}.self_attn"
+            clone.add_object_patch(name, fused_self_attention(clone.get_model_object(name), state))
         return ComfyWan(clone)
 
 

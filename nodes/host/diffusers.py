@@ -61,11 +61,12 @@ class PositionRope(nn.Module):
     positions are computed the way `get_1d_rotary_pos_embed` builds the table (float64 angles, interleaved).
     """
 
-    def __init__(self, stock: nn.Module, fn: RopePositionFn, theta: float = 10000.0):
+    def __init__(self, stock: nn.Module, fn: RopePositionFn, theta: float = 10000.0, state: Any = None):
         super().__init__()
         self.stock = stock
         self.fn = fn
         self.theta = theta
+        self.state = state  # a RopeState when the blocks route RoPE through kernels/ (with_fused_rope)
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
         stock = self.stock
@@ -73,13 +74,15 @@ class PositionRope(nn.Module):
         p_t, p_h, p_w = stock.patch_size
         ids = stock_rope_ids(f // p_t, h // p_h, w // p_w, device=stock.freqs_cos.device)
         pos = apply_position_fn(self.fn, ids)
+        if self.state is not None:
+            self.state.positions = pos.float()
         dims = [stock.t_dim, stock.h_dim, stock.w_dim]
         cos_parts, sin_parts = [], []
         tables = zip(stock.freqs_cos.split(dims, dim=1), stock.freqs_sin.split(dims, dim=1))
         for axis, (dim, (cos_t, sin_t)) in enumerate(zip(dims, tables)):
             p = pos[:, axis].to(torch.float32 if pos.device.type == "mps" else torch.float64)
             idx = p.round().clamp(0, cos_t.shape[0] - 1)
-            exact = (p == idx)[:, None]
+            exact = (p == idx)[:, None] & (not p.requires_grad)  # keep alpha gradients (AST-RoPE training)
             cos, sin = rope_cos_sin(p, dim, self.theta)
             cos, sin = cos.to(cos_t.dtype), sin.to(sin_t.dtype)
             idx = idx.long()
@@ -163,13 +166,75 @@ class DiffusersWan:
         """A new adapter over a shallow copy of the model (own `_modules`, shared weights) with RoPE from fn(ids)."""
         rope = self.model.rope
         if isinstance(rope, PositionRope):
-            rope = PositionRope(rope.stock, compose_position_fns(fn, rope.fn), rope.theta)
+            rope = PositionRope(rope.stock, compose_position_fns(fn, rope.fn), rope.theta, rope.state)
         else:
             rope = PositionRope(rope, fn)
         twin = copy.copy(self.model)
         twin._modules = dict(self.model._modules)
         twin._modules["rope"] = rope
         return DiffusersWan(twin)
+
+    def with_fused_rope(self, backend: str = "auto") -> "DiffusersWan":
+        """A new adapter whose self-attentions (attn1) apply RoPE through `kernels.rope_qk` (auto/triton/torch)
+        at the positions the rope hooks produce. Shallow copies of the model, blocks and attn1 modules (shared
+        weights) carry a `FusedRopeProcessor`; this adapter's model is untouched."""
+        from ...kernels import resolve_backend
+
+        resolve_backend(backend, "cpu")  # validates the name
+        state = RopeState(backend)
+        rope = self.model.rope
+        if isinstance(rope, PositionRope):
+            rope = PositionRope(rope.stock, rope.fn, rope.theta, state)
+        else:
+            rope = PositionRope(rope, lambda ids: ids, state=state)
+        blocks = []
+        for block in self.model.blocks:
+            attn = copy.copy(block.attn1)
+            attn.processor = FusedRopeProcessor(state, getattr(block.attn1.processor, "stock", block.attn1.processor))
+            twin_block = copy.copy(block)
+            twin_block._modules = dict(block._modules)
+            twin_block._modules["attn1"] = attn
+            blocks.append(twin_block)
+        twin = copy.copy(self.model)
+        twin._modules = dict(self.model._modules)
+        twin._modules["rope"] = rope
+        twin._modules["blocks"] = nn.ModuleList(blocks)
+        return DiffusersWan(twin)
+
+
+class RopeState:
+    """Positions [L, 3] of the current forward, shared by a PositionRope and the FusedRopeProcessors."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        self.positions: Optional[Tensor] = None
+
+
+class FusedRopeProcessor:
+    """Self-attention processor for diffusers' WanAttention (as `WanAttnProcessor`, diffusers 0.42) with q/k RoPE
+    applied by `kernels.rope_qk` from the recorded positions. Cross-attention calls go to the stock processor."""
+
+    def __init__(self, state: RopeState, stock: Any):
+        self.state = state
+        self.stock = stock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        pos = self.state.positions
+        if encoder_hidden_states is not None or pos is None or pos.shape[0] != hidden_states.shape[1]:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections, dispatch_attention_fn
+
+        from ...kernels import rope_qk
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        query, key = rope_qk(query, key, pos.to(query.device), backend=self.state.backend, host="diffusers")
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=getattr(self.stock, "_attention_backend", None), parallel_config=None)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 def _pad_text(context: Tensor) -> Tensor:

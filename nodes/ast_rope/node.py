@@ -1,0 +1,260 @@
+"""AST-RoPE nodes: the patch node, a loader that patches on load, and the predictor trainer (glue only)."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.sd
+import folder_paths
+import torch
+
+from ...kernels import BACKENDS
+from .._comfy import io, progress, ui
+from ..common import log, log_once
+from ..host.comfy import ComfyWan
+from .patch import MODES, VARIANTS, apply_ast_rope, choose_alphas
+from .predictor import AlphaPredictor, PredictorConfig, load_predictor, save_predictor
+from .train import PredictorTrainSettings, find_pairs, i2v_samples, load_pair, train_predictor
+
+FOLDER = "ast_rope"
+if FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+
+Predictor = io.Custom("FFP_AST_ROPE_PREDICTOR")
+NONE = "none"
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+
+def _predictor_files() -> list[str]:
+    return [NONE] + folder_paths.get_filename_list(FOLDER)
+
+
+def _encode(model, vae):
+    """IMAGE [T, H, W, 3] -> model-space latent [1, 16, F, H/8, W/8] (VAE encode + process_latent_in)."""
+    def encode(frames: torch.Tensor) -> torch.Tensor:
+        return model.model.process_latent_in(vae.encode(frames[..., :3])).float().cpu()
+    return encode
+
+
+def _source_latent(model, source_latent, source_images, vae):
+    if source_latent is not None:
+        return model.model.process_latent_in(source_latent["samples"].float()).cpu()
+    if source_images is not None:
+        if vae is None:
+            raise ValueError("source_images needs the Wan VAE to encode them: connect 'vae' (or a source_latent).")
+        from ..video.frames import frames_to_latent
+
+        frames_to_latent(source_images.shape[0])
+        return _encode(model, vae)(source_images)
+    return None
+
+
+def _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend, predictor,
+           source_latent=None, source_images=None, vae=None, predictor_model=None) -> tuple:
+    if mode == "off":
+        return model.clone(), "AST-RoPE off: stock RoPE (alpha_S = alpha_T = 1, no patch)."
+    dit = ComfyWan(model)
+    opts = model.model_options.get("transformer_options", {})
+    if opts.get("rope_options"):
+        log_once("ast-rope-rope-options", "FFP AST-RoPE: this MODEL also has ComfyUI rope_options %s; ComfyUI "
+                 "applies them when building the ids and AST-RoPE remaps the result (the two compose).",
+                 opts["rope_options"])
+    if model.model_options.get("context_handler") is not None:
+        log_once("ast-rope-context", "FFP AST-RoPE: context windows are on: each window restarts time at 0, so only "
+                 "the first window holds the edited frame 0; warped steps are applied from each window's start.")
+    pred = predictor_model
+    if mode == "learned" and pred is None and predictor != NONE:
+        pred = load_predictor(folder_paths.get_full_path_or_raise(FOLDER, predictor))
+    latent = _source_latent(model, source_latent, source_images, vae) if mode in ("heuristic", "learned") else None
+    alphas = choose_alphas(mode, latent=latent, alpha_s=alpha_s, alpha_t=alpha_t, variant=variant,
+                           alpha_max=alpha_max, strength=strength, predictor=pred, anchor_first=anchor_first)
+    patched = apply_ast_rope(dit, alphas, backend)
+    return patched.patcher, f"AST-RoPE {mode}: {alphas.describe()}"
+
+
+def _rope_inputs() -> list:
+    return [
+        io.Combo.Input("mode", options=list(MODES), default="manual",
+                       tooltip="off: stock model. manual: the alpha widgets. heuristic: alpha_T per latent frame "
+                               "from the source's motion (training-free, unverified benefit). learned: a trained "
+                               "predictor over the source latent."),
+        io.Combo.Input("variant", options=list(VARIANTS), default="warped",
+                       tooltip="global: one alpha_T for all frames (tau = alpha_T * f). warped: one step per latent "
+                               "frame (tau = cumulative steps); heuristic/learned only, manual is always global."),
+        io.Float.Input("alpha_s", default=1.0, min=0.25, max=4.0, step=0.01,
+                       tooltip="Spatial scale of RoPE positions (1 = stock). Below 1: less spatially local "
+                               "attention, more tolerant of large displacements."),
+        io.Float.Input("alpha_t", default=1.0, min=0.25, max=4.0, step=0.01,
+                       tooltip="Temporal scale (manual mode; 1 = stock). Below 1 pulls every frame toward the "
+                               "edited frame 0 (stronger appearance anchoring); above 1 stretches time."),
+        io.Float.Input("alpha_max", default=2.0, min=1.0, max=4.0, step=0.05,
+                       tooltip="Bound of the heuristic: each alpha_T step stays in [1/alpha_max, alpha_max]."),
+        io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.05,
+                       tooltip="Heuristic gain: 0 gives alpha_T = 1; higher reacts more strongly to motion."),
+        io.Boolean.Input("anchor_first", default=True,
+                         tooltip="Remap time relative to the first latent frame of the sequence, so frame 0 (the "
+                                 "edited frame) keeps its position even when the ids start elsewhere."),
+        io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                       tooltip="RoPE kernel: auto = fused Triton on CUDA when available, else torch. For debugging."),
+        io.Combo.Input("predictor", options=_predictor_files(), default=NONE,
+                       tooltip="Learned mode: a predictor file from models/ast_rope (written by the trainer)."),
+        io.Latent.Input("source_latent", optional=True,
+                        tooltip="The source video encoded by the Wan VAE (heuristic/learned modes)."),
+        io.Image.Input("source_images", optional=True,
+                       tooltip="Or the source video frames (4k+1 of them) plus 'vae'; used when no latent is given."),
+        io.Vae.Input("vae", optional=True, tooltip="The Wan 2.1 VAE, to encode source_images."),
+        Predictor.Input("predictor_model", optional=True,
+                        tooltip="A predictor straight from 'Train AST-RoPE Predictor' (overrides the file)."),
+    ]
+
+
+_OUTPUTS = [
+    io.Model.Output(display_name="model", tooltip="A patched clone of the model; the input MODEL is unchanged."),
+    io.String.Output(display_name="alphas", tooltip="The alphas used (alpha_S; alpha_T or its per-step values)."),
+]
+
+
+class FFPASTRoPE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPASTRoPE",
+            display_name="Apply AST-RoPE · FFP",
+            category="FFP/model_patches",
+            description="Remaps the Wan DiT's 3-D RoPE positions to (tau(f), alpha_S*y, alpha_S*x) so the edited "
+                        "first frame anchors appearance while source motion sets temporal distances (FreeProp's "
+                        "AST-RoPE, engineering reading). alpha = 1 is exactly the stock model.",
+            inputs=[io.Model.Input("model", tooltip="A Wan 2.1 MODEL (I2V, T2V or Fun-Control).")] + _rope_inputs(),
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend, predictor,
+                source_latent=None, source_images=None, vae=None, predictor_model=None) -> io.NodeOutput:
+        patched, text = _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend,
+                               predictor, source_latent, source_images, vae, predictor_model)
+        return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
+
+
+class FFPASTRoPELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPASTRoPELoader",
+            display_name="Load Diffusion Model (AST-RoPE) · FFP",
+            category="FFP/model_patches",
+            description="Loads a Wan diffusion model like 'Load Diffusion Model' and applies AST-RoPE on load (the "
+                        "same as that loader followed by 'Apply AST-RoPE').",
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="A Wan 2.1 diffusion model from models/diffusion_models."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Weight storage dtype, as in 'Load Diffusion Model' (fp8 saves memory)."),
+            ] + _rope_inputs(),
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, unet_name, weight_dtype, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first,
+                backend, predictor, source_latent=None, source_images=None, vae=None,
+                predictor_model=None) -> io.NodeOutput:
+        options = {}
+        if weight_dtype.startswith("fp8_e4m3fn"):
+            options["dtype"] = torch.float8_e4m3fn
+            if weight_dtype.endswith("_fast"):
+                options["fp8_optimizations"] = True
+        elif weight_dtype == "fp8_e5m2":
+            options["dtype"] = torch.float8_e5m2
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        model = comfy.sd.load_diffusion_model(path, model_options=options)
+        patched, text = _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend,
+                               predictor, source_latent, source_images, vae, predictor_model)
+        return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
+
+
+class FFPASTRoPETrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPASTRoPETrain",
+            display_name="Train AST-RoPE Predictor · FFP",
+            category="FFP/training",
+            description="Trains the AST-RoPE alpha predictor on a frozen Wan I2V model (optionally one that already "
+                        "carries a LoRA-Edit LoRA) with the flow-matching loss: per video, on an edited clip, or "
+                        "on a folder of (source, edited) clip pairs with optional self-distillation. Saves it to "
+                        "models/ast_rope.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Wan 2.1 I2V MODEL the predictor is trained for (kept frozen)."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE (encodes the clips)."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning (e.g. the clip's prompt); only its "
+                                      "text embedding is used."),
+                io.Image.Input("source_video", tooltip="The source clip (4k+1 frames, sides multiples of 16)."),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate of the predictor."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="warped",
+                               tooltip="warped: one alpha_T step per latent frame; global: their mean."),
+                io.Float.Input("alpha_max", default=2.0, min=1.05, max=4.0, step=0.05,
+                               tooltip="alpha = exp(tanh(s) ln alpha_max): every alpha stays in [1/alpha_max, alpha_max]."),
+                io.Int.Input("width", default=256, min=16, max=1024, step=16, tooltip="Predictor transformer width."),
+                io.Int.Input("depth", default=2, min=1, max=8, tooltip="Predictor transformer layers."),
+                io.Boolean.Input("self_distill", default=False,
+                                 tooltip="Add FreeProp's self-distillation terms (motion + MMD drift) against the "
+                                         "identity task; needs edited_video or pairs_folder."),
+                io.Float.Input("lambda_motion", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the frame-similarity motion loss (self-distillation)."),
+                io.Float.Input("lambda_mmd", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the MMD drift loss (self-distillation)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for noise, time and init."),
+                io.String.Input("filename", default="ast_rope_predictor",
+                                tooltip="Saved as models/ast_rope/<filename>.safetensors (empty: do not save)."),
+                io.Image.Input("edited_video", optional=True,
+                               tooltip="The edited version of source_video (same size/length): trains FFP "
+                                       "(edited frame 1 -> edited clip) instead of reconstructing the source."),
+                io.String.Input("pairs_folder", default="", optional=True,
+                                tooltip="A folder of <name>_source.mp4 + <name>_edited.mp4 pairs to train on as well."),
+                io.Int.Input("max_frames", default=33, min=5, max=257, step=4, optional=True,
+                             tooltip="Frames read per clip from pairs_folder (4k+1)."),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True,
+                                          tooltip="CLIP-vision output of the first frame (I2V image tokens)."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto", optional=True,
+                               tooltip="RoPE kernel used while training (auto: Triton on CUDA when available)."),
+            ],
+            outputs=[
+                Predictor.Output(display_name="predictor", tooltip="The trained predictor (connect to Apply AST-RoPE)."),
+                io.String.Output(display_name="file", tooltip="Path of the saved predictor ('' when not saved)."),
+                io.String.Output(display_name="report", tooltip="Loss at start and end, and the predicted alphas."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, positive, source_video, steps, learning_rate, variant, alpha_max, width, depth,
+                self_distill, lambda_motion, lambda_mmd, seed, filename, edited_video=None, pairs_folder="",
+                max_frames=33, clip_vision_output=None, backend="auto") -> io.NodeOutput:
+        dit = ComfyWan(model)
+        encode = _encode(model, vae)
+        context = positive[0][0].float()
+        clip = None if clip_vision_output is None else clip_vision_output.penultimate_hidden_states.float()
+        samples = [i2v_samples(source_video, encode, context, clip, edited_video)]
+        for src_path, ed_path in find_pairs(pairs_folder) if pairs_folder.strip() else []:
+            src, ed = load_pair(src_path, ed_path, max_frames)
+            samples.append(i2v_samples(src, encode, context, clip, ed))
+        if self_distill and edited_video is None and len(samples) == 1:
+            raise ValueError("self_distill needs edited clips: connect edited_video or set pairs_folder.")
+        if edited_video is None and len(samples) > 1:
+            samples = samples[1:]  # pairs given: the source clip alone would be an identity sample; keep pairs only
+        settings = PredictorTrainSettings(steps=steps, learning_rate=learning_rate, seed=seed, variant=variant,
+                                          backend=backend, self_distill=self_distill, lambda_motion=lambda_motion,
+                                          lambda_mmd=lambda_mmd)
+        config = PredictorConfig(width=width, depth=depth, heads=max(1, width // 64), alpha_max=alpha_max)
+        on_step, should_stop = progress(steps)
+        torch.manual_seed(seed)
+        result = train_predictor(dit, samples, settings, AlphaPredictor(config), on_step=on_step, should_stop=should_stop)
+        path = ""
+        if filename.strip():
+            folder = folder_paths.get_folder_paths(FOLDER)[0]
+            path = str(save_predictor(result.predictor, os.path.join(folder, filename.strip() + ".safetensors")))
+            log.info("FFP AST-RoPE: predictor saved to %s", path)
+        text = (f"loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g} over {steps} steps "
+                f"({len(samples)} clip(s)); {result.alphas.describe()}")
+        return io.NodeOutput(result.predictor, path, text, ui=ui.PreviewText(text))

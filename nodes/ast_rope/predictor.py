@@ -1,0 +1,148 @@
+"""Learned alpha predictor (SEED_SPEC 3.3): a small transformer over the pooled source latent.
+
+Input: source latent [B, 16, F, h, w]. Each latent frame is average-pooled to a grid x grid map; tokens carry
+the latent and its difference to the previous frame (motion), plus a frame and a cell embedding. Output:
+alpha_S (one per clip) and alpha_T (one step per latent frame k = 1..F-1, variant B), each
+alpha = exp(tanh(s) * ln alpha_max). The head is zero-initialised, so a fresh predictor gives alpha = 1,
+i.e. exactly the stock model. Saved as safetensors with its config in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .positions import ALPHA_MAX, RopeAlphas, check_latent
+
+KIND = "ffprop.ast_rope_predictor"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    width: int = 256
+    depth: int = 2
+    heads: int = 4
+    grid: int = 4
+    alpha_max: float = 2.0
+    max_frames: int = 64
+
+    def check(self) -> "PredictorConfig":
+        if self.width % self.heads or self.width < 8 or self.depth < 1 or self.grid < 1:
+            raise ValueError(f"bad predictor config {self}: width must be a multiple of heads, depth >= 1, grid >= 1.")
+        if not 1.0 < self.alpha_max <= ALPHA_MAX:
+            raise ValueError(f"alpha_max must be in (1, {ALPHA_MAX}]; got {self.alpha_max}.")
+        return self
+
+
+class AlphaPredictor(nn.Module):
+    """source latent [B, 16, F, h, w] -> (alpha_s [B], alpha_t [B, F-1]); alpha = 1 at initialisation."""
+
+    def __init__(self, config: PredictorConfig = PredictorConfig()):
+        super().__init__()
+        self.config = config.check()
+        c = config
+        self.embed = nn.Linear(32, c.width)
+        self.frame_pos = nn.Parameter(torch.randn(c.max_frames, c.width) * 0.02)
+        self.cell_pos = nn.Parameter(torch.randn(c.grid * c.grid, c.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(c.width, c.heads, 2 * c.width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(c.width)
+        self.head = nn.Linear(c.width, 2)           # per frame: (s_T, s_S)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def raw(self, latent: Tensor) -> Tensor:
+        """latent -> s [B, F, 2] (pre-tanh scores)."""
+        z = check_latent(latent, "source latent").to(self.embed.weight.dtype)
+        b, _, f, _, _ = z.shape
+        g, n = self.config.grid, self.config.grid ** 2
+        if f > self.config.max_frames:
+            raise ValueError(f"the source latent has {f} latent frames; this predictor handles at most "
+                             f"{self.config.max_frames}. Trim the clip or train a predictor with a larger max_frames.")
+        pooled = nn.functional.adaptive_avg_pool3d(z, (f, g, g))                  # [B, 16, F, g, g]
+        scale = pooled.flatten(1).std(dim=1).clamp_min(1e-6).view(b, 1, 1, 1, 1)
+        pooled = pooled / scale
+        diff = torch.cat([torch.zeros_like(pooled[:, :, :1]), pooled[:, :, 1:] - pooled[:, :, :-1]], dim=2)
+        tok = torch.cat([pooled, diff], dim=1).permute(0, 2, 3, 4, 1).reshape(b, f, n, 32)
+        h = self.embed(tok) + self.frame_pos[:f, None] + self.cell_pos[None]
+        h = self.norm(self.encoder(h.reshape(b, f * n, -1))).reshape(b, f, n, -1).mean(dim=2)
+        return self.head(h)
+
+    def forward(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.raw(latent)
+        ln_max = math.log(self.config.alpha_max)
+        alpha = torch.exp(torch.tanh(s) * ln_max)
+        alpha_t = alpha[:, 1:, 0]                                     # steps k = 1..F-1
+        alpha_s = torch.exp(torch.tanh(s[:, :, 1].mean(dim=1)) * ln_max)
+        return alpha_s, alpha_t
+
+    def alphas(self, latent: Tensor, anchor_first: bool = True) -> RopeAlphas:
+        """RopeAlphas for the first clip of the batch (keeps the graph: differentiable)."""
+        a_s, a_t = self(latent)
+        return RopeAlphas(alpha_s=a_s[0], alpha_t=a_t[0], anchor_first=anchor_first)
+
+
+def save_predictor(predictor: AlphaPredictor, path: str | os.PathLike) -> Path:
+    """Write the predictor to `path` (.safetensors) atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in predictor.state_dict().items()}
+    meta = {"kind": KIND, "version": str(VERSION), "config": json.dumps(asdict(predictor.config))}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_predictor(path: str | os.PathLike, device="cpu") -> AlphaPredictor:
+    """Load a predictor written by save_predictor; ValueError naming the file for anything else."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no AST-RoPE predictor at '{path}'; put .safetensors files in models/ast_rope.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device=str(device))
+    except Exception as e:
+        raise ValueError(f"'{path.name}' is not a readable safetensors file ({e}); re-train or re-download it.") from e
+    if meta.get("kind") != KIND:
+        raise ValueError(
+            f"'{path.name}' is not an FFProp AST-RoPE predictor (metadata kind {meta.get('kind')!r}, expected {KIND!r}); "
+            f"it has {len(state)} tensors, e.g. {sorted(state)[:3]}. Select a file written by 'Train AST-RoPE Predictor'."
+        )
+    try:
+        raw = json.loads(meta.get("config", "{}"))
+        known = {f.name for f in fields(PredictorConfig)}
+        config = PredictorConfig(**{k: v for k, v in raw.items() if k in known}).check()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path.name}' has an unreadable predictor config: {e}") from e
+    model = AlphaPredictor(config)
+    ref = model.state_dict()
+    missing = sorted(set(ref) - set(state))
+    unexpected = sorted(set(state) - set(ref))
+    bad = [k for k, v in state.items() if k in ref and ref[k].shape != v.shape]
+    if missing or unexpected or bad:
+        raise ValueError(
+            f"'{path.name}' does not match the AST-RoPE predictor architecture of its config {config}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {bad[:3]}."
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval()
