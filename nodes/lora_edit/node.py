@@ -187,7 +187,8 @@ class FFPTrainLoRAEdit(io.ComfyNode):
                 io.Combo.Input("target_modules", options=list(TARGETS), default="all_linears",
                                tooltip="all_linears: every block linear except k_img/v_img (LoRA-Edit's code); "
                                        "attention: self- and cross-attention only (the paper's wording)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for LoRA init, noise and t."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed for LoRA init, noise and t (keep it fixed to reproduce a LoRA)."),
                 io.Combo.Input("memory_preset", options=list(PRESET_ORDER), default="24GB",
                                tooltip="VRAM budget for Wan-14B at 832x480 (estimates): 24GB swaps 40 % of the "
                                        "blocks, 16GB 80 %, 12GB 85 % + 21-frame windows, 8GB 95 % + 9-frame "
