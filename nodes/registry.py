@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._comfy import ComfyExtension, io
 from .flow.node import FFPFlowPropagate
 from .lora_edit.node import FFPLoRAEditConditioning, FFPLoRAEditMemory, FFPSaveLoRA, FFPTrainLoRAEdit
+from .masks import routes as _mask_routes  # noqa: F401  (registers GET /ffprop/frame for the web editor)
 from .masks.node import FFPMaskCombine, FFPMaskOps, FFPMaskPrompts, FFPMaskPropagate, FFPSAM2Loader
 from .video.node import FFPEvaluate
 

@@ -1,0 +1,174 @@
+"""HTTP routes for the mask prompt editor (web/js/ffp_prompt_editor.js). ComfyUI-only module (layering rule).
+
+GET /ffprop/frame?filename=clip.mp4&type=input&subfolder=&frame=N
+    -> image/png of frame N (0-based) of a video or image in ComfyUI's input (or output/temp) folder, so the editor
+       can show the frame before the graph has run. Headers: X-FFP-Frame, X-FFP-Width, X-FFP-Height and, when the
+       container states it, X-FFP-Frame-Count. Errors are 4xx with a JSON body {"error": "<what, numbers, fix>"}:
+       400 bad parameter or frame out of range, 403 a path escaping the folder, 404 no such file, 415 not decodable.
+
+The path and decode logic below is plain Python (PIL/PyAV, no ComfyUI) and is tested in tests/core; only
+`register_routes()` touches ComfyUI, and only when ComfyUI's server module is already loaded with a running
+PromptServer (so importing this module in a plain process or in the nodes test tier registers nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageSequence
+
+from ..common import log, log_once
+from ..video.io import IMAGE_SUFFIXES
+
+ROUTE_FRAME = "/ffprop/frame"
+FOLDER_TYPES = ("input", "output", "temp")
+ANIMATED_SUFFIXES = {".gif", ".webp", ".apng", ".png"}
+
+
+class FrameRequestError(ValueError):
+    """A request the route answers with a 4xx status and this message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_media_path(base_dir: str | os.PathLike, filename: str, subfolder: str = "") -> Path:
+    """`base_dir/subfolder/filename` as a real path that must stay inside base_dir (symlinks resolved).
+
+    filename may carry a sub-path ("clips/a.mp4", as some loaders list files). Raises FrameRequestError 400 for an
+    empty or malformed name, 403 when the result escapes base_dir, 404 when it is not a file."""
+    if not filename or "\x00" in filename or "\x00" in subfolder:
+        raise FrameRequestError(400, "filename is empty or malformed; pass the file name the loader node shows.")
+    if os.path.isabs(filename) or os.path.isabs(subfolder):
+        raise FrameRequestError(403, f"absolute paths are not served ('{subfolder or filename}'); "
+                                     "use a file name relative to ComfyUI's input folder.")
+    base = Path(base_dir).resolve()
+    target = (base / subfolder / filename).resolve()
+    if os.path.commonpath([str(base), str(target)]) != str(base):
+        raise FrameRequestError(403, f"'{os.path.join(subfolder, filename)}' points outside the {base.name} folder; "
+                                     "only files inside it are served.")
+    if not target.is_file():
+        raise FrameRequestError(404, f"no file '{os.path.join(subfolder, filename)}' in the {base.name} folder "
+                                     f"({base}). Upload or copy it there, or pick another file in the loader node.")
+    return target
+
+
+def read_frame(path: str | os.PathLike, index: int) -> tuple[np.ndarray, int | None]:
+    """Frame `index` (0-based) of a video or image file -> (uint8 RGB [H, W, 3], frame count or None if unknown).
+
+    Videos are decoded with PyAV up to the frame asked for, holding one frame at a time (bounded memory); images
+    (and animated GIF/WebP/APNG) with PIL. Raises FrameRequestError 400 when index is out of range (giving the
+    count), 415 when the file cannot be decoded."""
+    path = Path(path)
+    if index < 0:
+        raise FrameRequestError(400, f"frame must be >= 0, got {index}.")
+    if path.suffix.lower() in IMAGE_SUFFIXES | ANIMATED_SUFFIXES:
+        return _read_image_frame(path, index)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise FrameRequestError(415, f"'{path.name}' has no video stream.")
+            stream = container.streams.video[0]
+            stated = int(stream.frames or 0) or None  # container metadata; may be absent (0) or approximate
+            count = 0
+            for frame in container.decode(stream):
+                if count == index:
+                    return frame.to_ndarray(format="rgb24"), stated
+                count += 1
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise FrameRequestError(415, f"cannot decode '{path.name}' ({e}); use a video (mp4, webm, mov, mkv) "
+                                     "or an image (png, jpg, webp).") from e
+    if count == 0:
+        raise FrameRequestError(415, f"'{path.name}' has no decodable frames.")
+    raise FrameRequestError(400, _out_of_range(path, index, count))
+
+
+def _read_image_frame(path: Path, index: int) -> tuple[np.ndarray, int]:
+    try:
+        with Image.open(path) as im:
+            count = int(getattr(im, "n_frames", 1) or 1)
+            if index >= count:
+                raise FrameRequestError(400, _out_of_range(path, index, count))
+            for i, frame in enumerate(ImageSequence.Iterator(im)):
+                if i == index:
+                    return np.asarray(frame.convert("RGB")), count
+    except (OSError, Image.DecompressionBombError) as e:
+        raise FrameRequestError(415, f"cannot read image '{path.name}' ({e}); use PNG/JPEG/WebP.") from e
+    raise FrameRequestError(400, _out_of_range(path, index, count))
+
+
+def _out_of_range(path: Path, index: int, count: int) -> str:
+    return (f"frame {index} is out of range: '{path.name}' has {count} frame(s) (0..{count - 1}). "
+            "Lower the node's frame widget.")
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    """uint8 RGB [H, W, 3] -> PNG bytes (fast compression: this is a preview)."""
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def frame_response(query: dict[str, str], folders: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """Answer one /ffprop/frame query: (PNG bytes, headers). folders maps type -> directory.
+
+    Raises FrameRequestError with the status and message of a 4xx answer."""
+    filename = query.get("filename", "")
+    kind = query.get("type", "input") or "input"
+    # ComfyUI's annotated names ("clip.mp4 [output]") pick the folder themselves.
+    for name in FOLDER_TYPES:
+        suffix = f" [{name}]"
+        if filename.endswith(suffix):
+            filename, kind = filename[: -len(suffix)], name
+    if kind not in folders:
+        raise FrameRequestError(400, f"type must be one of {', '.join(folders)}; got '{kind}'.")
+    try:
+        index = int(query.get("frame", "0") or 0)
+    except ValueError:
+        raise FrameRequestError(400, f"frame must be an integer, got '{query.get('frame')}'.") from None
+    path = resolve_media_path(folders[kind], filename, query.get("subfolder", "") or "")
+    frame, count = read_frame(path, index)
+    headers = {"X-FFP-Frame": str(index), "X-FFP-Width": str(frame.shape[1]), "X-FFP-Height": str(frame.shape[0]),
+               "Cache-Control": "no-store"}
+    if count is not None:
+        headers["X-FFP-Frame-Count"] = str(count)
+    return encode_png(frame), headers
+
+
+def register_routes() -> bool:
+    """Add the routes to ComfyUI's running PromptServer. Returns False (and registers nothing) outside ComfyUI."""
+    server = sys.modules.get("server")  # ComfyUI's server.py, loaded by main.py before custom nodes
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        log_once("routes-no-server", "FFP masks: ComfyUI's PromptServer is not running; %s not registered.",
+                 ROUTE_FRAME)
+        return False
+    if getattr(instance, "_ffp_routes_registered", False):
+        return True
+    import folder_paths
+    from aiohttp import web
+
+    @instance.routes.get(ROUTE_FRAME)
+    async def ffp_frame(request: web.Request) -> web.Response:
+        folders = {"input": folder_paths.get_input_directory(), "output": folder_paths.get_output_directory(),
+                   "temp": folder_paths.get_temp_directory()}
+        try:  # decoding can take a while on long clips: keep the server's event loop free
+            body, headers = await asyncio.get_running_loop().run_in_executor(
+                None, frame_response, dict(request.rel_url.query), folders)
+        except FrameRequestError as e:
+            return web.json_response({"error": str(e)}, status=e.status)
+        return web.Response(body=body, content_type="image/png", headers=headers)
+
+    instance._ffp_routes_registered = True
+    log.debug("FFP masks: registered %s", ROUTE_FRAME)
+    return True
+
+
+register_routes()

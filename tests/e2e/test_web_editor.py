@@ -1,0 +1,380 @@
+"""The mask prompt editor (web/js/ffp_prompt_editor.js) in a real browser on the real ComfyUI frontend and server.
+
+Headless Chromium (Debian `chromium` + `chromium-driver`) driven by selenium (tests/e2e/e2e_browser.py says why).
+The server is the e2e harness's (only this pack + the test pack loaded). The graph is the user's:
+LoadVideo -> GetVideoComponents -> FFPMaskPrompts -> FFPMaskPropagate (flow) -> PreviewImage.
+
+Checked: the frame arrives through GET /ffprop/frame before any run; real clicks (left, shift, right, drag, ctrl,
+object switch, undo) give the expected JSON in SOURCE pixels, also after zooming the canvas and resizing the node;
+the pixels under the pointer are the source pixels the JSON names; the JSON is what graphToPrompt sends; it survives
+serialize -> JSON text -> loadGraphData; the queued graph validates and runs on the server (parse_prompts accepts
+it) and the executed frame replaces the route's, identical to it; the help page is where the frontend looks.
+Skips with the reason when COMFYUI_DIR is unset, or Chromium/chromedriver/selenium are missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from e2e_server import TIMINGS
+from ffprop.nodes.video.frames import to_uint8
+from ffprop.nodes.video.io import write_image, write_video
+from ffprop.nodes.video.synthetic import synthetic_clip
+from PIL import Image
+
+CLIP = "ffp_editor_clip.mp4"
+STILL = "ffp_editor_still.png"
+T, H, W = 9, 96, 160
+FRAME = 2
+OBJ_COLORS = {1: (0x4C, 0xC9, 0xF0), 2: (0xF7, 0x25, 0x85)}  # web/js/lib/ffp_prompts.js OBJECT_COLORS[0:2]
+SHOT_DIR = Path(os.environ.get("FFP_E2E_SHOTS", "/tmp/ffp_web_editor_shots"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from e2e_browser import Browser, find_browser
+
+    exe, driver, why = find_browser()
+    if exe is None:
+        pytest.skip(why)
+    t0 = time.perf_counter()
+    b = Browser(exe, driver)
+    TIMINGS["web editor: browser start"] = time.perf_counter() - t0
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def clip(comfy_server):
+    """The clip (and a still) in the server's input folder: {"frames": uint8 [T, H, W, 3] decoded like the server
+    does, "still": the PNG's uint8 [H, W, 3]}."""
+    from ffprop.nodes.video.io import read_video
+
+    source = synthetic_clip(T, H, W, seed=3).source
+    write_video(comfy_server.input_dir / CLIP, source, fps=8)
+    write_image(comfy_server.input_dir / STILL, source[5])
+    frames, _ = read_video(comfy_server.input_dir / CLIP)
+    return {"frames": to_uint8(frames), "still": to_uint8(source[5])}
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, browser, clip):
+    from e2e_browser import post_settings
+
+    base = comfy_server.url("")
+    post_settings(base, {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    TIMINGS["web editor: frontend load"] = browser.open_comfy(base)
+    browser.wait_for("return app.extensions.some((e) => e.name === 'FFP.MaskPromptEditor')", 30)
+    return browser
+
+
+def http_get(server, path: str) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(server.url(path), timeout=60) as r:  # noqa: S310 (local test server)
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+# ---- the route and the help page through the real server (no browser needed) --------------------------------------
+def test_frame_route_on_the_server(comfy_server, clip):
+    status, body, headers = http_get(comfy_server, f"/api/ffprop/frame?filename={CLIP}&type=input&frame=4")
+    assert status == 200 and headers["Content-Type"] == "image/png", body[:200]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), clip["frames"][4])
+    assert (headers["X-FFP-Width"], headers["X-FFP-Height"]) == (str(W), str(H))
+    for query, code, words in [
+        (f"filename={CLIP}&frame={T}", 400, f"{T} frame(s)"),
+        ("filename=../../etc/passwd", 403, "outside"),
+        (f"filename={CLIP}&subfolder=..", 403, "outside"),
+        ("filename=nothing_here.mp4", 404, "no file"),
+        (f"filename={CLIP}&type=models", 400, "type must be"),
+    ]:
+        status, body, _ = http_get(comfy_server, f"/ffprop/frame?{query}")
+        assert status == code, (query, status, body[:300])
+        assert words in json.loads(body)["error"], body
+
+
+def test_help_page_is_served_where_the_frontend_looks(comfy_server):
+    info = comfy_server.get("/object_info/FFPMaskPrompts")["FFPMaskPrompts"]
+    pack = info["python_module"].split(".", 1)[1]  # frontend: extractCustomNodeName("custom_nodes.<pack>")
+    status, body, _ = http_get(comfy_server, f"/extensions/{pack}/docs/FFPMaskPrompts.md")
+    assert status == 200 and b"shift + click" in body
+
+
+# ---- the editor ---------------------------------------------------------------------------------------------------
+def workflow(prompts: str = "", frame: int = FRAME) -> dict:
+    """UI-format graph: LoadVideo -> GetVideoComponents -> FFPMaskPrompts -> FFPMaskPropagate(flow) -> PreviewImage."""
+    def node(id_, type_, pos, size, inputs, outputs, widgets):
+        return {"id": id_, "type": type_, "pos": pos, "size": size, "flags": {}, "order": id_ - 1, "mode": 0,
+                "inputs": inputs, "outputs": outputs, "properties": {}, "widgets_values": widgets}
+
+    return {
+        "last_node_id": 5, "last_link_id": 5, "groups": [], "config": {}, "version": 0.4,
+        "extra": {"ds": {"scale": 1, "offset": [0, 0]}},
+        "links": [[1, 1, 0, 2, 0, "VIDEO"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 5, "FFP_MASK_PROMPTS"],
+                  [4, 2, 0, 4, 0, "IMAGE"], [5, 4, 2, 5, 0, "IMAGE"]],
+        "nodes": [
+            node(1, "LoadVideo", [20, 60], [300, 330], [], [{"name": "VIDEO", "type": "VIDEO", "links": [1]}],
+                 [CLIP, "image"]),
+            node(2, "GetVideoComponents", [20, 440], [260, 110], [{"name": "video", "type": "VIDEO", "link": 1}],
+                 [{"name": "images", "type": "IMAGE", "links": [2, 4]}, {"name": "audio", "type": "AUDIO", "links": None},
+                  {"name": "fps", "type": "FLOAT", "links": None}], []),
+            node(3, "FFPMaskPrompts", [380, 60], [480, 460], [{"name": "images", "type": "IMAGE", "link": 2}],
+                 [{"name": "prompts", "type": "FFP_MASK_PROMPTS", "links": [3]}], [frame, prompts]),
+            node(4, "FFPMaskPropagate", [900, 60], [320, 300],
+                 [{"name": "images", "type": "IMAGE", "link": 4},
+                  *({"name": w, "type": t, "widget": {"name": w}, "link": None} for w, t in
+                    (("engine", "COMBO"), ("direction", "COMBO"), ("mask_frame", "INT"), ("flow_quality", "COMBO"))),
+                  {"name": "prompts", "type": "FFP_MASK_PROMPTS", "link": 3, "shape": 7},
+                  {"name": "mask", "type": "MASK", "link": None, "shape": 7},
+                  {"name": "sam2", "type": "FFP_SAM2", "link": None, "shape": 7}],
+                 [{"name": "mask", "type": "MASK", "links": None}, {"name": "object_masks", "type": "MASK", "links": None},
+                  {"name": "preview", "type": "IMAGE", "links": [5]}, {"name": "num_objects", "type": "INT", "links": None}],
+                 ["flow", "both", 0, "fast"]),
+            node(5, "PreviewImage", [900, 400], [320, 300], [{"name": "images", "type": "IMAGE", "link": 5}], [], []),
+        ],
+    }
+
+
+def editor_state(page, node_id: int = 3) -> dict:
+    return page.js("""
+        const n = app.graph.getNodeById(arguments[0]); const e = n.ffpEditor; const c = e.canvas;
+        const r = c.getBoundingClientRect();
+        return {text: n.widgets.find((w) => w.name === 'prompts').value, object: e.object,
+                image: e.image && {w: e.image.width, h: e.image.height, origin: e.image.origin, url: e.image.url},
+                rect: {left: r.left, top: r.top, width: r.width, height: r.height}, cw: c.width, ch: c.height,
+                status: e.statusEl.textContent, hidden: n.widgets.find((w) => w.name === 'prompts').hidden};""",
+                   node_id)
+
+
+class View:
+    """The displayed image's geometry, computed here from the browser's facts (the canvas' client rect, its backing
+    size, the image size), independently of the editor's own code: object-fit 'contain', centred."""
+
+    def __init__(self, st: dict):
+        r, cw, ch = st["rect"], st["cw"], st["ch"]
+        iw, ih = st["image"]["w"], st["image"]["h"]
+        self.scale = min(cw / iw, ch / ih)
+        self.ox, self.oy = (cw - iw * self.scale) / 2, (ch - ih * self.scale) / 2
+        self.r, self.cw, self.ch = r, cw, ch
+
+    def client(self, sx: float, sy: float) -> tuple[int, int]:
+        """The integer client position nearest to source pixel position (sx, sy)."""
+        px = self.r["left"] + (self.ox + sx * self.scale) * self.r["width"] / self.cw
+        py = self.r["top"] + (self.oy + sy * self.scale) * self.r["height"] / self.ch
+        return round(px), round(py)
+
+    def source(self, x: int, y: int) -> tuple[float, float]:
+        """The exact source position of client pixel (x, y) (what the JSON must say, up to its 0.1 px rounding)."""
+        cx = (x - self.r["left"]) * self.cw / self.r["width"]
+        cy = (y - self.r["top"]) * self.ch / self.r["height"]
+        return (cx - self.ox) / self.scale, (cy - self.oy) / self.scale
+
+    @property
+    def screen_px_per_source_px(self) -> float:
+        return self.scale * self.r["width"] / self.cw
+
+
+def assert_pixels_under_pointer(page, view: View, frame: np.ndarray, spots, label: str):
+    """The screenshot at each client spot shows the source pixel the mapping names (display <-> source check)."""
+    shot = page.screenshot_rgb()
+    for sx, sy in spots:
+        x, y = view.client(sx + 0.5, sy + 0.5)  # centre of source pixel (sx, sy)
+        got = shot[y, x].astype(int)
+        want = frame[sy, sx].astype(int)
+        assert np.abs(got - want).max() <= 24, f"{label}: screen {x},{y} shows {got}, source ({sx},{sy}) is {want}"
+
+
+def assert_marker_at(page, x: int, y: int, color, label: str, radius: int = 5):
+    """A point marker in the object's colour is drawn within `radius` screen px of (x, y)."""
+    shot = page.screenshot_rgb()[y - radius:y + radius + 1, x - radius:x + radius + 1].astype(int)
+    dist = np.abs(shot - np.array(color)).max(-1)
+    assert dist.min() <= 40, f"{label}: no marker of colour {color} near {x},{y} (closest {dist.min()})"
+
+
+def click_button(page, selector: str, node_id: int = 3):
+    """Click a toolbar button of the editor with a real pointer event."""
+    r = page.js("""const b = app.graph.getNodeById(arguments[0]).ffpEditor.root.querySelector(arguments[1]);
+                   const r = b.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2];""",
+                node_id, selector)
+    page.click_at(round(r[0]), round(r[1]))
+    page.settle(1)
+
+
+def near(a, b, tol=1.0):
+    return all(abs(float(x) - float(y)) <= tol for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def test_editor_clicks_zoom_save_reload_and_run(comfy_server, page, clip):
+    t0 = time.perf_counter()
+    SHOT_DIR.mkdir(parents=True, exist_ok=True)
+    page.js_async("await app.loadGraphData(args[0]);", workflow())
+    page.settle()
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'file';", 30)
+    page.settle()
+    st = editor_state(page)
+    assert st["hidden"] is True and st["text"] == ""
+    assert (st["image"]["w"], st["image"]["h"]) == (W, H)
+    view = View(st)
+    assert view.screen_px_per_source_px > 2  # 160 px shown ~460 px wide
+    assert_pixels_under_pointer(page, view, clip["frames"][FRAME], [(10, 10), (80, 48), (150, 90), (33, 71)], "zoom 1")
+
+    expected: dict[int, dict[str, list]] = {1: {"points": [], "boxes": []}, 2: {"points": [], "boxes": []}}
+
+    def click(sx, sy, obj, label, **kw):
+        x, y = view.client(sx, sy)
+        page.click_at(x, y, **kw)
+        if label is not None:
+            expected[obj]["points"].append([*view.source(x, y), label])
+        return x, y
+
+    def drag(a, b, obj):
+        x0, y0 = view.client(*a)
+        x1, y1 = view.client(*b)
+        page.drag(x0, y0, x1, y1)
+        s0, s1 = view.source(x0, y0), view.source(x1, y1)
+        expected[obj]["boxes"].append([min(s0[0], s1[0]), min(s0[1], s1[1]), max(s0[0], s1[0]), max(s0[1], s1[1])])
+
+    # object 1: positive, shift = negative, right = negative, a box
+    pa = click(40.3, 30.7, 1, 1)
+    click(100, 20, 1, 0, shift=True)
+    click(70, 80, 1, 0, button="right")
+    drag((20, 15), (60, 50), 1)
+    page.settle(1)
+    assert_marker_at(page, *pa, OBJ_COLORS[1], "positive point, object 1")
+    # object 2: new id, a point and a box; one extra click undone; one point deleted with ctrl+click
+    click_button(page, "[data-ffp-action=new-object]")
+    assert editor_state(page)["object"] == 2
+    pe = click(120, 60, 2, 1)
+    drag((110, 40), (150, 85), 2)
+    click(5, 90, 2, None)
+    click_button(page, "[data-ffp-action=undo]")
+    page.click_at(pe[0] + 2, pe[1] - 1, ctrl=True)  # deletes the nearest point: pe
+    expected[2]["points"].remove(next(p for p in expected[2]["points"] if p[2] == 1))
+    page.settle(1)
+    page.screenshot(SHOT_DIR / "editor_zoom1.png")
+
+    def check_json(text: str, what: str):
+        doc = json.loads(text)
+        assert (doc["version"], doc["width"], doc["height"]) == (1, W, H), what
+        got = {p["object"]: p for p in doc["prompts"]}
+        assert all(p["frame"] == FRAME for p in doc["prompts"]) and set(got) == {1, 2}, (what, doc)
+        for obj, exp in expected.items():
+            assert len(got[obj]["points"]) == len(exp["points"]), (what, obj, got[obj], exp)
+            for g, e in zip(got[obj]["points"], exp["points"]):
+                assert g[2] == e[2] and near(g[:2], e[:2]), (what, obj, g, e)
+            assert len(got[obj]["boxes"]) == len(exp["boxes"]), (what, obj, got[obj], exp)
+            for g, e in zip(got[obj]["boxes"], exp["boxes"]):
+                assert near(g, e), (what, obj, g, e)
+
+    check_json(editor_state(page)["text"], "zoom 1")
+
+    # zoom the canvas in, resize the node: clicks still land in source pixels
+    page.js("app.canvas.ds.scale = 1.6; app.canvas.ds.offset = [-300, -20]; "
+            "app.graph.getNodeById(3).setSize([560, 420]);")
+    page.settle(4)
+    time.sleep(0.3)  # ResizeObserver -> redraw
+    page.settle(2)
+    view = View(editor_state(page))
+    assert view.screen_px_per_source_px > 4
+    assert_pixels_under_pointer(page, view, clip["frames"][FRAME], [(12, 12), (90, 40), (140, 88)], "zoom 1.6")
+    ph = click(88.4, 66.2, 2, 1)
+    page.settle(1)
+    assert_marker_at(page, *ph, OBJ_COLORS[2], "positive point, object 2, zoom 1.6", radius=8)
+    page.screenshot(SHOT_DIR / "editor_zoom1.6.png")
+    # zoom out
+    page.js("app.canvas.ds.scale = 0.7; app.canvas.ds.offset = [100, 40];")
+    page.settle(4)
+    view = View(editor_state(page))
+    click_button(page, "[data-ffp-action=new-object]")  # object 3 ...
+    click_button(page, "[data-ffp-object='1']")  # ... and back to 1
+    drag((62, 62), (98, 92), 1)
+    page.settle(1)
+    page.screenshot(SHOT_DIR / "editor_zoom0.7.png")
+    text = editor_state(page)["text"]
+    check_json(text, "after zoom/resize")
+
+    # ComfyUI's own undo/redo (its change tracker snapshots the graph on mouseup) reverts the last click too
+    page.click_at(1100, 800)  # empty canvas: nothing focused that eats keys
+    page.press("z", ctrl=True)
+    page.wait_for("return app.graph.getNodeById(3).widgets.find((w) => w.name === 'prompts').value !== arguments[0]",
+                  10, text)
+    undone = json.loads(editor_state(page)["text"])
+    assert sum(len(p["boxes"]) for p in undone["prompts"]) == 2  # the last box (zoom 0.7) is gone
+    page.press("y", ctrl=True)
+    page.wait_for("return app.graph.getNodeById(3).widgets.find((w) => w.name === 'prompts').value === arguments[0]",
+                  10, text)
+    page.settle(2)
+    assert page.js("return app.graph.getNodeById(3).ffpEditor.doc.prompts.reduce((n, p) => n + p.boxes.length, 0)") == 3
+
+    # what the frontend sends: graphToPrompt (the queued API prompt) and the saved workflow carry the same JSON
+    sent = page.js_async("const p = await app.graphToPrompt(); return p.output['3'].inputs.prompts;")
+    assert sent == text
+    saved = page.js("return JSON.stringify(app.graph.serialize());")
+    node3 = next(n for n in json.loads(saved)["nodes"] if n["id"] == 3)
+    assert node3["widgets_values"] == [FRAME, text]
+
+    # reload from the saved text into a fresh graph: the editor shows the same prompts
+    page.js_async("app.graph.clear(); await app.loadGraphData(JSON.parse(args[0]));", saved)
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'file';", 30)
+    page.settle(3)
+    st = editor_state(page)
+    assert st["text"] == text
+    assert page.js("return app.graph.getNodeById(3).ffpEditor.doc.prompts.length") == 2
+    view = View(st)
+    assert_marker_at(page, *view.client(*expected[1]["points"][0][:2]), OBJ_COLORS[1], "reloaded point", radius=8)
+    page.screenshot(SHOT_DIR / "editor_reloaded.png")
+
+    # run the graph from the frontend: the server validates the JSON (parse_prompts) and runs the flow engine on the
+    # boxes; the executed clean frame replaces the route's frame and is the same image
+    page.js_async("await app.queuePrompt(0, 1);")
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'run';", 120)
+    deadline = time.perf_counter() + 120
+    while not (history := comfy_server.get("/history?max_items=1")) and time.perf_counter() < deadline:
+        time.sleep(0.2)  # the prompt node reports before the propagation downstream has finished
+    (entry,) = history.values()
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
+    (shown,) = entry["outputs"]["3"]["images"]
+    run_frame = np.asarray(Image.open(comfy_server.temp_dir / shown.get("subfolder", "") / shown["filename"]))
+    assert run_frame.shape == (H, W, 3)
+    assert np.abs(run_frame.astype(int) - clip["frames"][FRAME].astype(int)).max() <= 1
+    assert editor_state(page)["text"] == text  # the run did not touch the prompts
+    page.settle(2)
+    page.screenshot(SHOT_DIR / "editor_after_run.png")
+    TIMINGS["web editor: clicks, zoom, reload, run"] = time.perf_counter() - t0
+
+
+def test_editor_hint_without_frame_then_load_image(comfy_server, page, clip):
+    """No source: the hint; a LoadImage source: its frame (an image has one frame)."""
+    wf = workflow()
+    wf["nodes"] = [n for n in wf["nodes"] if n["id"] == 3]
+    wf["nodes"][0]["inputs"][0]["link"] = None
+    wf["nodes"][0]["outputs"][0]["links"] = []
+    wf["nodes"][0]["widgets_values"] = [0, ""]
+    wf["links"] = []
+    page.js_async("await app.loadGraphData(args[0]);", wf)
+    page.settle(3)
+    st = editor_state(page)
+    assert st["image"] is None
+    assert page.js("return app.graph.getNodeById(3).ffpEditor.status") == ""  # the canvas shows the hint (screenshot)
+    page.screenshot(SHOT_DIR / "editor_no_frame.png")
+    page.js("""const img = LiteGraph.createNode('LoadImage'); img.pos = [20, 60]; app.graph.add(img);
+               img.widgets.find((w) => w.name === 'image').value = arguments[0];
+               img.connect(0, app.graph.getNodeById(3), 0);""", STILL)
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'file';", 30)
+    page.settle(2)
+    st = editor_state(page)
+    assert (st["image"]["w"], st["image"]["h"]) == (W, H)
+    assert_pixels_under_pointer(page, View(st), clip["still"], [(20, 20), (100, 70)], "LoadImage")
+    severe = [m for m in page.console() if "SEVERE" in m and "ffp" in m.lower()]
+    assert not severe, severe
