@@ -24,6 +24,7 @@ if __package__ in (None, ""):                      # `python __main__.py` from t
 from .nodes.common import Cancelled  # noqa: E402
 from .nodes.flow.dis import QUALITY  # noqa: E402
 from .nodes.flow.engine import MODES, FlowSettings, derive_edit_mask, propagate_edit, propagate_mask  # noqa: E402
+from .nodes.lora_edit.cli import add_wan_arguments, run_wan  # noqa: E402
 from .nodes.video.frames import FIT_POLICIES, fit_to_frame  # noqa: E402
 from .nodes.video.io import read_image, read_mask, read_video, write_image, write_video  # noqa: E402
 from .nodes.video.metrics import evaluate, format_table, psnr  # noqa: E402
@@ -102,6 +103,11 @@ def cmd_propagate(args) -> int:
                          f"{source.shape[2]}x{source.shape[1]}; export the mask at the video's size.")
     if mask is not None and mask.shape[0] > 1:
         mask = mask[: source.shape[0]]
+    if args.engine == "wan":
+        frames = run_wan(args, source, fps, edited, mask, Bar)
+        out = write_video(args.output, frames, fps)
+        print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps)")
+        return 0
     bar = Bar("propagating")
     result = propagate_edit(source, edited, mask, _settings(args), args.size_policy, on_step=bar)
     bar.close()
@@ -171,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--size-policy", choices=FIT_POLICIES, default="auto",
                       help="fit an edited frame of another size: auto = resize if same aspect, else crop")
     prop.add_argument("--max-frames", type=int, help="only the first N frames")
-    prop.add_argument("--engine", choices=["flow"], default="flow", help="propagation engine")
+    prop.add_argument("--engine", choices=["flow", "wan"], default="flow",
+                      help="flow: optical flow (CPU, no weights); wan: LoRA-Edit on a Wan2.1 I2V model (--model)")
     _add_flow_options(prop)
+    add_wan_arguments(prop)
     prop.set_defaults(func=cmd_propagate)
 
     ev = sub.add_parser("eval", help="score an edited video against its source")

@@ -1,0 +1,115 @@
+"""`ffprop propagate --engine wan --model DIR`: LoRA-Edit on a diffusers-format Wan2.1 I2V directory.
+
+Text: the pack has no T5 encoder outside ComfyUI. `--prompt-embeds FILE.safetensors` supplies UMT5 outputs
+(`prompt_embeds` [L, 4096] or [1, L, 4096], optional `negative_prompt_embeds`), e.g. saved from diffusers'
+`WanImageToVideoPipeline.encode_prompt`. Without it the text context is zeros: the per-video LoRA still learns
+the clip's motion and the edited first frame still drives the result, but no prompt steers it and CFG is off.
+CLIP: `--image-embeds FILE.safetensors` (`image_embeds` [1, 257, 1280], CLIP-vision-H penultimate tokens of
+the edited frame); without it a model with an image embedder gets zeros (documented, logged)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..common import log
+from ..video.frames import FRAME_POLICIES, SIZE_POLICIES
+from .lowvram import PRESET_ORDER, preset
+
+
+def add_wan_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine wan (LoRA-Edit on a diffusers-format Wan2.1 I2V model)")
+    g.add_argument("--model", help="diffusers-format Wan2.1 I2V directory (transformer/ and vae/)")
+    g.add_argument("--prompt-embeds", help="safetensors with prompt_embeds [L, 4096] (+ negative_prompt_embeds); "
+                                           "default: zero text context, CFG off")
+    g.add_argument("--image-embeds", help="safetensors with image_embeds [1, 257, 1280] (CLIP-vision-H)")
+    g.add_argument("--train-steps", type=int, default=100, help="LoRA training steps (paper: 100)")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 1e-4)")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank (code: 16)")
+    g.add_argument("--memory-preset", choices=PRESET_ORDER, default="24GB", help="low-VRAM preset")
+    g.add_argument("--steps", type=int, default=30, help="sampling steps (30)")
+    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance (5; needs --prompt-embeds)")
+    g.add_argument("--shift", type=float, default=5.0, help="flow schedule shift (5)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="weights/compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--frame-policy", choices=FRAME_POLICIES, default="trim", help="fix non-4k+1 frame counts")
+    g.add_argument("--crop-policy", choices=SIZE_POLICIES, default="crop", help="fix sizes not multiple of 16")
+    g.add_argument("--save-lora", help="also write the trained LoRA (ComfyUI key format) here")
+
+
+def _tensor(path: str, key: str, required: bool, dims: int):
+    from safetensors.torch import load_file
+
+    data = load_file(path)
+    if key not in data:
+        if required:
+            raise ValueError(f"'{path}' has no '{key}' tensor (keys: {sorted(data)[:6]}).")
+        return None
+    t = data[key].float()
+    return t[None] if t.ndim == dims - 1 else t
+
+
+def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, bar_factory) -> torch.Tensor:
+    """Returns the edited clip IMAGE [T, H, W, 3]; prints what it did."""
+    from ..host.diffusers import load_diffusers_wan
+    from ..host.vae import load_diffusers_wan_vae
+    from ..video.frames import fit_to_frame
+    from .conditioning import prepare_clip
+    from .lora import save_lora
+    from .pipeline import SampleSettings, lora_edit_video
+    from .trainer import TrainSettings
+
+    if not args.model:
+        raise ValueError("--engine wan needs --model DIR (a diffusers-format Wan2.1 I2V directory).")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model '{args.model}' is not a directory.")
+    dit = load_diffusers_wan(args.model, dtype=dtype, device=device)
+    vae = load_diffusers_wan_vae(args.model, dtype=dtype, device=device)
+    if dit.dims.in_channels != 36:
+        raise ValueError(f"'{args.model}' is not a Wan2.1 I2V model ({dit.dims.in_channels} input channels, I2V has "
+                         "36); LoRA-Edit needs an image-to-video model.")
+    source, mask, notes = prepare_clip(source, mask, args.frame_policy, args.crop_policy)
+    edited, note = fit_to_frame(edited, source.shape[1], source.shape[2], args.size_policy)
+    for n in notes + ([note] if note else []):
+        print(f"note: {n}")
+    text_dim = dit.dims.text_dim
+    if args.prompt_embeds:
+        context = _tensor(args.prompt_embeds, "prompt_embeds", True, 3)
+        negative = _tensor(args.prompt_embeds, "negative_prompt_embeds", False, 3)
+    else:
+        print("note: no --prompt-embeds: zero text context, CFG off (see `ffprop propagate --help`)")
+        context, negative = torch.zeros(1, 1, text_dim), None
+    if context.shape[-1] != text_dim:
+        raise ValueError(f"prompt_embeds has width {context.shape[-1]} but the model's text_dim is {text_dim}.")
+    clip = None
+    if dit.dims.clip_dim is not None:
+        if args.image_embeds:
+            clip = _tensor(args.image_embeds, "image_embeds", True, 3)
+        else:
+            print("note: no --image-embeds: zero CLIP-vision tokens for the image embedder")
+            clip = torch.zeros(1, 257, 1280)
+    to = {"device": device, "dtype": dtype}
+    context = context.to(**to)
+    negative = negative.to(**to) if negative is not None else None
+    clip = clip.to(**to) if clip is not None else None
+    mem = preset(args.memory_preset)
+    train_bar, sample_bar = bar_factory("training LoRA"), bar_factory("sampling")
+    out = lora_edit_video(
+        dit, lambda x: vae.encode(x).to(**to), vae.decode, source, mask, edited[None], context, negative, clip,
+        TrainSettings(steps=args.train_steps, learning_rate=args.lr, rank=args.rank, seed=args.seed), mem,
+        SampleSettings(args.steps, args.cfg, args.shift, args.seed), on_train_step=train_bar,
+        on_sample_step=sample_bar)
+    train_bar.close()
+    sample_bar.close()
+    losses = out.training.losses
+    print(f"LoRA: {len(losses)} steps, loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)")
+    if args.save_lora:
+        print(f"wrote {save_lora(out.training.lora, args.save_lora, metadata={'ffprop': 'lora_edit'})}")
+    log.info("FFP LoRA-Edit CLI: %d frames at %dx%d", out.frames.shape[0], out.frames.shape[2], out.frames.shape[1])
+    return out.frames

@@ -1,0 +1,73 @@
+"""The whole LoRA-Edit recipe on any WanDiT + VAE, torch-only (the CLI's `--engine wan` and tests use it):
+train the mask-aware LoRA on the source clip, then sample the edited clip from the edited first frame with the
+same mask (30 steps, CFG 5, shift 5: LoRA-Edit's inference settings) and decode it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..common import OnStep, ShouldStop
+from ..host.protocol import WanCond
+from ..host.sampling import sample
+from .conditioning import masked_condition_video, wan_cond
+from .lora import attach_hooks
+from .lowvram import MemorySettings
+from .trainer import TrainResult, TrainSettings, build_keyframe_samples, build_video_samples, train_lora_edit
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    steps: int = 30
+    cfg: float = 5.0
+    shift: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class LoRAEditOutput:
+    frames: Tensor            # IMAGE [T, H, W, 3]
+    latent: Tensor            # [1, 16, F, h, w]
+    training: TrainResult
+
+
+def lora_edit_video(dit, encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], source: Tensor,
+                    edit_mask: Optional[Tensor], edited_first_frame: Tensor, context: Tensor,
+                    negative_context: Optional[Tensor] = None, clip_tokens: Optional[Tensor] = None,
+                    train: TrainSettings = TrainSettings(), memory: MemorySettings = MemorySettings(),
+                    sampling: SampleSettings = SampleSettings(), keyframes: Optional[Tensor] = None,
+                    keyframe_indices: Optional[list[int]] = None, on_train_step: Optional[OnStep] = None,
+                    on_sample_step: Optional[OnStep] = None, should_stop: Optional[ShouldStop] = None
+                    ) -> LoRAEditOutput:
+    """source IMAGE [T, H, W, 3] (4k+1 frames, multiples of 16), edit_mask MASK or None (global edit),
+    edited_first_frame IMAGE [1, H, W, 3] (already fitted). context [1, L, text_dim]; clip_tokens of the
+    source's frame 1 for training and of the edited frame at inference are taken as the same tensor here."""
+    device = dit.module.patch_embedding.weight.device
+    stage1 = build_video_samples(source, edit_mask, encode, context, clip_tokens, memory.window_frames,
+                                 memory.window_stride)
+    stage2 = None
+    if keyframes is not None and keyframe_indices:
+        stage2 = build_keyframe_samples(source, edit_mask, keyframes, keyframe_indices, encode, context, clip_tokens)
+    result = train_lora_edit(dit, stage1, train, stage2, memory, on_step=on_train_step, should_stop=should_stop,
+                             device=device)
+    v_cond, keep = masked_condition_video(source, edit_mask, edited_first_frame)
+    with torch.no_grad():
+        cond = wan_cond(encode(v_cond), keep, context, clip_tokens)
+    negative = None if negative_context is None else WanCond(None, None, negative_context, clip_tokens)
+    x1 = stage1[0].target
+    shape = (1, 16, keep_frames(source.shape[0]), x1.shape[3], x1.shape[4])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(sampling.seed)).to(x1.device, x1.dtype)
+    detach = attach_hooks(dit, result.lora)
+    try:
+        latent = sample(dit, cond, noise, sampling.steps, sampling.shift, on_sample_step, should_stop, negative,
+                        sampling.cfg if negative is not None else 1.0)
+    finally:
+        detach()
+    return LoRAEditOutput(decode(latent), latent, result)
+
+
+def keep_frames(t: int) -> int:
+    return (t - 1) // 4 + 1
