@@ -13,6 +13,7 @@ from .._comfy import io, progress, ui
 from ..common import log, log_once
 from ..host.comfy import ComfyWan
 from .patch import MODES, VARIANTS, apply_ast_rope, choose_alphas
+from .positions import check_latent
 from .predictor import AlphaPredictor, PredictorConfig, load_predictor, save_predictor
 from .train import PredictorTrainSettings, find_pairs, i2v_samples, load_pair, train_predictor
 
@@ -38,7 +39,8 @@ def _encode(model, vae):
 
 def _source_latent(model, source_latent, source_images, vae):
     if source_latent is not None:
-        return model.model.process_latent_in(source_latent["samples"].float()).cpu()
+        raw = check_latent(source_latent["samples"].float(), "source_latent")  # before broadcasting can hide it
+        return model.model.process_latent_in(raw).cpu()
     if source_images is not None:
         if vae is None:
             raise ValueError("source_images needs the Wan VAE to encode them: connect 'vae' (or a source_latent).")

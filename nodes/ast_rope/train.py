@@ -161,6 +161,26 @@ def drift_loss(hs: Tensor, ht: Tensor, max_tokens: int = 256) -> Tensor:
     return sum(mmd2(rs[f], rt[f]) for f in range(rs.shape[0])) if rs.shape[0] else hs.new_zeros(())
 
 
+def evaluate_loss(dit: WanDiT, predictor: AlphaPredictor, samples: list[PredictorSample], points: int = 6,
+                  seed: int = 123, backend: str = "auto", variant: str = "warped") -> float:
+    """Flow-matching loss of the patched model on a fixed grid of t = (i + 0.5) / points with seeded noise
+    (deterministic, so before/after training compare). Mean over samples and points."""
+    holder = AlphaHolder()
+    hooked = apply_ast_rope(dit, holder, backend)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for s in samples:
+            a = predictor.alphas(s.source_latent)
+            holder.alphas = replace(a, alpha_t=a.alpha_t.mean()) if variant == "global" else a
+            for i in range(points):
+                t = (i + 0.5) / points
+                noise = torch.randn(s.target.shape, generator=gen).to(s.target)
+                v = hooked.predict((1 - t) * s.target + t * noise, t, s.cond)
+                total += F.mse_loss(v.float(), (noise - s.target).float()).item()
+    return total / (points * len(samples))
+
+
 def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: PredictorTrainSettings = PredictorTrainSettings(),
                     predictor: Optional[AlphaPredictor] = None, config: PredictorConfig = PredictorConfig(),
                     on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> PredictorTrainResult:

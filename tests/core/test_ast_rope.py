@@ -290,35 +290,18 @@ def train_samples(seed: int = 5):
     return src, c, edited, PredictorSample
 
 
-def fixed_loss(dit, predictor, sample, n: int = 6) -> float:
-    from ffprop.nodes.ast_rope.positions import AlphaHolder
-
-    holder = AlphaHolder()
-    hooked = apply_ast_rope(dit, holder, "torch")
-    g = torch.Generator().manual_seed(123)
-    total = 0.0
-    with torch.no_grad():
-        holder.alphas = predictor.alphas(sample.source_latent)
-        for i in range(n):
-            t = (i + 0.5) / n
-            noise = torch.randn(sample.target.shape, generator=g)
-            v = hooked.predict((1 - t) * sample.target + t * noise, t, sample.cond)
-            total += torch.nn.functional.mse_loss(v, noise - sample.target).item()
-    return total / n
-
-
 def test_trainer_lowers_the_loss_and_moves_alpha(wan):
-    from ffprop.nodes.ast_rope.train import PredictorTrainSettings, train_predictor
+    from ffprop.nodes.ast_rope.train import PredictorTrainSettings, evaluate_loss, train_predictor
 
     src, c, _, Sample = train_samples()
     sample = Sample(src, src, c)
     torch.manual_seed(0)
     predictor = AlphaPredictor(SMALL)
-    before = fixed_loss(wan, predictor, sample)
+    before = evaluate_loss(wan, predictor, [sample], backend="torch")
     steps = []
     res = train_predictor(wan, [sample], PredictorTrainSettings(steps=40, learning_rate=2e-2, backend="torch"),
                           predictor, on_step=lambda i, n, p=None: steps.append(i))
-    after = fixed_loss(wan, res.predictor, sample)
+    after = evaluate_loss(wan, res.predictor, [sample], backend="torch")
     assert after < before, (before, after)
     assert steps == list(range(1, 41)) and len(res.losses) == 40
     assert float((res.alphas.alpha_t - 1).abs().max()) > 1e-3

@@ -1,0 +1,153 @@
+"""AST-RoPE on ComfyUI's own Wan model (tiny random weights) and the FFPASTRoPE nodes (needs COMFYUI_DIR)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_support import TINY_KINDS, import_comfy, load_tiny_comfy_wan
+
+import_comfy()
+
+from comfy.ldm.flux.layers import EmbedND  # noqa: E402
+from comfy.ldm.flux.math import apply_rope1  # noqa: E402
+from ffprop.kernels import apply_rope_reference, rope_cos_sin  # noqa: E402
+from ffprop.nodes.ast_rope.node import FFPASTRoPE  # noqa: E402
+from ffprop.nodes.ast_rope.patch import apply_ast_rope  # noqa: E402
+from ffprop.nodes.ast_rope.positions import RopeAlphas  # noqa: E402
+from ffprop.nodes.ast_rope.predictor import AlphaPredictor, PredictorConfig  # noqa: E402
+from ffprop.nodes.host.comfy import ComfyWan  # noqa: E402
+from ffprop.nodes.host.protocol import WanCond, stock_rope_ids  # noqa: E402
+
+F, H, W = 3, 4, 6
+LATENT_CHANNELS = {"i2v": 16, "t2v": 16, "fun_control": 32}
+
+
+def make_cond(kind: str, seed: int = 1) -> WanCond:
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(1, 4, F, H, W)
+    keep[:, :, 0] = 1.0
+    return WanCond(keep, torch.randn(1, LATENT_CHANNELS[kind], F, H, W, generator=g),
+                   torch.randn(1, 12, 4096, generator=g),
+                   torch.randn(1, 257, 1280, generator=g) if kind != "t2v" else None)
+
+
+def noisy(seed: int = 2) -> torch.Tensor:
+    return torch.randn(1, 16, F, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("head_dim", [12, 128])
+def test_reference_reproduces_comfy_embednd_apply_rope1_bit_exactly(head_dim):
+    s = head_dim // 6
+    embed = EmbedND(dim=head_dim, theta=10000, axes_dim=[head_dim - 4 * s, 2 * s, 2 * s])
+    ids = stock_rope_ids(5, 4, 6)
+    freqs = embed(ids[None]).movedim(1, 2)                              # as WanModel.rope_encode: [1, L, 1, D/2, 2, 2]
+    x = torch.randn(2, ids.shape[0], 3, head_dim)
+    cos, sin = rope_cos_sin(ids, head_dim)
+    assert torch.equal(freqs[0, :, 0, :, 0, 0], cos) and torch.equal(freqs[0, :, 0, :, 1, 0], sin)
+    assert torch.equal(apply_rope_reference(x, cos, sin), apply_rope1(x, freqs))
+    xb = x.bfloat16()
+    assert torch.equal(apply_rope_reference(xb, cos, sin), apply_rope1(xb, freqs))
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_KINDS))
+def wan(request):
+    return request.param, ComfyWan(load_tiny_comfy_wan(request.param))
+
+
+@torch.no_grad()
+def test_alpha_one_bit_identical_and_stock_model_untouched(wan):
+    kind, dit = wan
+    x, c = noisy(), make_cond(kind)
+    stock = dit.predict(x, 0.5, c)
+    weights = {k: v.clone() for k, v in dit.module.state_dict().items()}
+    for backend in ("auto", "torch"):
+        assert torch.equal(apply_ast_rope(dit, RopeAlphas(1.0, 1.0), backend).predict(x, 0.5, c), stock)
+    changed = apply_ast_rope(dit, RopeAlphas(0.7, 0.5), "torch").predict(x, 0.5, c)
+    assert (changed - stock).abs().max() > 1e-5
+    assert torch.equal(dit.predict(x, 0.5, c), stock)                    # the original MODEL again
+    assert not dit.patcher.object_patches
+    assert type(dit.module.rope_embedder) is EmbedND
+    assert all(type(b.self_attn).__name__ == "WanSelfAttention" and "forward" not in vars(b.self_attn)
+               for b in dit.module.blocks)
+    assert all(torch.equal(v, weights[k]) for k, v in dit.module.state_dict().items())
+
+
+@torch.no_grad()
+def test_positions_in_the_model_follow_the_formula():
+    dit = ComfyWan(load_tiny_comfy_wan("i2v"))
+    patched = apply_ast_rope(dit, RopeAlphas(0.75, torch.tensor([0.5, 1.5])), "torch")
+    patched.predict(noisy(), 0.5, make_cond("i2v"))
+    attn = patched.patcher.get_model_object("diffusion_model.blocks.0.self_attn")
+    ids = stock_rope_ids(F, H // 2, W // 2)
+    expect = torch.stack([torch.tensor([0.0, 0.5, 2.0])[ids[:, 0].long()], 0.75 * ids[:, 1], 0.75 * ids[:, 2]], -1)
+    assert torch.equal(attn._ffp_rope_state.positions, expect)
+
+
+@torch.no_grad()
+def test_patched_model_still_takes_weight_patches():
+    """A LoRA-style weight patch on the same keys works with the fused self-attention object patches."""
+    dit = ComfyWan(load_tiny_comfy_wan("i2v"))
+    x, c = noisy(), make_cond("i2v")
+    patched = apply_ast_rope(dit, RopeAlphas(1.0, 1.0), "torch")
+    key = "diffusion_model.blocks.0.self_attn.q.weight"
+    w = patched.patcher.get_model_object(key)
+    lora = patched.patcher.clone()
+    lora.add_patches({key: (torch.randn_like(w) * 0.5,)}, 1.0)
+    stock_lora = dit.patcher.clone()
+    stock_lora.add_patches({key: (lora.patches[key][0][1][0],)}, 1.0)
+    assert torch.equal(ComfyWan(lora).predict(x, 0.5, c), ComfyWan(stock_lora).predict(x, 0.5, c))
+    assert not torch.equal(ComfyWan(lora).predict(x, 0.5, c), dit.predict(x, 0.5, c))
+
+
+def test_node_modes_and_errors():
+    model = load_tiny_comfy_wan("i2v")
+    out = FFPASTRoPE.execute(model, "manual", "global", 0.8, 0.5, 2.0, 1.0, True, "auto", "none")
+    patched, text = out.result
+    assert patched is not model and "alpha_S=0.800" in text and "alpha_T=0.500" in text
+    assert "diffusion_model.rope_embedder" in patched.object_patches and not model.object_patches
+    off, text = FFPASTRoPE.execute(model, "off", "global", 1.0, 1.0, 2.0, 1.0, True, "auto", "none").result
+    assert not off.object_patches and "off" in text
+    latent = {"samples": torch.randn(1, 16, 4, 8, 8)}
+    _, text = FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                                 source_latent=latent).result
+    assert "warped" in text
+    pred = AlphaPredictor(PredictorConfig(width=32, depth=1, heads=2, grid=2))
+    _, text = FFPASTRoPE.execute(model, "learned", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                                 source_latent=latent, predictor_model=pred).result
+    assert "1.000, 1.000, 1.000" in text                                   # a fresh predictor: alpha = 1
+    with pytest.raises(ValueError, match="alpha_T must be"):
+        FFPASTRoPE.execute(model, "manual", "global", 1.0, 0.01, 2.0, 1.0, True, "auto", "none")
+    with pytest.raises(ValueError, match="Wan 2.1 video latent"):
+        FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                           source_latent={"samples": torch.randn(1, 4, 8, 8)})
+    with pytest.raises(ValueError, match="needs a predictor"):
+        FFPASTRoPE.execute(model, "learned", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                           source_latent=latent)
+    with pytest.raises(ValueError, match="VAE"):
+        FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                           source_images=torch.rand(5, 32, 32, 3))
+
+
+def test_non_wan_model_is_rejected():
+    import comfy.model_patcher
+
+    fake = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="ComfyUI MODEL|Wan"):
+        FFPASTRoPE.execute(fake, "manual", "global", 1.0, 0.5, 2.0, 1.0, True, "auto", "none")
+
+
+def test_trainer_on_the_comfy_host_lowers_the_loss():
+    from ffprop.nodes.ast_rope.train import PredictorSample, PredictorTrainSettings, evaluate_loss, train_predictor
+
+    dit = ComfyWan(load_tiny_comfy_wan("i2v"))
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1, 16, F, H, W, generator=g)
+    sample = PredictorSample(src, src, make_cond("i2v"))
+    torch.manual_seed(0)
+    pred = AlphaPredictor(PredictorConfig(width=32, depth=1, heads=2, grid=2))
+    before = evaluate_loss(dit, pred, [sample], backend="torch")
+    res = train_predictor(dit, [sample], PredictorTrainSettings(steps=30, learning_rate=3e-2, backend="torch"), pred)
+    after = evaluate_loss(dit, res.predictor, [sample], backend="torch")
+    assert float((res.alphas.alpha_t - 1).abs().max()) > 1e-3
+    assert after < before, (before, after)
+    assert not dit.patcher.object_patches
