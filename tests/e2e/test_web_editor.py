@@ -78,6 +78,15 @@ def page(comfy_server, browser, clip):
     return browser
 
 
+@pytest.fixture
+def fresh(page):
+    """Each test starts from an empty graph at zoom 1 with no dialog open (a failed run opens an error dialog)."""
+    page.js("document.querySelectorAll('.p-dialog-close-button').forEach((b) => b.click());"
+            "app.graph.clear(); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];")
+    page.settle(2)
+    return page
+
+
 def http_get(server, path: str) -> tuple[int, bytes, dict]:
     try:
         with urllib.request.urlopen(server.url(path), timeout=60) as r:  # noqa: S310 (local test server)
@@ -215,7 +224,8 @@ def near(a, b, tol=1.0):
     return all(abs(float(x) - float(y)) <= tol for x, y in zip(a, b)) and len(a) == len(b)
 
 
-def test_editor_clicks_zoom_save_reload_and_run(comfy_server, page, clip):
+def test_editor_clicks_zoom_save_reload_and_run(comfy_server, fresh, clip):
+    page = fresh
     t0 = time.perf_counter()
     SHOT_DIR.mkdir(parents=True, exist_ok=True)
     page.js_async("await app.loadGraphData(args[0]);", workflow())
@@ -354,8 +364,9 @@ def test_editor_clicks_zoom_save_reload_and_run(comfy_server, page, clip):
     TIMINGS["web editor: clicks, zoom, reload, run"] = time.perf_counter() - t0
 
 
-def test_editor_hint_without_frame_then_load_image(comfy_server, page, clip):
+def test_editor_hint_without_frame_then_load_image(comfy_server, fresh, clip):
     """No source: the hint; a LoadImage source: its frame (an image has one frame)."""
+    page = fresh
     wf = workflow()
     wf["nodes"] = [n for n in wf["nodes"] if n["id"] == 3]
     wf["nodes"][0]["inputs"][0]["link"] = None
@@ -378,3 +389,86 @@ def test_editor_hint_without_frame_then_load_image(comfy_server, page, clip):
     assert_pixels_under_pointer(page, View(st), clip["still"], [(20, 20), (100, 70)], "LoadImage")
     severe = [m for m in page.console() if "SEVERE" in m and "ffp" in m.lower()]
     assert not severe, severe
+
+
+def test_editor_frame_change_makes_keyframes(comfy_server, fresh, clip):
+    """Changing `frame` fetches that frame; prompts on other frames stay in the JSON but are not drawn."""
+    page = fresh
+    from ffprop.nodes.masks.prompts import parse_prompts
+
+    start = json.dumps({"version": 1, "width": W, "height": H,
+                        "prompts": [{"frame": FRAME, "object": 1, "points": [[50, 40, 1]], "boxes": []}]})
+    page.js_async("await app.loadGraphData(args[0]);", workflow(prompts=start))
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'file';", 30)
+    page.settle(2)
+    view = View(editor_state(page))
+    assert_marker_at(page, *view.client(50, 40), OBJ_COLORS[1], "loaded point on frame 2", radius=8)
+    page.js("const w = app.graph.getNodeById(3).widgets.find((w) => w.name === 'frame'); w.value = 6; w.callback(6);")
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; "
+                  "return e.image && e.image.key === e.sourceKey && e.sourceKey.includes('\"frame\":6');", 30)
+    page.settle(2)
+    view = View(editor_state(page))
+    assert_pixels_under_pointer(page, view, clip["frames"][6], [(50, 40), (8, 80), (151, 9)], "frame 6")
+    x0, y0 = view.client(30, 20)
+    x1, y1 = view.client(75, 70)
+    page.drag(x0, y0, x1, y1)
+    page.settle(1)
+    page.screenshot(SHOT_DIR / "editor_frame6.png")
+    st = editor_state(page)
+    assert "prompted frames: 2, 6" in st["status"], st["status"]
+    parsed = parse_prompts(st["text"], T, H, W)  # the node's own parser accepts what the editor wrote
+    assert parsed.keyframes == (FRAME, 6) and parsed.objects == (1,)
+    (box,) = next(e for e in parsed.entries if e.frame == 6).boxes
+    assert near(box, [*view.source(x0, y0), *view.source(x1, y1)])
+
+
+def test_prompt_document_helpers(comfy_server, page):
+    """web/js/lib/ffp_prompts.js in the browser: parsing is tolerant, edits are immutable, geometry inverts."""
+    pack = comfy_server.get("/object_info/FFPMaskPrompts")["FFPMaskPrompts"]["python_module"].split(".", 1)[1]
+    out = page.js_async("""
+        const P = await import(args[0]);
+        const r = {};
+        r.empty = P.parseDoc('');
+        r.bad = P.parseDoc('{nope');
+        r.array = P.parseDoc('[1, 2]');
+        let d = P.emptyDoc(100, 50);
+        const d0 = d;
+        d = P.addPoint(d, 0, 1, 120, -5, 1);                 // clamped into the frame
+        d = P.addBox(d, 0, 2, 80, 40, 10, 5);                // corners in any order
+        r.same_tiny_box = P.addBox(d, 0, 2, 5, 5, 5.5, 30) === d;
+        d = P.addPoint(d, 3, 1, 10, 10, 0);
+        r.untouched = JSON.stringify(d0);
+        r.text = P.serializeDoc(d);
+        r.roundtrip = P.serializeDoc(P.parseDoc(r.text).doc) === r.text;
+        r.removed_point = P.serializeDoc(P.removeAt(d, 0, 97, 2, 4));
+        r.removed_box = P.serializeDoc(P.removeAt(d, 0, 50, 20, 4));
+        r.miss_is_same = P.removeAt(d, 0, 50, 49, 1) === d;
+        r.cleared = P.serializeDoc(P.clearFrame(d, 0));
+        r.resized = P.serializeDoc(P.resizeDoc(d, 200, 25));
+        r.no_size = P.serializeDoc(P.addPoint(P.emptyDoc(), 0, 1, 0, 0, 1));
+        const fit = P.fitRect(160, 96, 400, 300);
+        const rect = {left: 10, top: 20, width: 800, height: 600};   // canvas shown at 2x (zoom)
+        r.fit = fit;
+        r.inverse = P.clientToSource(10 + (fit.x + 40 * fit.scale) * 2, 20 + (fit.y + 30 * fit.scale) * 2, rect, 400, 300, fit);
+        return r;""", f"/extensions/{pack}/js/lib/ffp_prompts.js")
+    assert out["empty"]["error"] is None and out["empty"]["doc"]["prompts"] == []
+    assert "not valid JSON" in out["bad"]["error"] and out["bad"]["doc"]["prompts"] == []
+    assert out["array"]["error"]
+    assert out["untouched"] == json.dumps({"version": 1, "width": 100, "height": 50, "prompts": []}, separators=(",", ":"))
+    assert out["same_tiny_box"] is True
+    doc = json.loads(out["text"])
+    assert doc["prompts"] == [
+        {"frame": 0, "object": 1, "points": [[99, 0, 1]], "boxes": []},
+        {"frame": 0, "object": 2, "points": [], "boxes": [[10, 5, 80, 40]]},
+        {"frame": 3, "object": 1, "points": [[10, 10, 0]], "boxes": []},
+    ]
+    assert out["roundtrip"] is True
+    assert [p["frame"] for p in json.loads(out["removed_point"])["prompts"]] == [0, 3]  # object 1's only point went
+    assert [p["object"] for p in json.loads(out["removed_box"])["prompts"]] == [1, 1]
+    assert out["miss_is_same"] is True
+    assert [p["frame"] for p in json.loads(out["cleared"])["prompts"]] == [3]
+    resized = json.loads(out["resized"])
+    assert (resized["width"], resized["height"]) == (200, 25)
+    assert resized["prompts"][1]["boxes"] == [[20, 2.5, 160, 20]]
+    assert "width" not in json.loads(out["no_size"])  # unknown size: left out, the node assumes the clip's
+    assert near(out["inverse"], [40, 30], 1e-6)
