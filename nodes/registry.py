@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._comfy import ComfyExtension, io
 from .ast_rope.node import FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain
+from .chunks.node import FFPChunkFlowPropagate, FFPChunkPlan, FFPChunkSample
 from .flow.node import FFPFlowPropagate
 from .lora_edit.node import FFPLoRAEditConditioning, FFPLoRAEditMemory, FFPSaveLoRA, FFPTrainLoRAEdit
 from .masks import routes as _mask_routes  # noqa: F401  (registers GET /ffprop/frame for the web editor)
@@ -13,7 +14,8 @@ from .video.node import FFPEvaluate
 NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate,
                                    FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine,
                                    FFPLoRAEditConditioning, FFPTrainLoRAEdit, FFPLoRAEditMemory, FFPSaveLoRA,
-                                   FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain]
+                                   FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain,
+                                   FFPChunkPlan, FFPChunkSample, FFPChunkFlowPropagate]
 
 
 class FFPropExtension(ComfyExtension):

@@ -138,11 +138,11 @@ def chain_chunks(plan: ChunkPlan, source: Tensor, edited_first: Tensor, generate
                        mask if mask is not None and per_frame is None else None, head,
                        chunk.index if num_prompts > 1 else 0, seed + chunk.index, inner, should_stop)
         result = generate(job)
-        frames = result.frames.float().cpu()
+        frames = result.frames.detach().float().cpu()
         if frames.shape != (chunk.length, h, w, 3):
             raise RuntimeError(f"chunk {chunk.index + 1} generator returned {tuple(frames.shape)}, expected "
                                f"{(chunk.length, h, w, 3)}.")
-        region = result.edit_mask.float().cpu() if result.edit_mask is not None else job.edit_mask
+        region = result.edit_mask.detach().float().cpu() if result.edit_mask is not None else job.edit_mask
         fixed = 1 if chunk.index == 0 else chunk.overlap         # frames that must stay (edit / hand-off)
         frames = correct_chunk(frames, job.source, region, anchor, drift, first_fixed=fixed) \
             if chunk.index > 0 or drift.match_background else frames
@@ -180,7 +180,7 @@ def flow_generator(settings=None) -> Generator:
     """Chunks through the optical-flow engine (nodes/flow): chunk 1 uses the user's mask (or derives it);
     later chunks use the per-frame masks when given, else derive the edit region from the hand-off frame's
     difference to the source (so the region does not grow from chunk to chunk)."""
-    from ..flow.engine import FlowSettings, propagate_edit
+    from ..flow.engine import FlowSettings, derive_edit_mask, propagate_edit
 
     settings = settings or FlowSettings()
 
@@ -190,12 +190,16 @@ def flow_generator(settings=None) -> Generator:
             mask = job.edit_mask
         elif job.first_mask is not None:
             mask = job.first_mask[None]
+        elif job.chunk.index == 0:
+            mask = None                                          # propagate_edit derives it and says so
         else:
-            mask = None
+            try:
+                mask = derive_edit_mask(job.source[0], first, settings.mask_threshold)[None]
+            except ValueError:                                   # the edit has left the frame
+                mask = torch.zeros(1, *job.source.shape[1:3])
         if mask is not None and float(mask.amax()) <= 0:
+            log.info("FFP chunks: no edit region at the start of chunk %d; it keeps the source", job.chunk.index + 1)
             return ChunkResult(job.source.clone(), torch.zeros(job.source.shape[:3]))
-        if mask is None and float((first - job.source[0]).abs().amax()) < settings.mask_threshold:
-            return ChunkResult(job.source.clone(), torch.zeros(job.source.shape[:3]))   # edit left the frame
         res = propagate_edit(job.source, first, mask, settings, "error", job.on_step, job.should_stop)
         return ChunkResult(res.video, res.mask)
 

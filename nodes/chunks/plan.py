@@ -73,7 +73,8 @@ class ChunkPlan:
         for c in self.chunks:
             extra = []
             if c.overlap:
-                extra.append(f"frames {c.start + 1}-{c.start + c.overlap} handed off from chunk {c.index}")
+                span = f"frame {c.start + 1}" if c.overlap == 1 else f"frames {c.start + 1}-{c.start + c.overlap}"
+                extra.append(f"{span} handed off from chunk {c.index}")
             if c.pad:
                 extra.append(f"{c.pad} padded frame(s) trimmed")
             if c.length != self.chunk_length:
