@@ -472,3 +472,30 @@ def test_prompt_document_helpers(comfy_server, page):
     assert resized["prompts"][1]["boxes"] == [[20, 2.5, 160, 20]]
     assert "width" not in json.loads(out["no_size"])  # unknown size: left out, the node assumes the clip's
     assert near(out["inverse"], [40, 30], 1e-6)
+
+
+def test_editor_on_real_clip(shared_data, comfy_server, fresh):
+    """sam2_bedroom (960x540): the documented click (210, 350) on frame 0 (the boy on the left) lands at those
+    source pixels although the frame is shown about half size."""
+    import shutil
+
+    page = fresh
+    shutil.copyfile(shared_data / "sam2_bedroom" / "bedroom.mp4", comfy_server.input_dir / "ffp_bedroom.mp4")
+    wf = workflow(frame=0)
+    wf["nodes"][0]["widgets_values"] = ["ffp_bedroom.mp4", "image"]
+    page.js_async("await app.loadGraphData(args[0]);", wf)
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'file';", 60)
+    page.settle(2)
+    st = editor_state(page)
+    assert (st["image"]["w"], st["image"]["h"]) == (960, 540)
+    view = View(st)
+    assert view.screen_px_per_source_px < 1  # shown downscaled
+    x, y = view.client(210, 350)
+    page.click_at(x, y)
+    page.settle(1)
+    page.screenshot(SHOT_DIR / "editor_bedroom.png")
+    doc = json.loads(editor_state(page)["text"])
+    ((px, py, label),) = doc["prompts"][0]["points"]
+    tol = 1 / view.screen_px_per_source_px  # one screen pixel, in source pixels
+    assert label == 1 and abs(px - 210) <= tol and abs(py - 350) <= tol, (px, py, tol)
+    assert (doc["width"], doc["height"]) == (960, 540)
