@@ -403,7 +403,7 @@ class PromptEditor {
   }
 
   onPointerDown(e) {
-    if (!this.image) return;
+    if (!this.image || (e.button !== 0 && e.button !== 2)) return; // middle button: leave it to the canvas
     const pos = this.toSource(e);
     if (!pos || !this.inside(pos)) return;
     e.stopPropagation();
@@ -552,6 +552,8 @@ class PromptEditor {
       text = `frame ${frame} · ${this.image.width}x${this.image.height} · +${c.positive} −${c.negative} ▭${c.boxes}`
         + (frames.length ? ` · prompted frames: ${frames.join(", ")}` : "") + where;
       if (this.status) text = `${this.status} · ${text}`;
+    } else if (P.framesWithPrompts(this.doc).length) {
+      text = `prompts saved on frame(s) ${P.framesWithPrompts(this.doc).join(", ")}; they show once a frame is available`;
     } else text = this.status || "left: + point · right/shift: − point · drag: box · ctrl: delete";
     this.statusEl.textContent = text;
     this.statusEl.style.color = this.error ? "#ff8080" : "#bbb";
