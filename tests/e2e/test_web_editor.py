@@ -499,3 +499,18 @@ def test_editor_on_real_clip(shared_data, comfy_server, fresh):
     tol = 1 / view.screen_px_per_source_px  # one screen pixel, in source pixels
     assert label == 1 and abs(px - 210) <= tol and abs(py - 350) <= tol, (px, py, tol)
     assert (doc["width"], doc["height"]) == (960, 540)
+
+
+def test_help_opens_from_the_node_toolbox(comfy_server, fresh, clip):
+    """The frontend's own help button (selection toolbox, 'i') shows web/docs/FFPMaskPrompts.md for the node."""
+    page = fresh
+    page.js_async("await app.loadGraphData(args[0]);", workflow())
+    page.js("app.canvas.ds.offset = [0, 150]; app.canvas.selectNode(app.graph.getNodeById(3));")
+    page.settle(3)
+    pos = page.wait_for("const b = document.querySelector('.selection-toolbox [data-testid=info-button]');"
+                        "if (!b) return null; const r = b.getBoundingClientRect();"
+                        "return r.width ? [r.left + r.width / 2, r.top + r.height / 2] : null;", 15)
+    page.click_at(round(pos[0]), round(pos[1]))
+    page.wait_for("return document.body.innerText.includes('Getting a frame to click on')", 15)
+    page.screenshot(SHOT_DIR / "editor_help.png")
+    page.click_at(round(pos[0]), round(pos[1]))  # toggles the help sidebar closed again
