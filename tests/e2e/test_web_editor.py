@@ -417,6 +417,11 @@ def test_editor_frame_change_makes_keyframes(comfy_server, fresh, clip):
     st = editor_state(page)
     assert "prompted frames: 2, 6" in st["status"], st["status"]
     parsed = parse_prompts(st["text"], T, H, W)  # the node's own parser accepts what the editor wrote
+    # a frame past the end: the route's message is shown and there is nothing to click on
+    page.js("const w = app.graph.getNodeById(3).widgets.find((w) => w.name === 'frame'); w.value = 40; w.callback(40);")
+    page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return !e.image && e.status.includes('out of range');",
+                  30)
+    assert f"has {T} frame(s)" in page.js("return app.graph.getNodeById(3).ffpEditor.status")
     assert parsed.keyframes == (FRAME, 6) and parsed.objects == (1,)
     (box,) = next(e for e in parsed.entries if e.frame == 6).boxes
     assert near(box, [*view.source(x0, y0), *view.source(x1, y1)])

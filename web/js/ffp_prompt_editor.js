@@ -330,6 +330,7 @@ class PromptEditor {
           /* not JSON */
         }
         this.status = `frame not available: ${msg}`;
+        this.image = null; // never let clicks for this frame land on another frame's picture
         this.render();
         return;
       }
@@ -341,6 +342,7 @@ class PromptEditor {
     } catch (e) {
       if (seq === this.fetchSeq) {
         this.status = `frame not available: ${e.message || e}`;
+        this.image = null;
         this.render();
       }
     }
