@@ -26,6 +26,7 @@ from .drift import (
     crossfade,
     edit_anchor,
     format_report,
+    region_seam_jumps,
     seam_jumps,
 )
 from .plan import Chunk, ChunkPlan, source_indices
@@ -75,7 +76,7 @@ Generator = Callable[[ChunkJob], ChunkResult]
 @dataclass(frozen=True)
 class ChainResult:
     """video [T, H, W, 3] (CPU), edit_mask [T, H, W] or None, the per-chunk hand-off frames as received,
-    seam jumps, colour drift per chunk and the text report."""
+    seam jumps (whole frame, and inside the edit region when one is known), colour drift per chunk, the report."""
 
     video: Tensor
     edit_mask: Optional[Tensor]
@@ -83,6 +84,7 @@ class ChainResult:
     seam_jumps: list[float]
     drift: dict[str, list[float]]
     report: str
+    region_seam_jumps: list[float] = field(default_factory=list)
     heads: list[Tensor] = field(default_factory=list)
 
 
@@ -167,10 +169,12 @@ def chain_chunks(plan: ChunkPlan, source: Tensor, edited_first: Tensor, generate
 
     metric_mask = per_frame if per_frame is not None else out_mask
     jumps = seam_jumps(out, plan.seams)
+    region_jumps = region_seam_jumps(out, metric_mask, plan.seams) if metric_mask is not None else []
     ranges = [range(c.start + c.overlap, c.stop) for c in plan.chunks]
     drift_rows = color_drift(out, source, metric_mask, ranges)
-    report = plan.summary() + "\n" + format_report(plan.seams, jumps, drift_rows, drift, tuple(notes[len(plan.notes):]))
-    return ChainResult(out, out_mask, plan.seams, jumps, drift_rows, report, heads)
+    report = plan.summary() + "\n" + format_report(plan.seams, jumps, drift_rows, drift, tuple(notes[len(plan.notes):]),
+                                                   region_jumps)
+    return ChainResult(out, out_mask, plan.seams, jumps, drift_rows, report, region_jumps, heads)
 
 
 # ---- generators ---------------------------------------------------------------------------------------------

@@ -134,6 +134,23 @@ def seam_jumps(frames: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
     return [float(jumps[s - 1]) for s in seams]
 
 
+def region_seam_jumps(frames: torch.Tensor, mask: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
+    """Seam jumps inside the edit region: mean |frame_t - frame_{t-1}| over pixels in either frame's region
+    (mask [T, H, W] > 0.5), relative to the median of that quantity over the clip. NaN where the region is empty.
+    A small edit hides in the whole-frame jump; this one shows it."""
+    if not seams:
+        return []
+    m = mask.float() > 0.5
+    both = m[1:] | m[:-1]
+    diff = (frames[1:].float() - frames[:-1].float()).abs().mean(-1)
+    count = both.sum((1, 2))
+    d = torch.where(count > 0, (diff * both).sum((1, 2)) / count.clamp_min(1), torch.full_like(count, float("nan"),
+                                                                                                 dtype=diff.dtype))
+    finite = d[torch.isfinite(d)]
+    med = float(finite.median()) if len(finite) else float("nan")
+    return [float(d[s - 1]) / max(med, 1e-8) for s in seams]
+
+
 def color_drift(output: torch.Tensor, source: torch.Tensor, edit_mask: torch.Tensor | None,
                 ranges: list[range]) -> dict[str, list[float]]:
     """Per chunk (ranges of output frames): 'background' = mean over frames of the L2 distance (in 0..255 RGB)
@@ -164,13 +181,14 @@ def color_drift(output: torch.Tensor, source: torch.Tensor, edit_mask: torch.Ten
 
 
 def format_report(seams: tuple[int, ...], jumps: list[float], drift: dict[str, list[float]], settings: DriftSettings,
-                  notes: tuple[str, ...] = ()) -> str:
+                  notes: tuple[str, ...] = (), region_jumps: list[float] | None = None) -> str:
     """Human-readable report: seam jumps and colour drift per chunk."""
     on = [n for n, v in (("background", settings.match_background), ("edit", settings.match_edit),
                          ("crossfade", settings.crossfade)) if v] if not settings.off else []
     lines = [f"drift control: {', '.join(on) if on else 'off'} (strength {settings.strength:g})"]
-    for s, j in zip(seams, jumps):
-        lines.append(f"seam at frame {s + 1}: jump {j:.2f} x median frame step")
+    for i, (s, j) in enumerate(zip(seams, jumps)):
+        extra = f", in the edit region {region_jumps[i]:.2f}" if region_jumps else ""
+        lines.append(f"seam at frame {s + 1}: jump {j:.2f} x median frame step{extra}")
     lines.append("colour drift per chunk (mean RGB distance, 0..255): background vs source | edit vs chunk 1")
     for i, (b, e) in enumerate(zip(drift["background"], drift["edit"])):
         lines.append(f"chunk {i + 1}: {b:6.2f} | {e:6.2f}")

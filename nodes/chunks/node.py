@@ -18,18 +18,23 @@ from .plan import POLICIES, check_chunk_settings, plan_chunks
 
 ChunkPlanType = io.Custom("FFP_CHUNK_PLAN")
 
-DRIFT_INPUTS = [
-    io.Boolean.Input("match_background", default=True,
-                     tooltip="Match the colour statistics of the unedited region of every frame to the source clip "
-                             "(needs edit_mask; stops background colour drift at the joins)."),
-    io.Boolean.Input("match_edit", default=True,
-                     tooltip="Match the colour statistics of the edit region (whole frame without a mask) in every "
-                             "later chunk to chunk 1, which was generated from your edited first frame."),
-    io.Boolean.Input("crossfade", default=True,
-                     tooltip="Blend the overlapping frames from the previous chunk into this one (overlap > 1 only)."),
-    io.Float.Input("drift_strength", default=1.0, min=0.0, max=1.0, step=0.05,
-                   tooltip="How far the colour matches pull (1 = fully, 0 = drift control off)."),
-]
+
+def drift_inputs(colour_default: bool = True) -> list:
+    """The drift switches; the flow engine has no VAE round trip, so its colour matches default to off there."""
+    return [
+        io.Boolean.Input("match_background", default=colour_default,
+                         tooltip="Match the colour statistics of the unedited region of every frame to the source "
+                                 "clip (needs edit_mask; stops background colour drift at the joins). Off keeps "
+                                 "the flow engine's background bit-exact."),
+        io.Boolean.Input("match_edit", default=colour_default,
+                         tooltip="Match the colour statistics of the edit region (whole frame without a mask) in "
+                                 "every later chunk to chunk 1, which was generated from your edited first frame. "
+                                 "Assumes the edit's colours stay about the same over the clip."),
+        io.Boolean.Input("crossfade", default=True,
+                         tooltip="Blend the overlapping frames from the previous chunk into this one (overlap > 1)."),
+        io.Float.Input("drift_strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="How far the colour matches pull (1 = fully, 0 = drift control off)."),
+    ]
 
 
 def _drift(match_background: bool, match_edit: bool, crossfade: bool, drift_strength: float) -> DriftSettings:
@@ -161,7 +166,7 @@ class FFPChunkSample(io.ComfyNode):
                                tooltip="Sampler, as in KSampler."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="Scheduler, as in KSampler."),
-                *DRIFT_INPUTS,
+                *drift_inputs(True),
                 io.Combo.Input("size_policy", options=list(FIT_POLICIES), default="auto",
                                tooltip="How an edited frame of another size is fitted to the clip."),
                 io.Mask.Input("edit_mask", optional=True,
@@ -208,7 +213,7 @@ class FFPChunkFlowPropagate(io.ComfyNode):
                 io.Video.Input("source_video", tooltip="The clip to edit (the plan's clip)."),
                 io.Image.Input("edited_first_frame", tooltip="Frame 1 after your edit."),
                 ChunkPlanType.Input("plan", tooltip="From Plan Video Chunks."),
-                *DRIFT_INPUTS,
+                *drift_inputs(False),
                 io.Mask.Input("edit_mask", optional=True,
                               tooltip="Edit region: one mask for frame 1 (later chunks derive it from the hand-off "
                                       "frame) or one per frame. Unconnected: derived from the edit."),

@@ -87,7 +87,7 @@ def bench_memory() -> None:
 def bench_flow() -> None:
     import numpy as np
     from ffprop.nodes.chunks.chain import chain_chunks, flow_generator
-    from ffprop.nodes.chunks.drift import NO_DRIFT_CONTROL, seam_jumps
+    from ffprop.nodes.chunks.drift import NO_DRIFT_CONTROL, region_seam_jumps, seam_jumps
     from ffprop.nodes.chunks.plan import plan_chunks
     from ffprop.nodes.flow.engine import FlowSettings, propagate_edit
     from ffprop.nodes.video.io import read_video
@@ -110,6 +110,9 @@ def bench_flow() -> None:
     print(f"sam2_bedroom {tuple(source.shape)}: unchunked {t_whole:.1f} s, chunked {t_chain:.1f} s")
     print("seam jump (x median frame step) at seams", [s + 1 for s in plan.seams], "(1-based frame):")
     print(f"  source      {fmt(src_j)}\n  unchunked   {fmt(whole_j)}\n  chunked     {fmt(chained.seam_jumps)}")
+    print("seam jump inside the edit region (x its median frame step):")
+    print(f"  unchunked   {fmt(region_seam_jumps(whole.video, whole.mask, plan.seams))}\n"
+          f"  chunked     {fmt(chained.region_seam_jumps)}")
     j = frame_jumps(chained.video.numpy())
     print(f"  chunked: max frame jump anywhere {j.max():.2f}, median 1.00 by definition")
     region_w = (whole.mask > 0.5).float().mean((1, 2))
