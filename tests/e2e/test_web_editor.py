@@ -386,7 +386,16 @@ def test_editor_hint_without_frame_then_load_image(comfy_server, fresh, clip):
     page.settle(2)
     st = editor_state(page)
     assert (st["image"]["w"], st["image"]["h"]) == (W, H)
-    assert_pixels_under_pointer(page, View(st), clip["still"], [(20, 20), (100, 70)], "LoadImage")
+    view = View(st)
+    assert_pixels_under_pointer(page, view, clip["still"], [(20, 20), (100, 70)], "LoadImage")
+    # one click, then Undo: back to the untouched "" (not an empty document), so the workflow is unchanged
+    page.click_at(*view.client(60, 30))
+    assert json.loads(editor_state(page)["text"])["prompts"][0]["points"]
+    click_button(page, "[data-ffp-action=undo]")
+    assert editor_state(page)["text"] == ""
+    page.click_at(*view.client(W - 0.4, H - 0.4))  # inside the last pixel, past W-1: clamped to the pixel index
+    ((x, y, _),) = json.loads(editor_state(page)["text"])["prompts"][0]["points"]
+    assert (x, y) == (W - 1, H - 1)
     severe = [m for m in page.console() if "SEVERE" in m and "ffp" in m.lower()]
     assert not severe, severe
 

@@ -155,6 +155,8 @@ class PromptEditor {
   loadFromWidget() {
     const text = this.promptsWidget?.value ?? "";
     const { doc, error } = P.parseDoc(text);
+    // JSON without a size (hand-written, or "") is in the shown frame's pixels: adopt its size in memory only
+    if (!(doc.width > 0 && doc.height > 0) && this.image) Object.assign(doc, { width: this.image.width, height: this.image.height });
     this.doc = doc;
     this.text = text;
     this.error = error;
@@ -184,15 +186,10 @@ class PromptEditor {
   undoLast() {
     if (!this.undo.length) return;
     const text = this.undo.pop();
-    const { doc } = P.parseDoc(text);
-    if (!(doc.width > 0 && doc.height > 0) && this.image) Object.assign(doc, { width: this.image.width, height: this.image.height });
-    this.doc = doc;
-    this.text = text;
-    this.error = null;
+    this.text = null; // makes the widget setter reload (loadFromWidget) with the restored text
     if (this.promptsWidget) this.promptsWidget.value = text;
+    else this.loadFromWidget();
     this.node.setDirtyCanvas?.(true, true);
-    this.renderToolbar();
-    this.render();
   }
 
   // ---- DOM ----------------------------------------------------------------------------------------------------

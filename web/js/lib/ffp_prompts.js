@@ -93,11 +93,12 @@ function clamp(v, lo, hi) {
   return Math.min(hi, Math.max(lo, v));
 }
 
-// Points are pixel positions inside the frame: clamped to [0, W-1] x [0, H-1]. Returns a new document.
+// Points are pixel positions inside the frame: clamped to [0, W-1] x [0, H-1] (when the size is known).
+// Returns a new document.
 export function addPoint(doc, frame, object, x, y, label) {
   const out = cloneDoc(doc);
-  const px = clamp(x, 0, Math.max(0, out.width - 1));
-  const py = clamp(y, 0, Math.max(0, out.height - 1));
+  const px = out.width > 0 ? clamp(x, 0, out.width - 1) : Math.max(0, x);
+  const py = out.height > 0 ? clamp(y, 0, out.height - 1) : Math.max(0, y);
   entryFor(out, frame, object).points.push([px, py, label ? 1 : 0]);
   return out;
 }
@@ -105,9 +106,11 @@ export function addPoint(doc, frame, object, x, y, label) {
 // Boxes are normalised (x0 < x1, y0 < y1) and clamped to [0, W] x [0, H]. Returns a new document.
 export function addBox(doc, frame, object, xa, ya, xb, yb) {
   const out = cloneDoc(doc);
+  const W = out.width > 0 ? out.width : Infinity;
+  const H = out.height > 0 ? out.height : Infinity;
   const box = [
-    clamp(Math.min(xa, xb), 0, out.width), clamp(Math.min(ya, yb), 0, out.height),
-    clamp(Math.max(xa, xb), 0, out.width), clamp(Math.max(ya, yb), 0, out.height),
+    clamp(Math.min(xa, xb), 0, W), clamp(Math.min(ya, yb), 0, H),
+    clamp(Math.max(xa, xb), 0, W), clamp(Math.max(ya, yb), 0, H),
   ];
   if (box[2] - box[0] < 1 || box[3] - box[1] < 1) return doc;
   entryFor(out, frame, object).boxes.push(box);
