@@ -133,7 +133,7 @@ class BlockRunner:
 
     def _to_home(self, t: Tensor) -> Tensor:
         if t.device.type == "cpu":
-            return t
+            return t.pin_memory() if self.cuda and not t.is_pinned() else t
         cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
         cpu.copy_(t)
         return cpu
