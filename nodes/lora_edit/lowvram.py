@@ -94,6 +94,7 @@ class BlockRunner:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.home: dict[int, list[tuple[Tensor, Tensor]]] = {}  # block -> [(tensor, cpu copy)]
+        self.origin: dict[int, list[torch.device]] = {}          # block -> each tensor's device before install
         self.on_device: set[int] = set()
         self.pending: dict[int, object] = {}
         self.last = -1
@@ -106,6 +107,7 @@ class BlockRunner:
         for i, block in enumerate(self.blocks):
             if i in self.swapped:
                 tensors = [*block.parameters(), *block.buffers()]
+                self.origin[i] = [t.device for t in tensors]
                 self.home[i] = [(t, self._to_home(t.data)) for t in tensors]
                 for t, cpu in self.home[i]:
                     t.data = cpu
@@ -119,9 +121,10 @@ class BlockRunner:
         self._sync()
         for i, block in enumerate(self.blocks):
             block.__dict__.pop("forward", None)
-            for t, cpu in self.home.get(i, []):
-                t.data = cpu.to(self.device)
+            for (t, cpu), dev in zip(self.home.get(i, []), self.origin.get(i, [])):
+                t.data = cpu.to(dev)  # back where the host had it (ComfyUI may keep some blocks on the CPU)
         self.home.clear()
+        self.origin.clear()
         self.on_device.clear()
         self._installed = False
 

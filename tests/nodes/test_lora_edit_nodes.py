@@ -159,3 +159,17 @@ def test_cancel_and_bad_input(model):
         train(model, edit_mask=torch.zeros(T, H, W))
     with pytest.raises(ValueError, match="4k\\+1"):
         train(model, source_video=torch.rand(8, H, W, 3), edit_mask=None, frame_policy="error")
+
+
+def test_trains_an_fp8_model_in_bf16_compute():
+    from comfy_support import tiny_wan_state_dict
+
+    with torch.inference_mode():
+        fp8 = comfy.sd.load_diffusion_model_state_dict(tiny_wan_state_dict("i2v"),
+                                                        model_options={"dtype": torch.float8_e4m3fn})
+    assert fp8.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    x, cond = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2)), probe_cond()
+    before = predict(fp8, x, cond)
+    patched, lora, _ = train(fp8, steps=2)
+    assert fp8.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn   # not converted
+    assert not torch.equal(predict(patched, x, cond), before) and torch.equal(predict(fp8, x, cond), before)
