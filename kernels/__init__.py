@@ -17,8 +17,24 @@ from .rope import THETA, apply_rope_reference, rope_cos_sin, rope_reference, rop
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "THETA", "apply_rope_reference", "rope_cos_sin", "rope_qk", "rope_reference",
+__all__ = ["BACKENDS", "THETA", "RopeTables", "apply_rope_reference", "rope_cos_sin", "rope_qk", "rope_reference",
            "rope_split", "triton_status"]
+
+
+class RopeTables:
+    """Per-forward cache of the torch path's cos/sin: computed once for the current positions, reused by every
+    block (the fused Triton path needs none)."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, pos: Tensor, head_dim: int, device, theta: float = THETA) -> tuple[Tensor, Tensor]:
+        rest = (head_dim, str(device), theta)
+        if self._key is None or self._key[0] is not pos or self._key[1] != rest:
+            self._value = rope_cos_sin(pos.to(device), head_dim, theta)
+            self._key = (pos, rest)
+        return self._value
 
 
 def triton_status(device_type: str = "cuda") -> tuple[bool, str]:
@@ -51,9 +67,10 @@ def resolve_backend(backend: str, device_type: str) -> str:
 
 
 def rope_qk(q: Tensor, k: Tensor, pos: Tensor, theta: float = THETA, backend: str = "auto",
-            host: str = "comfy") -> tuple[Tensor, Tensor]:
+            host: str = "comfy", cos_sin: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """q, k [B, L, H, D], pos [L, 3] (t, h, w; may be fractional) -> (RoPE(q), RoPE(k)) in q's dtype.
-    `host` sets the torch path's operation order (bit-identical to "comfy" or "diffusers" at equal cos/sin)."""
+    `host` sets the torch path's operation order (bit-identical to "comfy" or "diffusers" at equal cos/sin);
+    `cos_sin` = rope_cos_sin(pos, D) precomputed by the caller (torch path only; e.g. once per forward)."""
     if q.shape != k.shape or q.ndim != 4:
         raise ValueError(f"q and k must both be [B, L, H, D]; got {tuple(q.shape)} and {tuple(k.shape)}.")
     rope_split(q.shape[-1])
@@ -63,5 +80,5 @@ def rope_qk(q: Tensor, k: Tensor, pos: Tensor, theta: float = THETA, backend: st
         from .rope_triton import rope_qk_triton
 
         return rope_qk_triton(q, k, pos, theta)
-    cos, sin = rope_cos_sin(pos.to(q.device), q.shape[-1], theta)
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(pos.to(q.device), q.shape[-1], theta)
     return apply_rope_reference(q, cos, sin, host=host), apply_rope_reference(k, cos, sin, host=host)

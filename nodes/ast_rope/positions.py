@@ -113,9 +113,14 @@ def remap_positions(ids: Tensor, alphas: RopeAlphas) -> Tensor:
 
 
 def position_fn(alphas: RopeAlphas) -> RopePositionFn:
-    """The hook the host adapters take (`WanDiT.with_rope_positions`): ids [L, 3] -> remapped ids."""
+    """The hook the host adapters take (`WanDiT.with_rope_positions`): ids [L, 3] -> remapped ids. Marked
+    `static` (same ids -> same positions) unless an alpha is being trained, so hosts may cache the tables."""
     check_alphas(alphas)
-    return lambda ids: remap_positions(ids, alphas)
+
+    def fn(ids: Tensor) -> Tensor:
+        return remap_positions(ids, alphas)
+    fn.static = not any(isinstance(v, Tensor) and v.requires_grad for v in (alphas.alpha_s, alphas.alpha_t))
+    return fn
 
 
 class AlphaHolder:

@@ -60,8 +60,11 @@ class RopeState:
     per-token positions [L, 3] of the current forward (set by the recorder, read by every block)."""
 
     def __init__(self, backend: str = "auto"):
+        from ...kernels import RopeTables
+
         self.backend = backend
         self.positions: Tensor | None = None
+        self.tables = RopeTables()
 
 
 class PositionRecorder(nn.Module):
@@ -85,7 +88,7 @@ def _fused_self_attention_forward(self, x: Tensor, freqs: Tensor, transformer_op
     from comfy.ldm.flux.math import apply_rope1
     from comfy.ldm.wan.model import optimized_attention
 
-    from ...kernels import rope_qk
+    from ...kernels import resolve_backend, rope_qk
 
     b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
     q = self.norm_q(self.q(x)).view(b, s, n, d)
@@ -93,7 +96,12 @@ def _fused_self_attention_forward(self, x: Tensor, freqs: Tensor, transformer_op
     state = self._ffp_rope_state
     pos = state.positions
     if pos is not None and pos.shape[0] == s:
-        q, k = rope_qk(q, k, pos.to(q.device), backend=state.backend)
+        backend = resolve_backend(state.backend, q.device.type)
+        tables = None
+        if backend == "torch":  # the table the (hooked) rope_embedder built holds exactly these cos/sin: reuse it
+            same = freqs.ndim == 6 and tuple(freqs.shape[:4]) == (1, s, 1, d // 2)
+            tables = (freqs[0, :, 0, :, 0, 0], freqs[0, :, 0, :, 1, 0]) if same else state.tables.get(pos, d, q.device)
+        q, k = rope_qk(q, k, pos.to(q.device), backend=backend, cos_sin=tables)
     else:
         log_once("comfy-fused-rope-fallback", "FFP AST-RoPE: positions unavailable for a self-attention call; "
                  "using the stock rope table there.")

@@ -71,24 +71,40 @@ class PositionRope(nn.Module):
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
         stock = self.stock
         _, _, f, h, w = hidden_states.shape
+        key = (f, h, w, stock.freqs_cos.device)
+        cached = getattr(self, "_cache", None)
+        if cached is not None and cached[0] == key:          # only for fns marked `static` (same ids -> same output)
+            if self.state is not None:
+                self.state.positions = cached[1]
+            return cached[2]
         p_t, p_h, p_w = stock.patch_size
         ids = stock_rope_ids(f // p_t, h // p_h, w // p_w, device=stock.freqs_cos.device)
         pos = apply_position_fn(self.fn, ids)
         if self.state is not None:
             self.state.positions = pos.float()
+        out = self._tables(pos, ids.shape[0])
+        if getattr(self.fn, "static", False) and not pos.requires_grad:
+            self._cache = (key, pos.float(), out)
+        return out
+
+    def _tables(self, pos: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        stock = self.stock
         dims = [stock.t_dim, stock.h_dim, stock.w_dim]
         cos_parts, sin_parts = [], []
         tables = zip(stock.freqs_cos.split(dims, dim=1), stock.freqs_sin.split(dims, dim=1))
         for axis, (dim, (cos_t, sin_t)) in enumerate(zip(dims, tables)):
             p = pos[:, axis].to(torch.float32 if pos.device.type == "mps" else torch.float64)
+            inv = None
+            if not p.requires_grad:  # an axis holds few distinct positions (F, h or w): compute those once
+                p, inv = torch.unique(p, return_inverse=True)
             idx = p.round().clamp(0, cos_t.shape[0] - 1)
             exact = (p == idx)[:, None] & (not p.requires_grad)  # keep alpha gradients (AST-RoPE training)
             cos, sin = rope_cos_sin(p, dim, self.theta)
             cos, sin = cos.to(cos_t.dtype), sin.to(sin_t.dtype)
             idx = idx.long()
-            cos_parts.append(torch.where(exact, cos_t[idx], cos))
-            sin_parts.append(torch.where(exact, sin_t[idx], sin))
-        n = ids.shape[0]
+            cos, sin = torch.where(exact, cos_t[idx], cos), torch.where(exact, sin_t[idx], sin)
+            cos_parts.append(cos if inv is None else cos[inv])
+            sin_parts.append(sin if inv is None else sin[inv])
         return torch.cat(cos_parts, dim=-1).reshape(1, n, 1, -1), torch.cat(sin_parts, dim=-1).reshape(1, n, 1, -1)
 
 
@@ -206,8 +222,11 @@ class RopeState:
     """Positions [L, 3] of the current forward, shared by a PositionRope and the FusedRopeProcessors."""
 
     def __init__(self, backend: str = "auto"):
+        from ...kernels import RopeTables
+
         self.backend = backend
         self.positions: Optional[Tensor] = None
+        self.tables = RopeTables()
 
 
 class FusedRopeProcessor:
@@ -224,13 +243,20 @@ class FusedRopeProcessor:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections, dispatch_attention_fn
 
-        from ...kernels import rope_qk
+        from ...kernels import resolve_backend, rope_qk
 
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        query, key = rope_qk(query, key, pos.to(query.device), backend=self.state.backend, host="diffusers")
+        backend = resolve_backend(self.state.backend, query.device.type)
+        tables = None
+        if backend == "torch":  # PositionRope's (cos, sin) [1, L, 1, D] hold these values pairwise repeated: reuse
+            if rotary_emb is not None and tuple(rotary_emb[0].shape) == (1, query.shape[1], 1, query.shape[-1]):
+                tables = (rotary_emb[0][0, :, 0, 0::2], rotary_emb[1][0, :, 0, 1::2])
+            else:
+                tables = self.state.tables.get(pos, query.shape[-1], query.device)
+        query, key = rope_qk(query, key, pos.to(query.device), backend=backend, host="diffusers", cos_sin=tables)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=getattr(self.stock, "_attention_backend", None), parallel_config=None)
         out = out.flatten(2, 3).type_as(query)
