@@ -347,12 +347,13 @@ def test_editor_clicks_zoom_save_reload_and_run(comfy_server, fresh, clip):
 
     # run the graph from the frontend: the server validates the JSON (parse_prompts) and runs the flow engine on the
     # boxes; the executed clean frame replaces the route's frame and is the same image
+    before = set(comfy_server.get("/history"))  # the session's server may have run other tests' prompts
     page.js_async("await app.queuePrompt(0, 1);")
     page.wait_for("const e = app.graph.getNodeById(3).ffpEditor; return e.image && e.image.origin === 'run';", 120)
     deadline = time.perf_counter() + 120
-    while not (history := comfy_server.get("/history?max_items=1")) and time.perf_counter() < deadline:
+    while not (new := set(history := comfy_server.get("/history")) - before) and time.perf_counter() < deadline:
         time.sleep(0.2)  # the prompt node reports before the propagation downstream has finished
-    (entry,) = history.values()
+    (entry,) = (history[k] for k in new)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
     (shown,) = entry["outputs"]["3"]["images"]
     run_frame = np.asarray(Image.open(comfy_server.temp_dir / shown.get("subfolder", "") / shown["filename"]))
