@@ -167,8 +167,8 @@ class FFPMaskPropagate(io.ComfyNode):
                 mm.load_models_gpu([sam2.patcher], force_full_load=True)
                 model = sam2.model
         on_step, should_stop = progress(images.shape[0])
-        result = propagate_masks(images, prompts, mask, mask_frame, model, engine, direction, flow_quality, error,
-                                 on_step, should_stop)
+        result = propagate_masks(images, prompts, mask, mask_frame, model, engine, direction, flow_quality,
+                                 model_error=error, on_step=on_step, should_stop=should_stop)
         objects = result.objects.flatten(0, 1)
         return io.NodeOutput(result.mask, objects, overlay(images, result.mask), len(result.object_ids))
 

@@ -132,6 +132,20 @@ def infer_spec(sd: dict[str, torch.Tensor], image_size: int = 1024) -> SAM2Spec:
     return SAM2Spec(size, version, image_size)
 
 
+def _memory_dtype_hook(module, args, kwargs):
+    """SAM2 stores memory features in bfloat16 and relies on CUDA autocast to mix them with float32 weights.
+    Without autocast (CPU), a frame whose memory holds no float32 object pointer (an object whose only keyframe
+    lies ahead) would feed pure bfloat16 into float32 layers: cast it to the layers' dtype."""
+    memory = kwargs.get("memory")
+    if memory is not None and not torch.is_autocast_enabled(memory.device.type):
+        dtype = next(module.parameters()).dtype
+        if memory.dtype != dtype:
+            kwargs = {**kwargs, "memory": memory.to(dtype)}
+            if kwargs.get("memory_pos") is not None:
+                kwargs["memory_pos"] = kwargs["memory_pos"].to(dtype)
+    return args, kwargs
+
+
 def build_model(spec: SAM2Spec, state_dict: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu",
                 seed: int | None = None) -> torch.nn.Module:
     """Instantiate the SAM2VideoPredictor for spec from the package's hydra config (with SAM2's video
@@ -164,6 +178,7 @@ def build_model(spec: SAM2Spec, state_dict: dict[str, torch.Tensor] | None = Non
     finally:
         if fork is not None:
             fork.__exit__(None, None, None)
+    model.memory_attention.register_forward_pre_hook(_memory_dtype_hook, with_kwargs=True)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:

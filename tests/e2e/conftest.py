@@ -110,6 +110,24 @@ def tiny_models(comfy_server, comfy_python, tmp_path_factory) -> dict[str, str]:
         shutil.rmtree(cache, ignore_errors=True)  # 254 MB; pytest keeps its last 3 temp dirs otherwise
 
 
+@pytest.fixture(scope="session")
+def sam2_models(comfy_server, comfy_python) -> dict:
+    """A random-weight SAM2.1 tiny checkpoint in the server's models/sam2 (for workflows with FFPSAM2Loader)."""
+    from e2e_models import in_python
+
+    t0 = time.perf_counter()
+    result = in_python(comfy_python, "write-sam2", str(comfy_server.models_dir))
+    TIMINGS["tiny SAM2 (write)"] = time.perf_counter() - t0
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _sam2_for_workflows(request):
+    """Tests that run workflows (they use tiny_models) also get the SAM2 checkpoint."""
+    if "tiny_models" in request.fixturenames:
+        request.getfixturevalue("sam2_models")
+
+
 def pytest_terminal_summary(terminalreporter):
     if not TIMINGS:
         return

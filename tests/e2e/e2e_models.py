@@ -125,10 +125,32 @@ def templates_dir() -> str | None:
     return str(Path(comfyui_workflow_templates.__file__).parent / "templates")
 
 
+SAM2_NAME = "ffp_random_sam2.1_hiera_tiny.safetensors"
+
+
+def write_sam2(models_dir: Path) -> dict[str, float]:
+    """A random-weight SAM2.1 tiny checkpoint (official key layout) in <models_dir>/sam2, so workflows with
+    FFPSAM2Loader execute (quality is measured elsewhere). Skipped, with the reason returned, when the server's
+    Python lacks the sam2 package: FFPMaskPropagate's engine 'auto' then takes the flow fallback."""
+    t0 = time.perf_counter()
+    try:
+        from ffprop.nodes.masks.sam2_model import random_checkpoint, require_sam2
+
+        require_sam2()
+    except (ImportError, RuntimeError) as e:
+        return {"skipped": str(e)}
+    dst = Path(models_dir) / "sam2" / SAM2_NAME
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        random_checkpoint(dst, "tiny", "2.1", seed=0)
+    return {"sam2": time.perf_counter() - t0}
+
+
 COMMANDS = {
     "templates-dir": templates_dir,
     "write-models": lambda models_dir, cache_dir: write_models(Path(models_dir), Path(cache_dir)),
     "registry-ids": registered_node_ids,
+    "write-sam2": lambda models_dir: write_sam2(Path(models_dir)),
 }
 
 if __name__ == "__main__":  # python e2e_models.py write-models <models_dir> <cache_dir> | registry-ids
