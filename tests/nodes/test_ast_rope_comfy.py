@@ -151,3 +151,39 @@ def test_trainer_on_the_comfy_host_lowers_the_loss():
     assert float((res.alphas.alpha_t - 1).abs().max()) > 1e-3
     assert after < before, (before, after)
     assert not dit.patcher.object_patches
+
+
+class StubVAE:
+    """Stands in for the 254 MB Wan VAE: a fixed random linear map of 8x8x4 pixel blocks to 16 latent channels."""
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        t, h, w, _ = frames.shape
+        f = (t - 1) // 4 + 1
+        x = torch.nn.functional.avg_pool2d(frames.permute(0, 3, 1, 2), 8)          # [T, 3, h, w]
+        idx = torch.tensor([0] + [4 * i for i in range(1, f)])
+        mix = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+        return torch.einsum("tchw,cd->dthw", x[idx], mix)[None]
+
+
+def test_trainer_node_saves_a_loadable_predictor(tmp_path, monkeypatch):
+    import folder_paths
+    from ffprop.nodes.ast_rope.node import FFPASTRoPETrain
+    from ffprop.nodes.ast_rope.predictor import load_predictor
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ast_rope", ([str(tmp_path)], {".safetensors"}))
+    model = load_tiny_comfy_wan("i2v")
+    g = torch.Generator().manual_seed(0)
+    clip = torch.rand(9, 32, 48, 3, generator=g)
+    positive = [[torch.randn(1, 8, 4096, generator=g), {}]]
+    out = FFPASTRoPETrain.execute(model, StubVAE(), positive, clip, 3, 1e-2, "warped", 2.0, 32, 1, True, 1.0, 1.0, 0,
+                                  "ci_predictor", edited_video=clip.flip(2), backend="torch")
+    predictor, path, text = out.result
+    assert path.endswith("ci_predictor.safetensors") and "loss" in text and "alpha_T per step" in text
+    assert load_predictor(path).config == predictor.config
+    assert not model.object_patches
+    with pytest.raises(ValueError, match="self_distill needs edited clips"):
+        FFPASTRoPETrain.execute(model, StubVAE(), positive, clip, 1, 1e-2, "warped", 2.0, 32, 1, True, 1.0, 1.0, 0, "")
+    latent = {"samples": StubVAE().encode(clip)}
+    _, text = FFPASTRoPE.execute(model, "learned", "warped", 1.0, 1.0, 2.0, 1.0, True, "torch", "ci_predictor.safetensors",
+                                 source_latent=latent).result
+    assert "alpha_T per step" in text
