@@ -529,3 +529,41 @@ def test_help_opens_from_the_node_toolbox(comfy_server, fresh, clip):
     page.wait_for("return document.body.innerText.includes('Getting a frame to click on')", 15)
     page.screenshot(SHOT_DIR / "editor_help.png")
     page.click_at(round(pos[0]), round(pos[1]))  # toggles the help sidebar closed again
+
+
+def test_frame_source_mapping(comfy_server, page):
+    """Which /ffprop/frame query the editor makes for each upstream loader (mock graphs, no server nodes needed):
+    VideoHelperSuite's skip/nth mapping, legacy Reroute nodes, and no query where the frame cannot be mapped."""
+    pack = comfy_server.get("/object_info/FFPMaskPrompts")["FFPMaskPrompts"]["python_module"].split(".", 1)[1]
+    out = page.js_async("""
+        const { frameSource } = await import(args[0]);  // the module the frontend already loaded (same URL)
+        const W = (o) => Object.entries(o).map(([name, value]) => ({ name, value }));
+        function graphWith(nodes, links) {
+          const g = { links, getNodeById: (id) => nodes[id] ?? null };
+          for (const n of Object.values(nodes)) n.graph = g;  // as in LiteGraph: every node knows its graph
+          return g;
+        }
+        function prompts(graph, frame) {
+          return { inputs: [{ name: 'images', link: 1 }], widgets: W({ frame, prompts: '' }), graph };
+        }
+        const vhs = (extra) => ({ type: 'VHS_LoadVideo', mode: 0, widgets: W({ video: 'a.mp4', force_rate: 0,
+          skip_first_frames: 10, select_every_nth: 2, ...extra }) });
+        const r = {};
+        r.vhs = frameSource(prompts(graphWith({ 7: vhs({}) }, { 1: { origin_id: 7, origin_slot: 0 } }), 3));
+        r.vhs_resampled = frameSource(prompts(graphWith({ 7: vhs({ force_rate: 12 }) }, { 1: { origin_id: 7, origin_slot: 0 } }), 3));
+        const reroute = { type: 'Reroute', inputs: [{ link: 2 }] };
+        const load = { type: 'LoadVideo', mode: 0, widgets: W({ file: 'b.mp4', upload: 'image' }) };
+        const gvc = { type: 'GetVideoComponents', mode: 0, inputs: [{ name: 'video', link: 3 }] };
+        r.rerouted = frameSource(prompts(graphWith({ 5: reroute, 6: gvc, 8: load },
+          { 1: { origin_id: 5, origin_slot: 0 }, 2: { origin_id: 6, origin_slot: 0 }, 3: { origin_id: 8, origin_slot: 0 } }), 4));
+        r.gvc_fps = frameSource(prompts(graphWith({ 6: gvc, 8: load },
+          { 1: { origin_id: 6, origin_slot: 2 }, 3: { origin_id: 8, origin_slot: 0 } }), 4));
+        r.muted = frameSource(prompts(graphWith({ 7: { ...vhs({}), mode: 2 } }, { 1: { origin_id: 7, origin_slot: 0 } }), 0));
+        r.other = frameSource(prompts(graphWith({ 7: { type: 'ImageScale', mode: 0, widgets: [] } },
+          { 1: { origin_id: 7, origin_slot: 0 } }), 0));
+        r.unlinked = frameSource({ inputs: [{ name: 'images', link: null }], widgets: W({ frame: 0 }), graph: graphWith({}, {}) });
+        return r;""", f"/extensions/{pack}/js/ffp_prompt_editor.js")
+    assert out["vhs"] == {"filename": "a.mp4", "type": "input", "frame": 16}  # 10 skipped + 3 * every 2nd
+    assert out["vhs_resampled"] is None
+    assert out["rerouted"] == {"filename": "b.mp4", "type": "input", "frame": 4}
+    assert out["gvc_fps"] is None and out["muted"] is None and out["other"] is None and out["unlinked"] is None
