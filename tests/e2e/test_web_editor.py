@@ -567,3 +567,40 @@ def test_frame_source_mapping(comfy_server, page):
     assert out["vhs_resampled"] is None
     assert out["rerouted"] == {"filename": "b.mp4", "type": "input", "frame": 4}
     assert out["gvc_fps"] is None and out["muted"] is None and out["other"] is None and out["unlinked"] is None
+
+
+def test_shipped_workflows_open_in_the_editor(comfy_server, fresh):
+    """Every workflows/*.json with a Mask Prompts node opens with its stored prompts drawn and its JSON untouched
+    (a synthetic clip of the prompts' size stands in for the workflow's video file)."""
+    page = fresh
+    repo = Path(__file__).resolve().parents[2]
+    checked = 0
+    for path in sorted((repo / "workflows").glob("*.json")):
+        wf = json.loads(path.read_text())
+        links = {link[0]: link for link in wf.get("links", [])}
+        for node in (n for n in wf["nodes"] if n["type"] == "FFPMaskPrompts"):
+            frame, text = node["widgets_values"][:2]
+            doc = json.loads(text)
+            # the LoadVideo behind GetVideoComponents -> images
+            gvc = next(n for n in wf["nodes"] if n["id"] == links[node["inputs"][0]["link"]][1])
+            load = next(n for n in wf["nodes"] if n["id"] == links[gvc["inputs"][0]["link"]][1])
+            source = synthetic_clip(max(frame + 1, 5), doc["height"], doc["width"], seed=1).source
+            write_video(comfy_server.input_dir / load["widgets_values"][0], source, fps=8)
+            page.js("app.graph.clear();")
+            page.js_async("await app.loadGraphData(args[0]);", wf)
+            nid = node["id"]
+            page.wait_for("const e = app.graph.getNodeById(arguments[0]).ffpEditor;"
+                          "return e.image && e.image.origin === 'file';", 60, nid)
+            page.settle(2)
+            st = editor_state(page, nid)
+            assert st["text"] == text, f"{path.name}: opening the workflow changed the prompts"
+            assert not st["status"].startswith("!"), st["status"]
+            view = View(st)
+            for entry in doc["prompts"]:
+                for x, y, _ in entry["points"] if entry["frame"] == frame else []:
+                    assert_marker_at(page, *view.client(x, y), OBJ_COLORS.get(entry["object"], (0, 0, 0)),
+                                     f"{path.name} point", radius=8)
+            page.screenshot(SHOT_DIR / f"workflow_{path.stem}.png")
+            checked += 1
+    if not checked:
+        pytest.skip("no workflows/*.json uses FFPMaskPrompts yet")
