@@ -7,6 +7,7 @@ functions only, so this file imports in a plain Python process. Patches go on a 
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 from typing import Any
 
@@ -115,6 +116,12 @@ def fused_self_attention(attn: nn.Module, state: RopeState) -> nn.Module:
     """A shallow copy of a WanSelfAttention (same child modules, so weight keys and LoRA patches still resolve
     as `blocks.N.self_attn.q.weight`) whose forward routes RoPE through kernels/. The input stays untouched."""
     stock = getattr(attn, "_ffp_stock", attn)
+    params = list(inspect.signature(type(stock).forward).parameters)
+    if params[:3] != ["self", "x", "freqs"] or not hasattr(stock, "norm_q"):
+        log_once("comfy-fused-rope-signature", "FFP AST-RoPE: %s.forward%s is not the WanSelfAttention this pack "
+                 "knows (ComfyUI 0.3.64); RoPE stays on the host's own path there (positions are still remapped).",
+                 type(stock).__name__, params)
+        return attn
     new = copy.copy(stock)
     new._modules = dict(stock._modules)
     # plain attributes (object.__setattr__): registering `stock` as a child would make a module cycle
