@@ -69,8 +69,10 @@ def test_angles_follow_formula_at_fractional_positions():
 
 @pytest.mark.parametrize("head_dim", [12, 128])
 def test_reference_reproduces_diffusers_wan_rope_bit_exactly(head_dim):
-    diffusers_wan = pytest.importorskip("diffusers.models.transformers.transformer_wan",
-                                        reason="diffusers (with WanRotaryPosEmbed) not installed")
+    try:
+        import diffusers.models.transformers.transformer_wan as diffusers_wan
+    except (ImportError, RuntimeError) as e:  # diffusers wraps broken optional deps (torchaudio) in RuntimeError
+        pytest.skip(f"diffusers' Wan module does not import here: {e}")
     from ffprop.nodes.host.protocol import stock_rope_ids
 
     rope = diffusers_wan.WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)
