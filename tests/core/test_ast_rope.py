@@ -325,3 +325,24 @@ def test_self_distillation_runs_on_a_pair_and_cancel_stops(wan):
     with pytest.raises(Cancelled):
         train_predictor(wan, [Sample(src, src, c)], PredictorTrainSettings(steps=5, backend="torch"), config=SMALL,
                         should_stop=lambda: True)
+
+
+def test_joint_training_api_recovers_a_planted_alpha(wan):
+    """The API a LoRA-Edit trainer would call (AlphaHolder + apply_ast_rope) is differentiable in alpha: fitting
+    the patched model's output at alpha_T = 0.6 from alpha_T = 1 recovers 0.6."""
+    from ffprop.nodes.ast_rope.positions import AlphaHolder
+
+    x, c = noisy(), cond()
+    with torch.no_grad():
+        target = apply_ast_rope(wan, RopeAlphas(1.0, 0.6), "torch").predict(x, 0.5, c)
+    holder = AlphaHolder()
+    hooked = apply_ast_rope(wan, holder, "torch")
+    log_alpha = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=0.05)
+    for _ in range(60):
+        holder.alphas = RopeAlphas(1.0, log_alpha.exp())
+        loss = (hooked.predict(x, 0.5, c) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(log_alpha.exp().item() - 0.6) < 0.03, log_alpha.exp().item()
