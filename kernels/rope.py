@@ -67,8 +67,12 @@ def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool = Tru
     wide = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
     c, s = cos.to(wide)[None, :, None], sin.to(wide)[None, :, None]      # [1, L, 1, D/2]
     if host == "diffusers":
-        a, b = x.to(wide).unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+        xw = x.to(wide)
+        a, b = xw.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.empty_like(xw)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = a * s + b * c
+        return out.to(x.dtype)
     xp = x.to(wide).reshape(*x.shape[:-1], -1, 1, 2)                      # [B, L, H, D/2, 1, 2]
     out = torch.stack([c, s], dim=-1) * xp[..., 0]                        # column multiplying the even element
     out.addcmul_(torch.stack([-s, c], dim=-1), xp[..., 1])                # column multiplying the odd element

@@ -202,7 +202,7 @@ class DiffusersWan:
         if isinstance(rope, PositionRope):
             rope = PositionRope(rope.stock, rope.fn, rope.theta, state)
         else:
-            rope = PositionRope(rope, lambda ids: ids, state=state)
+            rope = PositionRope(rope, _identity, state=state)
         blocks = []
         for block in self.model.blocks:
             attn = copy.copy(block.attn1)
@@ -216,6 +216,13 @@ class DiffusersWan:
         twin._modules["rope"] = rope
         twin._modules["blocks"] = nn.ModuleList(blocks)
         return DiffusersWan(twin)
+
+
+def _identity(ids: Tensor) -> Tensor:
+    return ids
+
+
+_identity.static = True
 
 
 class RopeState:

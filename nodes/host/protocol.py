@@ -102,8 +102,12 @@ def apply_position_fn(fn: RopePositionFn, ids: Tensor) -> Tensor:
 
 
 def compose_position_fns(first: RopePositionFn, then: RopePositionFn) -> RopePositionFn:
-    """ids -> then(first(ids)); used when a hook is added to an already hooked adapter."""
-    return lambda ids: apply_position_fn(then, apply_position_fn(first, ids))
+    """ids -> then(first(ids)); used when a hook is added to an already hooked adapter. `static` (same ids give
+    the same positions, so a host may cache its tables) when both parts are."""
+    def composed(ids: Tensor) -> Tensor:
+        return apply_position_fn(then, apply_position_fn(first, ids))
+    composed.static = getattr(first, "static", False) and getattr(then, "static", False)
+    return composed
 
 
 def _batch(name: str, x: Tensor, batch: int) -> Tensor:
