@@ -187,3 +187,13 @@ def test_trainer_node_saves_a_loadable_predictor(tmp_path, monkeypatch):
     _, text = FFPASTRoPE.execute(model, "learned", "warped", 1.0, 1.0, 2.0, 1.0, True, "torch", "ci_predictor.safetensors",
                                  source_latent=latent).result
     assert "alpha_T per step" in text
+
+
+def test_source_video_of_the_wrong_length_is_rejected():
+    model = load_tiny_comfy_wan("i2v")
+    with pytest.raises(ValueError, match="4k"):
+        FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                           source_images=torch.rand(8, 32, 32, 3), vae=StubVAE())
+    _, text = FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
+                                 source_images=torch.rand(9, 32, 32, 3), vae=StubVAE()).result
+    assert "warped" in text
