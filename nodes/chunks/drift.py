@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..video.metrics import frame_jumps
-
 MIN_PIXELS = 16
 
 
@@ -125,30 +123,53 @@ def crossfade(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 # ---- metrics ------------------------------------------------------------------------------------------------
 
 
+def _frame_steps(frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[T-1] float64: mean |frame_t - frame_{t-1}| (over pixels in either frame's mask > 0.5 when given; NaN where
+    that is empty). One frame at a time, so memory does not grow with the clip."""
+    out = torch.empty(max(frames.shape[0] - 1, 0), dtype=torch.float64)
+    for t in range(1, frames.shape[0]):
+        diff = (frames[t].double() - frames[t - 1].double()).abs()
+        if mask is None:
+            out[t - 1] = diff.mean()
+        else:
+            sel = (mask[t] > 0.5) | (mask[t - 1] > 0.5)
+            n = int(sel.sum())
+            out[t - 1] = diff.mean(-1)[sel].mean() if n else float("nan")
+    return out
+
+
+def _relative(steps: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
+    finite = steps[torch.isfinite(steps)]
+    med = max(float(finite.median()), 1e-8) if len(finite) else float("nan")
+    return [float(steps[s - 1]) / med for s in seams]
+
+
 def seam_jumps(frames: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
     """Jump at each seam s: mean |frame_s - frame_{s-1}| relative to the clip's median consecutive difference
-    (nodes/video/metrics.frame_jumps; 1 = an ordinary frame step)."""
-    if not seams:
-        return []
-    jumps = frame_jumps(frames.float().numpy())
-    return [float(jumps[s - 1]) for s in seams]
+    (the definition of nodes/video/metrics.frame_jumps, computed frame by frame; 1 = an ordinary frame step)."""
+    return _relative(_frame_steps(frames), seams) if seams else []
 
 
 def region_seam_jumps(frames: torch.Tensor, mask: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
     """Seam jumps inside the edit region: mean |frame_t - frame_{t-1}| over pixels in either frame's region
     (mask [T, H, W] > 0.5), relative to the median of that quantity over the clip. NaN where the region is empty.
     A small edit hides in the whole-frame jump; this one shows it."""
-    if not seams:
-        return []
-    m = mask.float() > 0.5
-    both = m[1:] | m[:-1]
-    diff = (frames[1:].float() - frames[:-1].float()).abs().mean(-1)
-    count = both.sum((1, 2))
-    d = torch.where(count > 0, (diff * both).sum((1, 2)) / count.clamp_min(1), torch.full_like(count, float("nan"),
-                                                                                                 dtype=diff.dtype))
-    finite = d[torch.isfinite(d)]
-    med = float(finite.median()) if len(finite) else float("nan")
-    return [float(d[s - 1]) / max(med, 1e-8) for s in seams]
+    return _relative(_frame_steps(frames, mask), seams) if seams else []
+
+
+def _frame_means(frames: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame weighted mean colour [T, 3] and weight sum [T], one frame at a time."""
+    means = torch.empty(frames.shape[0], 3, dtype=torch.float64)
+    sums = torch.empty(frames.shape[0], dtype=torch.float64)
+    for t in range(frames.shape[0]):
+        f = frames[t].double()
+        if weight is None:
+            means[t], sums[t] = f.mean((0, 1)), f.shape[0] * f.shape[1]
+        else:
+            w = weight[t].double()
+            sums[t] = w.sum()
+            means[t] = (f * w[..., None]).sum((0, 1)) / max(float(sums[t]), 1e-8)
+    return means, sums
 
 
 def color_drift(output: torch.Tensor, source: torch.Tensor, edit_mask: torch.Tensor | None,
@@ -156,22 +177,21 @@ def color_drift(output: torch.Tensor, source: torch.Tensor, edit_mask: torch.Ten
     """Per chunk (ranges of output frames): 'background' = mean over frames of the L2 distance (in 0..255 RGB)
     between the background mean colour of output and source; 'edit' = distance of the edit region's mean
     colour from chunk 1's (without a mask: the whole frame's mean colour vs chunk 1's)."""
-    bg_drift, edit_drift = [], []
     if edit_mask is None:
-        mean, _, _ = weighted_stats(output.float(), torch.ones(output.shape[:3]))
-        ref = mean[ranges[0].start:ranges[0].stop].mean(0)
-        for r in ranges:
-            src_mean, _, _ = weighted_stats(source[r.start:r.stop].float(), torch.ones((len(r),) + output.shape[1:3]))
-            bg_drift.append(float(((mean[r.start:r.stop] - src_mean).norm(dim=1) * 255).mean()))
-            edit_drift.append(float((mean[r.start:r.stop] - ref).norm(dim=1).mean() * 255))
-        return {"background": bg_drift, "edit": edit_drift}
-    m = edit_mask.float()
-    o_bg, _, w_bg = weighted_stats(output.float(), 1 - m)
-    s_bg, _, _ = weighted_stats(source.float(), 1 - m)
-    o_ed, _, w_ed = weighted_stats(output.float(), m)
+        o_bg, _ = _frame_means(output, None)
+        s_bg, _ = _frame_means(source, None)
+        o_ed, w_ed = o_bg, torch.full((output.shape[0],), float(MIN_PIXELS))
+        w_bg = w_ed
+    else:
+        m = edit_mask.float().clamp(0, 1)
+        bg = 1 - m
+        o_bg, w_bg = _frame_means(output, bg)
+        s_bg, _ = _frame_means(source, bg)
+        o_ed, w_ed = _frame_means(output, m)
     ok_bg, ok_ed = w_bg >= MIN_PIXELS, w_ed >= MIN_PIXELS
     first = [i for i in ranges[0] if ok_ed[i]]
     ref = o_ed[first].mean(0) if first else None
+    bg_drift, edit_drift = [], []
     for r in ranges:
         ib = [i for i in r if ok_bg[i]]
         bg_drift.append(float((o_bg[ib] - s_bg[ib]).norm(dim=1).mean() * 255) if ib else float("nan"))
