@@ -161,6 +161,7 @@ def track_sam2(model: SAM2Model, source, entries: tuple[FramePrompt, ...] = (), 
         raise ValueError("no prompts to track: add points/boxes in the Mask Prompts editor or connect a mask.")
     window = _memory_window(module)
     passes = _passes(keyframes, num_frames, direction)
+    _tqdm_off()
     total, done = sum(n for _, _, n in passes), 0
     with torch.inference_mode(), _autocast(device):
         state = _new_state(module, source, num_frames, height, width, device)
@@ -303,7 +304,6 @@ def propagate_masks(images: torch.Tensor, prompts: MaskPrompts | None = None, ma
         log_once(f"masks-auto-flow:{model_error}", "FFP masks: %s", reason)
         notes.append(reason)
     if use_sam2:
-        _tqdm_off()
         ids = tuple(sorted({e.object for e in entries} | {k.object for k in key_masks}))
         objects = torch.zeros(len(ids), t_len, h, w)
         for frame_idx, obj_ids, masks in track_sam2(model, images, entries, key_masks, direction,
