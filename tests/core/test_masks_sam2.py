@@ -243,3 +243,20 @@ def test_bad_input(model, clip):
         propagate_masks(clip, prompts({"frame": 0, "object": 1, "points": [[1, 1, 1]]}), square(), 0, model)
     with pytest.raises(ValueError, match="one box per"):
         propagate_masks(clip, prompts({"frame": 0, "object": 1, "boxes": [[1, 1, 9, 9], [20, 20, 30, 30]]}), model=model)
+
+
+@pytest.mark.parametrize("engine", ["sam2", "flow"])
+def test_progress_and_cancel(model, clip, engine):
+    from ffprop.nodes.common import Cancelled
+
+    steps = []
+    r = propagate_masks(clip, None, square(), 2, model, engine, "both", on_step=lambda i, n, p=None: steps.append((i, n)))
+    assert r.engine == engine and steps[-1][0] == steps[-1][1] and len(steps) >= 2
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) >= 2
+
+    with pytest.raises(Cancelled):
+        propagate_masks(clip, None, square(), 0, model, engine, should_stop=stop)
