@@ -128,13 +128,13 @@ def _frame_steps(frames: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     that is empty). One frame at a time, so memory does not grow with the clip."""
     out = torch.empty(max(frames.shape[0] - 1, 0), dtype=torch.float64)
     for t in range(1, frames.shape[0]):
-        diff = (frames[t].double() - frames[t - 1].double()).abs()
+        diff = (frames[t].float() - frames[t - 1].float()).abs()
         if mask is None:
-            out[t - 1] = diff.mean()
+            out[t - 1] = diff.mean(dtype=torch.float64)
         else:
             sel = (mask[t] > 0.5) | (mask[t - 1] > 0.5)
             n = int(sel.sum())
-            out[t - 1] = diff.mean(-1)[sel].mean() if n else float("nan")
+            out[t - 1] = diff.mean(-1)[sel].mean(dtype=torch.float64) if n else float("nan")
     return out
 
 
@@ -162,13 +162,13 @@ def _frame_means(frames: torch.Tensor, weight: torch.Tensor | None) -> tuple[tor
     means = torch.empty(frames.shape[0], 3, dtype=torch.float64)
     sums = torch.empty(frames.shape[0], dtype=torch.float64)
     for t in range(frames.shape[0]):
-        f = frames[t].double()
+        f = frames[t].float().reshape(-1, 3)
         if weight is None:
-            means[t], sums[t] = f.mean((0, 1)), f.shape[0] * f.shape[1]
+            means[t], sums[t] = f.mean(0, dtype=torch.float64), f.shape[0]
         else:
-            w = weight[t].double()
-            sums[t] = w.sum()
-            means[t] = (f * w[..., None]).sum((0, 1)) / max(float(sums[t]), 1e-8)
+            w = weight[t].float().reshape(-1)
+            sums[t] = w.sum(dtype=torch.float64)
+            means[t] = (w @ f).double() / max(float(sums[t]), 1e-8)
     return means, sums
 
 
