@@ -317,6 +317,18 @@ def load_diffusers_wan(
 def _load_without_accelerate(cls, folder: Path, dtype: Optional[torch.dtype]) -> nn.Module:
     """diffusers 0.42.1's from_pretrained refuses WanTransformer3DModel without `accelerate` (its fp32-module
     rule needs low_cpu_mem_usage); build from config.json and load the safetensors shards directly instead."""
+    model = load_from_shards(cls, folder)
+    if dtype is not None:
+        keep = tuple(cls._keep_in_fp32_modules or ())
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not any(k in name for k in keep):
+                tensor.data = tensor.data.to(dtype)
+    return model.eval()
+
+
+def load_from_shards(cls, folder: Path) -> nn.Module:
+    """A diffusers model class built from folder/config.json with its diffusion_pytorch_model*.safetensors
+    shards loaded (no accelerate, no network); a clear error when the weights are absent or do not match."""
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
@@ -332,11 +344,6 @@ def _load_without_accelerate(cls, folder: Path, dtype: Optional[torch.dtype]) ->
     if missing or unexpected:
         raise ValueError(
             f"'{folder}' does not match its config.json: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Is it a complete Wan transformer?"
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Is it a complete {cls.__name__}?"
         )
-    if dtype is not None:
-        keep = tuple(cls._keep_in_fp32_modules or ())
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_floating_point() and not any(k in name for k in keep):
-                tensor.data = tensor.data.to(dtype)
-    return model.eval()
+    return model

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..video.frames import check_video, frames_to_latent
+from .diffusers import load_from_shards
 
 
 class DiffusersWanVAE:
@@ -70,18 +71,6 @@ def load_diffusers_wan_vae(path: Union[str, Path], dtype: Optional[torch.dtype] 
     if not (folder / "config.json").is_file():
         raise ValueError(f"no diffusers Wan VAE at '{root}': expected vae/config.json + "
                          "diffusion_pytorch_model.safetensors (a diffusers-format Wan2.1 I2V directory).")
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-    if not files:
-        raise ValueError(f"'{folder}' has config.json but no diffusion_pytorch_model*.safetensors weights.")
-    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(folder)))
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"'{folder}' does not match its config.json: {len(missing)} missing keys (e.g. "
-                         f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}).")
+    vae = load_from_shards(AutoencoderKLWan, folder)
     vae = vae.to(device=device, dtype=dtype) if dtype is not None else vae.to(device)
     return DiffusersWanVAE(vae.eval())
