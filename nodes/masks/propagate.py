@@ -192,8 +192,10 @@ def _tqdm_off() -> None:
 def _flow_masks(images: torch.Tensor, obj_keys: dict[int, dict[int, torch.Tensor]], direction: str, quality: str,
                 tolerance: float, on_step: OnStep | None, should_stop: ShouldStop | None) -> torch.Tensor:
     """Flow engine: each object's keyframe masks carried forward to the next keyframe and backward to the
-    previous one (before the first keyframe only for direction 'both'). -> [N, T, H, W] float {0, 1}."""
-    from ..flow.engine import propagate_mask
+    previous one (before the first keyframe only for direction 'both') by the optical-flow mask tracker
+    (flow_track.py). -> [N, T, H, W] float {0, 1}."""
+    from ..video.frames import to_uint8
+    from .flow_track import track_mask
 
     t_len, h, w = images.shape[:3]
     out = torch.zeros(len(obj_keys), t_len, h, w)
@@ -208,16 +210,14 @@ def _flow_masks(images: torch.Tensor, obj_keys: dict[int, dict[int, torch.Tensor
     total = sum(stop - start for _, _, start, stop, _ in jobs)
     done = 0
     for n, k, start, stop, backward in jobs:
-        mask = obj_keys[list(obj_keys)[n]][k]
-        clip = images[start:stop].flip(0) if backward else images[start:stop]
-        if clip.shape[0] == 1:
-            carried = mask[None].float()
-        else:
-            carried = propagate_mask(clip, mask.float(), quality, tolerance, should_stop=should_stop)
-        carried = carried.flip(0) if backward else carried
-        out[n, start:stop] = (carried >= 0.5).float()
-        done += stop - start
-        report(on_step, should_stop, done, total)
+        mask = obj_keys[list(obj_keys)[n]][k].bool().numpy()
+        frames = to_uint8(images[start:stop])
+        order = range(stop - 1, start - 1, -1) if backward else range(start, stop)
+        for t, m in zip(order, track_mask(frames[::-1] if backward else frames, mask, quality, tolerance,
+                                          should_stop=should_stop)):
+            out[n, t] = torch.from_numpy(m).float()
+            done += 1
+            report(on_step, should_stop, done, total)
     return out
 
 

@@ -1,0 +1,243 @@
+"""Optical-flow mask tracker: the fallback of mask propagation when no SAM2 weights exist (numpy/OpenCV only).
+
+A keyframe mask is carried frame to frame. Per frame t (tracking order, previous frame p):
+- DIS flow t -> p and p -> t; the forward-backward check marks pixels whose flow is trusted.
+- Two motion fields: the object's (trusted flow of pixels that land inside the previous mask, eroded, spread to
+  the surroundings by normalised convolution) and the background's (likewise from pixels landing outside).
+  The raw flow at an object's edge is a blend of the two (DIS is smooth), and sampling the previous mask along
+  it drags background pixels at the trailing edge into the mask; sampling it along the object's own motion
+  does not: for a moving object that motion maps exactly the pixels it now covers back into the old mask.
+- Occlusion: a pixel the object's motion claims, whose 5x5 colour patch the background/occluder's motion
+  explains much better (vs frame p), leaves the visible mask.
+- Whole-object motion: a second hypothesis, the object's translation found by masked template matching; per
+  frame the hypothesis whose patches match best over the object is used (DIS often follows the background
+  across a thin or motion-blurred object).
+- Re-acquisition: an amodal mask (the object's extent carried by its motion whether seen or not), every
+  pixel's position in the keyframe and the object's last seen colours are kept; a hidden amodal pixel whose
+  patch matches the keyframe or those colours again rejoins the visible mask.
+- Anchor (track_mask): the keyframe-anchored mask of nodes/flow (every pixel chained back to the keyframe and
+  patch-checked against it) bounds the mask, and is re-used when the tracker has lost the object.
+- Clean-up: 1-pixel specks removed, 1-pixel holes closed.
+
+Large frames are tracked at most `max_side` pixels on the long side and the masks scaled back."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from ..common import Cancelled, ShouldStop
+from ..flow.dis import DenseFlow, consistent, identity_grid, sample, to_gray
+from ..flow.engine import track_to_first
+
+MAX_SIDE = 640
+LOST = 0.3      # below this share of the key mask's area the tracker counts as lost and re-acquires
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(a, (0, 0), sigma)
+
+
+def _spread(field: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """field [H, W, 2] known where weight [H, W] (0/1) is set, spread everywhere by normalised convolution;
+    far from any known pixel it tends to the known pixels' median (or zero when there are none)."""
+    w = weight.astype(np.float32)
+    if w.sum() < 1:
+        return np.zeros_like(field)
+    glob = np.median(field[w > 0], 0).astype(np.float32)
+    num = _blur(field * w[..., None], sigma)
+    den = _blur(w, sigma)[..., None]
+    k = np.float32(1e-3)
+    return (num + k * glob) / (den + k)
+
+
+def _patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute RGB difference (0..1) over 5x5 patches of two float frames [H, W, 3]."""
+    return cv2.blur(np.abs(a - b).mean(-1), (5, 5))
+
+
+def _disk(r: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+class MaskTracker:
+    """Carries `key_mask` (bool [H, W], on `key_frame` uint8 RGB [H, W, 3]) frame by frame: call `step(frame)`
+    with the next frame in tracking order; it returns the visible mask (bool [H, W]).
+
+    tolerance: 0..1 patch colour difference; a pixel the object's motion claims counts as occluded when its
+    error exceeds tolerance / 2 and the background's motion explains it better by `occlusion_margin`; a hidden
+    pixel rejoins when it matches the keyframe or the object's last seen colours within tolerance / 2."""
+
+    CORE_ERODE = 5          # px: object/background motion is read this far inside each region (DIS blurs edges)
+    SEEN = 0.3              # below this visible share of the amodal extent, the object keeps its last DIS motion
+    TEMPLATE_FROM_SEEN = 0.3  # template = last frame's visible pixels when they cover this share of the extent
+
+    def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray, quality: str = "medium",
+                 tolerance: float = 0.12, occlusion_margin: float = 0.03):
+        h, w = key_mask.shape
+        self.dis = DenseFlow(quality)
+        self.grid = identity_grid(h, w)
+        self.tolerance, self.margin = tolerance, occlusion_margin
+        self.sigma = max(3.0, 0.012 * max(h, w))
+        self.key_rgb = key_frame.astype(np.float32) / 255
+        self.prev_rgb, self.prev_gray = self.key_rgb, to_gray(key_frame)
+        self.visible = key_mask.astype(np.float32)
+        self.amodal = self.visible.copy()               # soft extent, seen or hidden
+        self.coords = self.grid.copy()                  # where each pixel lies in the keyframe
+        self.memory = self.key_rgb.copy()               # the object's last seen colours, carried along its motion
+        self.last_motion: np.ndarray | None = None      # DIS object motion of the last well-seen frame
+
+    def step(self, frame: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+        """allowed: optional bool [H, W]; the visible mask is limited to it (and so is what is carried on)."""
+        gray, rgb = to_gray(frame), frame.astype(np.float32) / 255
+        back = self.dis.flow(gray, self.prev_gray)      # t -> p
+        trusted = consistent(self.dis.flow(self.prev_gray, gray), back)
+        raw = sample(self.visible, self.grid + back)
+        core = _erode_keep(((raw > 0.99) & trusted), self.CORE_ERODE)
+        bg = cv2.erode((raw < 0.01).astype(np.uint8), _disk(2)) > 0
+        bg_src = self.grid + _spread(back, bg & trusted, self.sigma)
+        obj_src, e_obj = self._object_source(rgb, back, core)
+        carried = sample(self.visible, obj_src)
+        e_bg = _patch_error(rgb, sample(self.prev_rgb, bg_src))
+        occluded = (e_bg + self.margin < e_obj) & (e_obj > self.tolerance * 0.5)
+        visible = (carried >= 0.5) & ~occluded
+        # the amodal extent, keyframe positions and colour memory follow the object's motion
+        self.amodal = sample(self.amodal, obj_src)
+        snapped = np.round(obj_src)
+        self.coords = sample(self.coords, snapped, nearest=True) + (obj_src - snapped)
+        self.memory = sample(self.memory, obj_src)
+        hidden = (self.amodal >= 0.5) & ~visible
+        if hidden.any():
+            e_seen = np.minimum(_patch_error(rgb, sample(self.key_rgb, self.coords)), _patch_error(rgb, self.memory))
+            visible |= hidden & (e_seen < self.tolerance * 0.5)
+        m = cv2.morphologyEx(visible.astype(np.uint8), cv2.MORPH_CLOSE, _disk(1))
+        visible = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(1)) > 0
+        if allowed is not None:
+            visible &= allowed
+        self.prev_rgb, self.prev_gray = rgb, gray
+        self.adopt(visible)
+        return visible
+
+    def adopt(self, mask: np.ndarray) -> None:
+        """Make bool [H, W] the current visible mask (step() does; a caller may add re-acquired pixels)."""
+        self.visible = mask.astype(np.float32)
+        self.amodal = np.maximum(self.amodal, self.visible)
+        self.memory = np.where(mask[..., None], self.prev_rgb, self.memory)
+
+    def _object_source(self, rgb: np.ndarray, back: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the object's pixels of frame t come from in frame p (coords [H, W, 2]): of the hypotheses
+        (DIS motion of its core, whole-object translation by template matching) the one whose patches match
+        best over the carried extent. Also the per-pixel patch error, the lower of the hypotheses (a limb or
+        wheel the chosen one misses is not taken for an occluder)."""
+        cands = [self.grid + self._core_motion(back, core)]
+        shift = self._template_shift(rgb)
+        if shift is not None:
+            cands.append(self.grid + shift)
+        best, lowest = (np.inf, cands[0]), None
+        for src in cands:
+            err = _patch_error(rgb, sample(self.prev_rgb, src))
+            inside = sample(self.amodal, src) >= 0.5
+            score = float(err[inside].mean()) if inside.any() else np.inf
+            if score < best[0]:
+                best = (score, src)
+            lowest = err if lowest is None else np.minimum(lowest, err)
+        return best[1], lowest
+
+    def _template_shift(self, rgb: np.ndarray) -> np.ndarray | None:
+        """Whole-object translation t -> p ([H, W, 2], constant) by masked template matching of the object in
+        frame t around its last place: robust where DIS follows the background across a thin or blurred object
+        (DAVIS bmx-trees after the trees). Template: the last frame's visible pixels, or while mostly hidden
+        the object's remembered colours over its amodal extent."""
+        obj = (self.amodal >= 0.5).astype(np.uint8)
+        if obj.sum() < 16:
+            return None
+        colours = self.memory
+        if self.visible.sum() >= self.TEMPLATE_FROM_SEEN * obj.sum():
+            obj, colours = (self.visible > 0.5).astype(np.uint8), self.prev_rgb
+        x, y, bw, bh = cv2.boundingRect(obj)
+        h, w = obj.shape
+        r = int(max(12, 0.06 * max(h, w)))
+        x0, y0, x1, y1 = max(0, x - r), max(0, y - r), min(w, x + bw + r), min(h, y + bh + r)
+        if x1 - x0 <= bw or y1 - y0 <= bh:
+            return None
+        weight = np.repeat(obj[y:y + bh, x:x + bw, None].astype(np.float32), 3, -1)
+        res = cv2.matchTemplate(rgb[y0:y1, x0:x1], colours[y:y + bh, x:x + bw], cv2.TM_SQDIFF, mask=weight)
+        _, _, loc, _ = cv2.minMaxLoc(res)
+        dx, dy = loc[0] + x0 - x, loc[1] + y0 - y                  # the object moved p -> t by (dx, dy)
+        return np.broadcast_to(np.float32([-dx, -dy]), self.grid.shape).copy()
+
+    def _core_motion(self, back: np.ndarray, core: np.ndarray) -> np.ndarray:
+        """The object's DIS flow t -> p: trusted flow of its core, spread outwards; its last such motion while
+        it is mostly hidden (an occluder's flow must not drag it along)."""
+        seen = (self.visible > 0.5).sum() / max(1.0, float((self.amodal >= 0.5).sum()))
+        if self.last_motion is not None and (seen < self.SEEN or core.sum() < 3):
+            return self.last_motion
+        if core.sum() < 3:
+            return _spread(back, self.visible > 0.5, self.sigma)
+        self.last_motion = _spread(back, core, self.sigma)
+        return self.last_motion
+
+
+def _erode_keep(mask: np.ndarray, radius: int, min_pixels: int = 30) -> np.ndarray:
+    """Erode by up to `radius`, less where that would leave fewer than min_pixels (thin objects)."""
+    while radius > 0:
+        eroded = cv2.erode(mask.astype(np.uint8), _disk(radius)) > 0
+        if eroded.sum() >= min_pixels:
+            return eroded
+        radius -= 2
+    return mask
+
+
+class _Resized:
+    """frames [T, H, W, 3] seen at another size, one frame at a time (what track_to_first indexes)."""
+
+    def __init__(self, frames: np.ndarray, size: tuple[int, int]):
+        self.frames, self.size = frames, size
+        self.shape = (frames.shape[0], size[1], size[0], 3)
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        f = self.frames[t]
+        return f if f.shape[1::-1] == self.size else cv2.resize(f, self.size, interpolation=cv2.INTER_AREA)
+
+
+def track_mask(frames: np.ndarray, key_mask: np.ndarray, quality: str = "medium", tolerance: float = 0.12,
+               max_side: int = MAX_SIDE, anchor: bool = True,
+               should_stop: ShouldStop | None = None) -> Iterator[np.ndarray]:
+    """frames: uint8 [T, H, W, 3] in tracking order, frames[0] the keyframe; key_mask bool [H, W].
+    Yields bool [H, W] masks, frame 0 (the key mask itself) first.
+
+    anchor: also track every pixel back to the keyframe (nodes/flow's track_to_first: chained flow re-anchored
+    to the keyframe, patch-checked against it) and keep the mask within that keyframe-anchored mask grown by
+    a few pixels (while that mask holds at least 30 % of the key area): the frame-to-frame tracker then cannot
+    drift far onto a neighbour. When the tracked mask falls under LOST of the key area (object hidden, or lost),
+    the keyframe-anchored mask is added back: re-acquisition of an object that reappears elsewhere."""
+    t_len, h, w = frames.shape[:3]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    small = _Resized(frames, size)
+    key = key_mask.astype(bool)
+    yield key
+    key_small = cv2.resize(key.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5 if scale < 1 else key
+    tracker = MaskTracker(small[0], key_small, quality, tolerance)
+    anchored = track_to_first(small, quality, True, tolerance) if anchor else None
+    if anchored is not None:
+        next(anchored)
+    grow, key_area = _disk(max(2, round(0.02 * max(size)))), float(key_small.sum())
+    for t in range(1, t_len):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"cancelled at frame {t} of {t_len}")
+        allowed = held = None
+        if anchored is not None:
+            track = next(anchored)
+            held = (sample(key_small.astype(np.float32), track.coords) >= 0.5) & track.valid
+            if held.sum() >= 0.3 * key_area:
+                allowed = cv2.dilate(held.astype(np.uint8), grow) > 0
+        m = tracker.step(small[t], allowed)
+        if allowed is not None and m.sum() < LOST * key_area:
+            m = m | (cv2.morphologyEx(held.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)) > 0)
+            tracker.adopt(m)
+        if scale < 1:
+            m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+        yield m
