@@ -4,6 +4,14 @@ Block swap keeps the first `blocks_to_swap` frozen blocks on the CPU (one copy: 
 moves each to the compute device just before it runs, prefetching the next one (the previous one in the
 backward pass) on a side CUDA stream. It needs gradient checkpointing (backward re-runs each block, which
 loads it again). On CPU the moves are no-ops but the same code path runs (tests count the moves).
+
+Activation offload keeps what checkpointing saves between blocks (each block's input hidden states, the only
+activation a checkpointed block keeps for its recompute) on the CPU: copied device -> pinned host memory on a
+side stream during the forward, copied back when backward re-runs that block (the block before it is fetched
+ahead on the side stream). It hooks only the checkpoint's own input save (saved_tensors_hooks around the
+checkpoint call: the ops inside a checkpointed block save into the checkpoint's holders, not through these
+hooks), so the recompute sees exactly the tensor it saw in the forward. On CPU nothing is copied but the hooks
+run (tests count them).
 """
 
 from __future__ import annotations
@@ -27,26 +35,30 @@ class MemorySettings:
     swap_fraction: share of the blocks kept on the CPU (0..1; 0.95 of Wan-14B's 40 = 38, the paper's max).
     window_frames: train on overlapping windows of this many frames (4k+1; 0 = whole clip; the paper's 9).
     window_stride: frames between window starts (multiple of 4 keeps latent alignment).
-    compute_dtype: dtype the DiT runs in ('auto' = the model's own); fp8 base weights come from the loader."""
+    compute_dtype: dtype the DiT runs in ('auto' = the model's own); fp8 base weights come from the loader.
+    offload_activations: keep the checkpointed block inputs in (pinned) CPU memory, not on the GPU (needs
+    gradient checkpointing; 49 frames of Wan-14B at 832x480 save 40 x 208 MB = 8.3 GB there otherwise)."""
 
     gradient_checkpointing: bool = True
     swap_fraction: float = 0.0
     window_frames: int = 0
     window_stride: int = 4
     compute_dtype: str = "auto"
+    offload_activations: bool = False
 
     def blocks_to_swap(self, num_layers: int) -> int:
         return min(num_layers, int(round(self.swap_fraction * num_layers)))
 
 
-# Estimates for Wan2.1-I2V-14B at 832x480, anchored on LoRA-Edit's Table 4 (9-frame windows: swap 32 of 40 ->
-# 9,987 MB, 38 -> 7,617 MB) and README (49 frames, swap 32 -> 21,522 MB). Not measured here (no GPU).
+# Sized for Wan2.1-I2V-14B at 832x480, 49 frames (20,280 tokens): analytic estimates, not GPU measurements
+# (`python tests/benchmarks/bench_lora_edit.py --estimate`). 12GB and 8GB train the full sequence thanks to
+# activation offload; 9-frame windows (LoRA-Edit's low-cost mode) stay available on the memory settings node.
 PRESETS: dict[str, MemorySettings] = {
     "unlimited": MemorySettings(gradient_checkpointing=False),
     "24GB": MemorySettings(swap_fraction=0.4, compute_dtype="bf16"),
     "16GB": MemorySettings(swap_fraction=0.8, compute_dtype="bf16"),
-    "12GB": MemorySettings(swap_fraction=0.85, window_frames=21, compute_dtype="bf16"),
-    "8GB": MemorySettings(swap_fraction=0.95, window_frames=9, compute_dtype="bf16"),
+    "12GB": MemorySettings(swap_fraction=0.85, compute_dtype="bf16", offload_activations=True),
+    "8GB": MemorySettings(swap_fraction=0.95, compute_dtype="bf16", offload_activations=True),
 }
 PRESET_ORDER = ("unlimited", "24GB", "16GB", "12GB", "8GB")
 
@@ -57,23 +69,31 @@ def preset(name: str, **overrides) -> MemorySettings:
     return replace(PRESETS[name], **overrides)
 
 
+def _thrift(s: MemorySettings) -> tuple:
+    return (s.swap_fraction, s.offload_activations, -(s.window_frames or 10**6))
+
+
 def smaller_preset(settings: MemorySettings) -> Optional[str]:
     """The first preset that saves more memory than `settings` (for the out-of-memory message)."""
     for name in PRESET_ORDER[1:]:
-        p = PRESETS[name]
-        if (p.swap_fraction, -(p.window_frames or 10**6)) > (settings.swap_fraction, -(settings.window_frames or 10**6)):
+        if _thrift(PRESETS[name]) > _thrift(settings):
             return name
     return None
 
 
 def oom_message(settings: MemorySettings, frames: int, height: int, width: int, free_note: str = "") -> str:
     nxt = smaller_preset(settings)
-    tip = (f"choose the '{nxt}' memory preset" if nxt else
-           "use fewer frames or a lower resolution (the smallest preset already swaps 95 % of the blocks and "
-           "trains on 9-frame windows)")
+    if nxt:
+        tip = f"choose the '{nxt}' memory preset"
+    elif not settings.window_frames:
+        tip = ("connect 'LoRA-Edit Memory Settings' with window_frames 9 (LoRA-Edit's low-cost mode: overlapping "
+               "9-frame windows), or use fewer frames or a lower resolution")
+    else:
+        tip = "use fewer frames or a lower resolution (windows are already on and 95 % of the blocks swapped)"
     return (f"out of GPU memory while training the LoRA on {frames} frames at {width}x{height} with "
             f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
-            f"{settings.swap_fraction:.0%} of the blocks swapped, windows "
+            f"{settings.swap_fraction:.0%} of the blocks swapped, activation offload "
+            f"{'on' if settings.offload_activations else 'off'}, windows "
             f"{settings.window_frames or 'off'}{free_note}. To fit: {tip}, or close other programs using the GPU.")
 
 
@@ -82,11 +102,15 @@ class BlockRunner:
     with a wrapper (an instance attribute, removed again by `remove()`; the class stays untouched)."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device, checkpointing: bool, blocks_to_swap: int = 0,
-                 should_stop: Optional[Callable[[], bool]] = None):
+                 should_stop: Optional[Callable[[], bool]] = None, offload_activations: bool = False):
         if blocks_to_swap and not checkpointing:
             raise ValueError("block swap needs gradient checkpointing (backward re-runs each block on the device); "
                              "turn gradient_checkpointing on or set blocks_to_swap to 0.")
+        if offload_activations and not checkpointing:
+            raise ValueError("activation offload needs gradient checkpointing (it offloads what checkpointing saves "
+                             "between blocks); turn gradient_checkpointing on or offload_activations off.")
         self.blocks = blocks
+        self.acts = ActivationOffload(torch.device(device)) if offload_activations else None
         self.device = torch.device(device)
         self.checkpointing = checkpointing
         self.swapped = set(range(min(blocks_to_swap, len(blocks))))
@@ -119,6 +143,8 @@ class BlockRunner:
         if not self._installed:
             return
         self._sync()
+        if self.acts is not None:
+            self.acts.reset()
         for i, block in enumerate(self.blocks):
             block.__dict__.pop("forward", None)
             for (t, cpu), dev in zip(self.home.get(i, []), self.origin.get(i, [])):
@@ -148,7 +174,10 @@ class BlockRunner:
                 raise Cancelled(f"cancelled before block {i}")
             self._request(i)
             if self.checkpointing and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(self._rerun, i, forward, *args, use_reentrant=False, **kwargs)
+                hooks = contextlib.nullcontext() if self.acts is None else self.acts.hooks(i, _hidden(args, kwargs))
+                with hooks:
+                    return torch.utils.checkpoint.checkpoint(self._rerun, i, forward, *args, use_reentrant=False,
+                                                             **kwargs)
             return forward(*args, **kwargs)
 
         return run
@@ -201,12 +230,125 @@ class BlockRunner:
         self.pending.clear()
 
 
+def _hidden(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """A block's hidden-state input: its first positional tensor (diffusers `hidden_states`, ComfyUI `x`)."""
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    for key in ("hidden_states", "x"):
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key]
+    return None
+
+
+class _Saved:
+    """One offloaded block input: its host copy, the event that says the device -> host copy is done, and the
+    device copy fetched ahead for the backward pass (None until prefetched)."""
+
+    __slots__ = ("block", "host", "device", "copied", "ahead", "ahead_ready")
+
+    def __init__(self, block: int, host: Tensor, device: torch.device, copied=None):
+        self.block, self.host, self.device, self.copied = block, host, device, copied
+        self.ahead: Optional[Tensor] = None
+        self.ahead_ready = None
+
+
+class ActivationOffload:
+    """saved_tensors_hooks for the checkpoint boundary: the block's input is packed to pinned host memory (async
+    on a side stream) and unpacked to the device when backward re-runs the block; unpacking block i fetches
+    block i-1's input ahead on the side stream. Other tensors the checkpoint saves (timestep embedding, text
+    context: the same tensors for every block) pass through untouched. On CPU nothing moves; counts still tick."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.packed = 0          # block inputs offloaded (hook calls that took a tensor)
+        self.unpacked = 0        # block inputs brought back for a recompute
+        self.prefetched = 0      # of those, fetched ahead on the side stream
+        self.host_bytes = 0      # bytes currently offloaded (this step)
+        self.peak_host_bytes = 0
+        self._by_block: dict[int, _Saved] = {}
+
+    def reset(self) -> None:
+        self._by_block.clear()
+        self.host_bytes = 0
+
+    def hooks(self, block: int, hidden: Optional[Tensor]):
+        if block == 0:                   # a new forward: forget the previous step's prefetch table
+            self.reset()
+
+        def pack(t: Tensor):
+            if t is not hidden:          # the checkpoint hands its inputs to the hook as they are
+                return t
+            saved = self._pack(block, t)
+            self._by_block[block] = saved
+            self.packed += 1
+            self.host_bytes += t.numel() * t.element_size()
+            self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+            return saved
+
+        def unpack(saved):
+            if not isinstance(saved, _Saved):
+                return saved
+            self.unpacked += 1
+            out = self._unpack(saved)
+            self._by_block.pop(saved.block, None)
+            before = self._by_block.get(saved.block - 1)
+            if before is not None:
+                self._fetch_ahead(before)
+            return out
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def _pack(self, block: int, t: Tensor) -> _Saved:
+        if t.device.type == "cpu":
+            return _Saved(block, t, t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        if not self.cuda:
+            host.copy_(t)
+            return _Saved(block, host, t.device)
+        main = torch.cuda.current_stream(t.device)
+        self.stream.wait_stream(main)              # the block input is complete on the main stream
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        t.record_stream(self.stream)               # its device memory is not reused before the copy ends
+        return _Saved(block, host, t.device, done)
+
+    def _fetch_ahead(self, saved: _Saved) -> None:
+        if not self.cuda or saved.ahead is not None or saved.device.type != "cuda":
+            return
+        with torch.cuda.stream(self.stream):
+            if saved.copied is not None:
+                self.stream.wait_event(saved.copied)
+            saved.ahead = saved.host.to(saved.device, non_blocking=True)
+            saved.ahead_ready = torch.cuda.Event()
+            saved.ahead_ready.record(self.stream)
+        self.prefetched += 1
+
+    def _unpack(self, saved: _Saved) -> Tensor:
+        if saved.device.type == "cpu":
+            return saved.host
+        if not self.cuda:                          # another accelerator (or meta, for the memory estimate)
+            return saved.host.to(saved.device)
+        main = torch.cuda.current_stream(saved.device)
+        if saved.ahead is not None:
+            out, saved.ahead = saved.ahead, None
+            main.wait_event(saved.ahead_ready)
+            out.record_stream(main)                # allocated on the side stream, used on the main one
+            return out
+        if saved.copied is not None:
+            main.wait_event(saved.copied)
+        return saved.host.to(saved.device, non_blocking=True)
+
+
 def is_oom(e: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
 
 
 def log_settings(settings: MemorySettings, num_layers: int) -> None:
-    log.info("FFP LoRA-Edit: checkpointing %s, %d of %d blocks swapped, windows %s, compute dtype %s",
-             settings.gradient_checkpointing, settings.blocks_to_swap(num_layers), num_layers,
-             settings.window_frames or "off", settings.compute_dtype)
+    log.info("FFP LoRA-Edit: checkpointing %s, %d of %d blocks swapped, activation offload %s, windows %s, "
+             "compute dtype %s", settings.gradient_checkpointing, settings.blocks_to_swap(num_layers), num_layers,
+             settings.offload_activations, settings.window_frames or "off", settings.compute_dtype)

@@ -139,16 +139,24 @@ class FFPLoRAEditMemory(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=list(DTYPES), default="auto",
                                tooltip="dtype the DiT computes in; auto = the model's (bf16 for fp8 weights). "
                                        "fp8 base weights: choose weight_dtype fp8 in Load Diffusion Model."),
+                io.Boolean.Input("offload_activations", default=False, optional=True,
+                                 tooltip="Keep the block inputs that checkpointing saves in CPU RAM (pinned, copied "
+                                         "asynchronously) instead of VRAM: 8.3 GB less for 49 frames of Wan-14B at "
+                                         "832x480, a little slower. Needs gradient checkpointing."),
             ],
             outputs=[MemoryType.Output(display_name="memory", tooltip="Connect to the trainer's memory input.")],
         )
 
     @classmethod
-    def execute(cls, gradient_checkpointing, swap_fraction, window_frames, window_stride, compute_dtype) -> io.NodeOutput:
+    def execute(cls, gradient_checkpointing, swap_fraction, window_frames, window_stride, compute_dtype,
+                offload_activations=False) -> io.NodeOutput:
         if window_frames:
             frames_to_latent(window_frames)
+        if offload_activations and not gradient_checkpointing:
+            raise ValueError("offload_activations needs gradient_checkpointing (it offloads what checkpointing saves "
+                             "between blocks); turn gradient_checkpointing on or offload_activations off.")
         return io.NodeOutput(MemorySettings(gradient_checkpointing, swap_fraction, window_frames, window_stride,
-                                            compute_dtype))
+                                            compute_dtype, bool(offload_activations)))
 
 
 class FFPTrainLoRAEdit(io.ComfyNode):

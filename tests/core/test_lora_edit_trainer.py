@@ -1,5 +1,6 @@
 """LoRA-Edit trainer on a tiny diffusers Wan I2V (CPU): loss goes down, base weights bit-identical, zero LoRA is
-the identity, save/load reproduces the output, stage 2, checkpointing/block swap/windows, cancel, bad input."""
+the identity, save/load reproduces the output, stage 2, checkpointing/block swap/activation offload/windows,
+cancel, bad input."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ except (ImportError, RuntimeError) as e:
 
 from ffprop.nodes.common import Cancelled  # noqa: E402
 from ffprop.nodes.host.diffusers import DiffusersWan  # noqa: E402
+from ffprop.nodes.lora_edit import lowvram  # noqa: E402
 from ffprop.nodes.lora_edit.lora import (  # noqa: E402
     LoRA,
     attach_hooks,
@@ -195,6 +197,75 @@ def test_checkpointing_and_block_swap_match_plain_training(dit, samples):
         torch.testing.assert_close(a.up, b.up, rtol=1e-4, atol=1e-6)
 
 
+def test_activation_offload_matches_plain_training_and_runs_its_hooks(dit, samples, monkeypatch):
+    made = []
+    real = lowvram.ActivationOffload
+
+    def spy(device):
+        made.append(real(device))
+        return made[-1]
+
+    monkeypatch.setattr(lowvram, "ActivationOffload", spy)
+    cfg = TrainSettings(steps=4, learning_rate=1e-3, rank=4, seed=5)
+    plain = train_lora_edit(dit, samples, cfg, memory=MemorySettings(gradient_checkpointing=False))
+    assert not made
+    off = train_lora_edit(dit, samples, cfg, memory=MemorySettings(True, offload_activations=True))
+    both = train_lora_edit(dit, samples, cfg, memory=MemorySettings(True, 1.0, offload_activations=True))
+    assert plain.losses == pytest.approx(off.losses, rel=1e-5, abs=1e-7)
+    assert plain.losses == pytest.approx(both.losses, rel=1e-5, abs=1e-7)
+    for (_, a), (_, b), (_, c) in zip(plain.lora.items(), off.lora.items(), both.lora.items()):
+        torch.testing.assert_close(a.up, b.up, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.down, c.down, rtol=1e-4, atol=1e-6)
+    # 2 blocks x 4 steps: every block input went through pack and came back through unpack for its recompute
+    assert len(made) == 2 and all(m.packed == 8 and m.unpacked == 8 for m in made)
+    x = samples[0].target
+    assert made[0].peak_host_bytes == 2 * x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2) * 24 * 4  # 2 x [1, S, 24]
+    assert all("forward" not in b.__dict__ for b in dit.blocks())
+
+
+def test_activation_offload_grads_match_one_step(dit, samples):
+    """The LoRA gradients themselves (not only the losses after AdamW) match with the hooks on."""
+    grads = []
+    for offload in (False, True):
+        lora = create_lora(dit, rank=4, seed=2)
+        with torch.no_grad():
+            for _, layer in lora.items():
+                layer.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
+        lora.requires_grad_(True)
+        detach = attach_hooks(dit, lora)
+        runner = BlockRunner(dit.blocks(), torch.device("cpu"), checkpointing=offload, offload_activations=offload)
+        try:
+            with runner:
+                flow_loss(dit, samples[0], torch.Generator().manual_seed(4)).backward()
+        finally:
+            detach()
+        grads.append([(layer.down.grad.clone(), layer.up.grad.clone()) for _, layer in lora.items()])
+        if offload:
+            assert runner.acts.packed == runner.acts.unpacked == 2
+    for (d0, u0), (d1, u1) in zip(*grads):
+        assert float(d0.abs().max()) > 0
+        torch.testing.assert_close(d0, d1, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(u0, u1, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="needs gradient checkpointing"):
+        BlockRunner(dit.blocks(), torch.device("cpu"), checkpointing=False, offload_activations=True)
+
+
+def test_cancel_with_activation_offload(dit, samples):
+    before = snapshot(dit.module)
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 4   # block 1 of step 2: block 0's input is already offloaded
+
+    with pytest.raises(Cancelled):
+        train_lora_edit(dit, samples, TrainSettings(steps=50, rank=4), memory=preset("8GB", compute_dtype="auto"),
+                        should_stop=should_stop)
+    assert calls["n"] == 5
+    assert all(torch.equal(before[k], v) for k, v in dit.module.state_dict().items())
+    assert all("forward" not in b.__dict__ for b in dit.blocks())
+
+
 def test_block_runner_prefetch_keeps_at_most_two_blocks_resident():
     dit = tiny_wan(layers=4)
     x = torch.randn(1, 16, 3, 4, 4, requires_grad=False)
@@ -275,10 +346,15 @@ def test_bad_input(dit, samples):
 
 
 def test_presets_oom_message_and_loss_image():
-    assert preset("8GB").window_frames == 9 and preset("8GB").blocks_to_swap(40) == 38
+    eight = preset("8GB")   # the full 49-frame sequence: no windows, swap + checkpointing + activation offload
+    assert eight.window_frames == 0 and eight.blocks_to_swap(40) == 38 and eight.offload_activations
+    assert eight.gradient_checkpointing and preset("12GB").offload_activations and preset("12GB").window_frames == 0
+    assert not preset("24GB").offload_activations and not preset("16GB").offload_activations
     assert preset("24GB").blocks_to_swap(40) == 16 and not preset("unlimited").gradient_checkpointing
     msg = oom_message(preset("24GB"), 49, 480, 832)
     assert "16GB" in msg and "49 frames at 832x480" in msg
-    assert "fewer frames" in oom_message(preset("8GB"), 49, 480, 832)
+    assert "'8GB'" in oom_message(preset("12GB"), 49, 480, 832)
+    assert "window_frames 9" in oom_message(eight, 49, 480, 832)
+    assert "fewer frames" in oom_message(preset("8GB", window_frames=9), 49, 480, 832)
     img = loss_curve_image([1.0, 0.8, 0.9, 0.5], [1, 1, 2, 2])
     assert img.shape == (1, 256, 512, 3) and 0 <= float(img.min()) < float(img.max()) <= 1

@@ -144,6 +144,16 @@ def test_memory_node_stage2_and_windows(model):
         train(model, keyframes=keys, keyframe_frames="12", steps=1, steps_stage2=1)
 
 
+def test_memory_node_activation_offload_trains_comfy_blocks(model):
+    mem = FFPLoRAEditMemory.execute(True, 1.0, 0, 4, "fp32", True).args[0]
+    assert mem.offload_activations and FFPLoRAEditMemory.execute(True, 0.0, 0, 4, "auto").args[0].offload_activations is False
+    _, lora, loss = train(model, memory=mem, steps=2)
+    assert len(lora.paths) == 20 and loss.shape[0] == 1
+    assert all(float(layer.up.abs().max()) > 0 for _, layer in lora.items())   # gradients reached every layer
+    with pytest.raises(ValueError, match="needs gradient_checkpointing"):
+        FFPLoRAEditMemory.execute(False, 0.0, 0, 4, "auto", True)
+
+
 def test_cancel_and_bad_input(model):
     comfy.model_management.interrupt_current_processing(True)
     try:
