@@ -28,9 +28,9 @@ from .sam2_model import SAM2Model
 
 ENGINES = ("auto", "sam2", "flow")
 DIRECTIONS = ("both", "forward", "backward")
-# Flow engine: how closely (0..1 mean colour difference of a 5x5 patch) a tracked pixel must still match its
-# keyframe to stay in the mask. Looser than the edit compositor's 0.06: objects change appearance as they move
-# (on DAVIS bmx-trees 0.12 gave mean IoU 0.113 vs 0.054 at 0.06; see tests/core/test_masks_flow.py).
+# Flow fallback: how closely (0..1 mean colour difference of a 5x5 patch) a tracked pixel must still match to stay
+# in the mask (nodes/masks/flow_track.py). Looser than the edit compositor's 0.06: objects change appearance as
+# they move (DAVIS bmx-trees mean IoU: 0.166 at 0.12, 0.144 at 0.08, 0.118 at 0.16; tests/core/test_masks_flow.py).
 FLOW_TOLERANCE = 0.12
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
