@@ -17,6 +17,7 @@ run (tests count them).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -50,15 +51,17 @@ class MemorySettings:
         return min(num_layers, int(round(self.swap_fraction * num_layers)))
 
 
-# Sized for Wan2.1-I2V-14B at 832x480, 49 frames (20,280 tokens): analytic estimates, not GPU measurements
-# (`python tests/benchmarks/bench_lora_edit.py --estimate`). 12GB and 8GB train the full sequence thanks to
-# activation offload; 9-frame windows (LoRA-Edit's low-cost mode) stay available on the memory settings node.
+# Sized for Wan2.1-I2V-14B (bf16) at 832x480, 49 frames (20,280 tokens) from a fake-tensor estimate of the
+# training step's peak (`python tests/benchmarks/bench_lora_edit.py --estimate`; not a GPU measurement):
+# 24GB ~22.2 GB, 16GB ~14.2, 12GB ~10.0, 8GB ~8.2 (tight), incl. 0.5 GB CUDA context, excl. fragmentation.
+# Only 24GB trains the full 49-frame sequence: one checkpointed block's recompute alone needs ~13 GB at 20,280
+# tokens (fp32 LoRA inputs and LayerNorms, the FFN hidden), so the smaller presets train on windows.
 PRESETS: dict[str, MemorySettings] = {
     "unlimited": MemorySettings(gradient_checkpointing=False),
-    "24GB": MemorySettings(swap_fraction=0.4, compute_dtype="bf16"),
-    "16GB": MemorySettings(swap_fraction=0.8, compute_dtype="bf16"),
-    "12GB": MemorySettings(swap_fraction=0.85, compute_dtype="bf16", offload_activations=True),
-    "8GB": MemorySettings(swap_fraction=0.95, compute_dtype="bf16", offload_activations=True),
+    "24GB": MemorySettings(swap_fraction=0.8, compute_dtype="bf16", offload_activations=True),
+    "16GB": MemorySettings(swap_fraction=0.85, window_frames=21, compute_dtype="bf16", offload_activations=True),
+    "12GB": MemorySettings(swap_fraction=0.95, window_frames=17, compute_dtype="bf16", offload_activations=True),
+    "8GB": MemorySettings(swap_fraction=0.95, window_frames=9, compute_dtype="bf16", offload_activations=True),
 }
 PRESET_ORDER = ("unlimited", "24GB", "16GB", "12GB", "8GB")
 
@@ -276,9 +279,13 @@ class ActivationOffload:
     def hooks(self, block: int, hidden: Optional[Tensor]):
         if block == 0:                   # a new forward: forget the previous step's prefetch table
             self.reset()
+        # autograd keeps the pack hook as long as the graph: a strong reference here would keep the device copy
+        # alive and the offload would save nothing
+        target = None if hidden is None else weakref.ref(hidden)
+        del hidden
 
         def pack(t: Tensor):
-            if t is not hidden:          # the checkpoint hands its inputs to the hook as they are
+            if target is None or t is not target():   # the checkpoint hands its inputs to the hook as they are
                 return t
             saved = self._pack(block, t)
             self._by_block[block] = saved

@@ -123,7 +123,7 @@ class FFPLoRAEditMemory(io.ComfyNode):
             display_name="LoRA-Edit Memory Settings · FFP",
             category="FFP/training",
             description="Manual low-VRAM settings for the LoRA-Edit trainer (overrides its memory_preset): "
-                        "gradient checkpointing, block swap, temporal windows, compute dtype.",
+                        "gradient checkpointing, block swap, activation offload, temporal windows, compute dtype.",
             inputs=[
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Re-run each block in the backward pass instead of storing activations "
@@ -198,9 +198,11 @@ class FFPTrainLoRAEdit(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seed for LoRA init, noise and t (keep it fixed to reproduce a LoRA)."),
                 io.Combo.Input("memory_preset", options=list(PRESET_ORDER), default="24GB",
-                               tooltip="VRAM budget for Wan-14B at 832x480 (estimates): 24GB swaps 40 % of the "
-                                       "blocks, 16GB 80 %, 12GB 85 % + 21-frame windows, 8GB 95 % + 9-frame "
-                                       "windows; unlimited = no checkpointing. A memory input overrides it."),
+                               tooltip="VRAM budget for Wan-14B at 832x480, 49 frames (estimates): 24GB swaps "
+                                       "80 % of the blocks, full clip; 16GB 85 % + 21-frame windows; 12GB 95 % + "
+                                       "17-frame windows; 8GB 95 % + 9-frame windows (tight). All offload "
+                                       "activations to CPU RAM; unlimited = no checkpointing. A memory input "
+                                       "overrides it."),
                 MemoryType.Input("memory", optional=True, tooltip="Manual settings from 'LoRA-Edit Memory Settings'."),
                 *_clip_inputs(),
             ],
