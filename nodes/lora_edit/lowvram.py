@@ -54,7 +54,7 @@ class MemorySettings:
 # Sized for Wan2.1-I2V-14B (bf16) at 832x480, 49 frames (20,280 tokens) from a fake-tensor estimate of the
 # training step's peak (`python tests/benchmarks/bench_lora_edit.py --estimate`; not a GPU measurement):
 # 24GB ~22.2 GB, 16GB ~14.2, 12GB ~10.0, 8GB ~8.2 (tight), incl. 0.5 GB CUDA context, excl. fragmentation.
-# Only 24GB trains the full 49-frame sequence: one checkpointed block's recompute alone needs ~13 GB at 20,280
+# Only 24GB trains the full 49-frame sequence: one checkpointed block's recompute alone needs ~11.5 GB at 20,280
 # tokens (fp32 LoRA inputs and LayerNorms, the FFN hidden), so the smaller presets train on windows.
 PRESETS: dict[str, MemorySettings] = {
     "unlimited": MemorySettings(gradient_checkpointing=False),

@@ -3,6 +3,7 @@
     python tests/benchmarks/bench_lora_edit.py            # CUDA: Wan2.1-I2V-14B shape, random bf16, 49 f 832x480
                                                           # CPU:  a scaled shape (says so), fp32
     python tests/benchmarks/bench_lora_edit.py --presets 24GB,8GB --steps 3
+    python tests/benchmarks/bench_lora_edit.py --estimate  # no GPU: 14B-shape peak per preset, fake tensors
 
 Each preset runs in a fresh subprocess (weights built there, random values, the diffusers WanTransformer3DModel
 with the 14B config: 40 blocks, 40 heads x 128, ffn 13824, text 4096, CLIP 1280). Inputs are random latents in
@@ -32,17 +33,20 @@ FULL = dict(layers=40, heads=40, head_dim=128, ffn=13824, frames=49, height=480,
 SCALED = dict(layers=4, heads=2, head_dim=64, ffn=512, frames=17, height=128, width=128)
 
 
+def _config(shape: dict) -> dict:
+    return dict(patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=shape["head_dim"],
+                in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=shape["ffn"],
+                num_layers=shape["layers"], image_dim=1280, added_kv_proj_dim=shape["heads"] * shape["head_dim"],
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+
+
 def build(shape: dict, device, dtype):
     import torch
     from diffusers import WanTransformer3DModel
     from ffprop.nodes.host.diffusers import DiffusersWan
 
-    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=shape["heads"], attention_head_dim=shape["head_dim"],
-               in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=shape["ffn"],
-               num_layers=shape["layers"], image_dim=1280, added_kv_proj_dim=shape["heads"] * shape["head_dim"],
-               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
     with torch.device("meta"):
-        model = WanTransformer3DModel(**cfg)
+        model = WanTransformer3DModel(**_config(shape))
     model = model.to_empty(device="cpu").to(dtype)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -131,17 +135,268 @@ def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     return out
 
 
+ESTIMATE_PRESETS = "unlimited,ckpt,24GB,16GB,12GB,8GB,8GB:w0,8GB:w0+lora-bf16"
+GB = 1e9
+CUDA_CONTEXT_GB = 0.5   # the CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, typical, not measured
+
+
+def _estimate_settings(name: str):
+    """A preset name or 'ckpt' (checkpointing only), then optional ':wN' (N-frame windows, 0 = none), ':sF'
+    (swap fraction F), ':off' (activation offload on) / ':nooff' (off)."""
+    from ffprop.nodes.lora_edit.lowvram import MemorySettings, preset
+
+    base, *mods = name.split(":")
+    mem = MemorySettings(gradient_checkpointing=True) if base == "ckpt" else preset(base)
+    for m in mods:
+        if m.startswith("w"):
+            mem = replace(mem, window_frames=int(m[1:]))
+        elif m.startswith("s"):
+            mem = replace(mem, swap_fraction=float(m[1:]))
+        elif m in ("off", "nooff"):
+            mem = replace(mem, offload_activations=m == "off")
+        else:
+            raise ValueError(f"unknown estimate modifier ':{m}' in '{name}'")
+    return mem
+
+
+def attention_scratch_gb(tokens: int, dim: int) -> float:
+    """FlashAttention-2's backward accumulates dq in fp32 ([S, heads x head_dim]); the meta kernel does not
+    allocate it, so it is added to the fake-tensor peak (it lives during one attention backward)."""
+    return tokens * dim * 4 / GB
+
+
+class PeakBytes:
+    """Live bytes per device, counted per storage through the dispatcher (a TorchDispatchMode): each op's output
+    storages are added when first seen and removed when the storage is freed (weakref.finalize). Lighter than
+    torch.distributed._tools MemTracker, whose per-module bookkeeping grows with the number of modules."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.seen: set[int] = set()
+                self.now: dict = {}
+                self.peak: dict = {}
+
+            def track(self, t) -> None:
+                import weakref
+
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self.seen:
+                    return
+                self.seen.add(key)
+                dev, n = t.device, st.nbytes()
+                self.now[dev] = self.now.get(dev, 0) + n
+                self.peak[dev] = max(self.peak.get(dev, 0), self.now[dev])
+                weakref.finalize(st, self._free, key, dev, n)
+
+            def _free(self, key, dev, n) -> None:
+                self.seen.discard(key)
+                self.now[dev] -= n
+
+            def reset_peak(self) -> None:
+                self.peak = dict(self.now)
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import torch
+                from torch.utils._pytree import tree_leaves
+
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        self.track(t)
+                return out
+
+        return Mode()
+
+
+def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
+    """Peak memory of `steps` training steps with fake tensors (no data, no allocation): the compute device is
+    the `meta` device, the host is the CPU. PeakBytes counts live storages per device through the dispatcher,
+    so this is the memory the tensors of this code path need, as CUDA would see it
+    through max_memory_allocated, without the CUDA context, allocator rounding/fragmentation and kernel
+    workspaces."""
+    import torch
+    from ffprop.nodes.host.protocol import WanCond
+    from ffprop.nodes.lora_edit.lora import LoRA, LoRALayer, attach_hooks, target_paths
+    from ffprop.nodes.lora_edit.lowvram import BlockRunner
+    from ffprop.nodes.lora_edit.trainer import TrainSample
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mem = _estimate_settings(preset_name.replace("+lora-bf16", ""))
+    dev, dtype = torch.device("meta"), torch.bfloat16
+    if preset_name.endswith("+lora-bf16"):
+        # WHAT-IF, not the shipped code: the LoRA delta computed in the activations' dtype (its fp32 weights cast
+        # down, as autocast would) instead of casting each LoRA input to fp32 (lora.py LoRALayer.delta), which
+        # saves an fp32 copy of every targeted linear's input for backward
+        from ffprop.nodes.lora_edit import lora as lora_mod
+
+        def delta(self, x):
+            d = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+            return d * self.scale
+
+        lora_mod.LoRALayer.delta = delta
+    frames = mem.window_frames if 0 < mem.window_frames < shape["frames"] else shape["frames"]
+    f, h, w = (frames - 1) // 4 + 1, shape["height"] // 8, shape["width"] // 8
+    layers = shape["layers"]
+    swapped = mem.blocks_to_swap(layers)
+    import ffprop.nodes.host.diffusers as host
+
+    # the host's range check on t reads a value, which fake tensors do not have
+    host.timesteps = lambda t, b, device: torch.full((b,), float(t) * 1000.0, device=device)
+
+    # SDPA on the meta device falls back to the math path (a [heads, S, S] score matrix: 33 GB at 20,280 tokens);
+    # CUDA runs a flash kernel for bf16. Route SDPA to the flash-attention op that has a meta kernel: it saves
+    # the same things as CUDA flash attention (output + fp32 logsumexp), O(S) memory.
+    def flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or enable_gqa:
+            raise NotImplementedError("the estimate models unmasked attention only")
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                          scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = flash_sdpa
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        from diffusers import WanTransformer3DModel
+        from ffprop.nodes.host.diffusers import DiffusersWan
+
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with dev:
+                model = WanTransformer3DModel(**_config(shape)).eval()   # fake tensors: nothing allocated
+        finally:
+            torch.set_default_dtype(default)
+        dit = DiffusersWan(model)
+        keep = torch.ones(1, 4, f, h, w, device=dev, dtype=dtype)
+        cond = WanCond(keep, torch.empty(1, 16, f, h, w, device=dev, dtype=dtype),
+                       torch.empty(1, 512, 4096, device=dev, dtype=dtype),
+                       torch.empty(1, 257, 1280, device=dev, dtype=dtype))
+        sample = TrainSample(torch.empty(1, 16, f, h, w, device=dev, dtype=dtype), cond)
+        model.requires_grad_(False)
+        layers = {}   # create_lora's LoRA (rank 16, fp32), built on the device directly (fake params cannot .to())
+        for path, host_path in target_paths(dit, "all_linears").items():
+            out_f, in_f = model.get_submodule(host_path).weight.shape
+            layers[path] = LoRALayer(torch.empty(16, in_f, device=dev), torch.zeros(out_f, 16, device=dev), 16)
+        lora = LoRA(layers)
+        lora.requires_grad_(True)
+        params = list(lora.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+        detach = attach_hooks(dit, lora)
+        # Fake parameters cannot change device through `.data =` (the runner's swap), so the runner swaps
+        # nothing here and the swapped blocks' weights are subtracted below (at most 2 are on the device at once).
+        runner = BlockRunner(dit.blocks(), dev, mem.gradient_checkpointing, 0,
+                             offload_activations=mem.offload_activations)
+        tracker = PeakBytes()
+        for t in [*model.parameters(), *model.buffers(), *params, sample.target, *vars(cond).values()]:
+            if isinstance(t, torch.Tensor):
+                tracker.track(t)
+        with torch.enable_grad(), runner, tracker:
+            for i in range(steps):
+                # trainer.flow_loss with t = 0.5 as a Python float (a fake t cannot be range-checked)
+                noise = torch.empty_like(sample.target)
+                v = dit.predict(0.5 * sample.target + 0.5 * noise, 0.5, sample.cond)
+                loss = torch.nn.functional.mse_loss(v.float(), (noise - sample.target).float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                del v, loss, noise
+                if i == 0:
+                    tracker.reset_peak()
+        detach()
+    on = sum(n for d, n in tracker.peak.items() if d.type == "meta")
+    host = sum(n for d, n in tracker.peak.items() if d.type == "cpu")
+    block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    away = max(swapped - 2, 0) * block_bytes if swapped else 0
+    return {"preset": preset_name, "frames": frames, "tokens": f * (h // 2) * (w // 2), "swapped": swapped,
+            "offload": mem.offload_activations, "checkpointing": mem.gradient_checkpointing,
+            "device_peak_gb": (on - away) / GB, "measured_all_on_device_gb": on / GB,
+            "block_gb": block_bytes / GB, "host_peak_gb": (host + away) / GB,
+            "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
+            "lora_params": sum(p.numel() for p in params),
+            "acts_packed": runner.acts.packed if runner.acts else 0}
+
+
+DEFAULT_PRESETS = "ckpt,24GB,16GB,12GB,8GB"
+
+
+def _subprocess(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    line = (p.stdout.strip().splitlines() or [""])[-1]
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {"status": f"failed: {p.stderr.strip()[-400:]}"}
+
+
+def estimate_table(presets: str) -> None:
+    print("Peak memory of a LoRA-Edit training step (rank 16, all_linears, AdamW; 2 steps, peak of the 2nd) for a "
+          f"Wan2.1-I2V-14B-shaped model, bf16, {FULL['frames']} frames at {FULL['width']}x{FULL['height']}.\n"
+          "Fake tensors (FakeTensorMode + a dispatcher storage tracker): the trainer's own code path (BlockRunner checkpointing + "
+          "activation offload, LoRA hooks, diffusers WanTransformer3DModel), nothing allocated. SDPA is routed to "
+          "a flash-attention kernel (O(S) memory, like CUDA bf16). Block swap is applied by subtracting the "
+          "swapped blocks' weights (fake parameters cannot change device; the runner keeps <= 2 swapped blocks "
+          "on the device).")
+    rows = []
+    for name in presets.split(","):
+        r = _subprocess(["--one", name, "--estimate"])
+        r.setdefault("preset", name)
+        rows.append(r)
+        print(f"  {name}: {r.get('status', 'ok')}", flush=True)
+    dim = FULL["heads"] * FULL["head_dim"]
+    print(f"\n{'preset':<18}{'frames':>7}{'tokens':>8}{'swap':>6}{'offload':>8}{'tensors GB':>12}{'+extra':>8}"
+          f"{'VRAM GB':>9}{'host GB':>9}")
+    for r in rows:
+        if "device_peak_gb" not in r:
+            print(f"{r['preset']:<18}{r.get('status')}")
+            continue
+        extra = attention_scratch_gb(r["tokens"], dim) + CUDA_CONTEXT_GB
+        total = r["device_peak_gb"] + extra
+        r["vram_gb"] = total
+        print(f"{r['preset']:<18}{r['frames']:>7}{r['tokens']:>8}{r['swapped']:>6}{str(r['offload']):>8}"
+              f"{r['device_peak_gb']:>12.2f}{extra:>8.2f}{total:>9.2f}{r['host_peak_gb']:>9.2f}")
+    card = {"24GB": 24, "16GB": 16, "12GB": 12, "8GB": 8}
+    for r in rows:
+        gib = card.get(r["preset"].split(":")[0].split("+")[0])
+        if gib and "vram_gb" in r:
+            cap = gib * 2**30 / GB
+            verdict = "fits" if r["vram_gb"] <= cap else "does NOT fit"
+            full = " (the full clip)" if r["frames"] == FULL["frames"] else ""
+            print(f"{r['preset']}: {r['frames']} frames per step{full}"
+                  f", {r['vram_gb']:.2f} GB -> {verdict} a {gib} GiB card ({cap:.2f} GB), margin "
+                  f"{(cap - r['vram_gb']) / cap:+.0%}")
+    print("tensors GB = peak of live tensors on the compute device (what torch.cuda.max_memory_allocated reports); "
+          f"+extra = FlashAttention-2 backward fp32 dq scratch + {CUDA_CONTEXT_GB} GB CUDA context (typical). Not "
+          "counted: caching-allocator rounding and fragmentation (often +5-15 %), cuBLAS/cuDNN workspaces, the "
+          "VAE encode (runs before training; the trainer frees nothing for it), other programs on the GPU. host GB "
+          "= pinned CPU memory for swapped blocks and offloaded activations (the model's CPU copy in ComfyUI is "
+          "the same memory for swapped blocks).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", default="ckpt,24GB,16GB,12GB,8GB")
+    ap.add_argument("--presets", default=DEFAULT_PRESETS)
+    ap.add_argument("--estimate", action="store_true",
+                    help="no GPU needed: peak memory per preset for the 14B shape at 49 frames 832x480, measured "
+                         "with fake tensors (FakeTensorMode + storage tracking) on the real training-step code path")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up step)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
 
     shape = FULL if torch.cuda.is_available() else SCALED
+    if args.one and args.estimate:
+        print(json.dumps(estimate_one(args.one, FULL)))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, shape, args.steps)))
+        return
+    if args.estimate:
+        estimate_table(args.presets if args.presets != DEFAULT_PRESETS else ESTIMATE_PRESETS)
         return
     if shape is SCALED:
         print(f"no CUDA: running a SCALED shape on the CPU, not Wan-14B: {SCALED}")
@@ -149,14 +404,9 @@ def main() -> None:
         print(f"Wan2.1-I2V-14B shape, random bf16 weights: {FULL}")
     rows = []
     for name in args.presets.split(","):
-        env = {**os.environ, "PYTHONPATH": str(REPO.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)], env=env,
-                           capture_output=True, text=True)
-        line = (p.stdout.strip().splitlines() or [""])[-1]
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            rows.append({"preset": name, "status": f"failed: {p.stderr.strip()[-400:]}"})
+        r = _subprocess(["--one", name, "--steps", str(args.steps)])
+        r.setdefault("preset", name)
+        rows.append(r)
     ref = next((r for r in rows if r["preset"] == "ckpt" and r.get("status") == "ok"), None)
     print(f"{'preset':<10}{'status':<8}{'frames':>7}{'tokens':>8}{'swapped':>8}{'peak MB':>10}{'s/step':>9}{'vs ckpt':>9}")
     for r in rows:
