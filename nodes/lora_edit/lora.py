@@ -32,7 +32,14 @@ TARGETS = {
 class LoRALayer(nn.Module):
     """down [r, in] (uniform +-1/sqrt(in), PEFT's kaiming default), up [out, r] zeros; scale = alpha / r.
 
-    forward(weight) -> weight + up @ down * scale (a ComfyUI weight function); delta(x) -> the output change."""
+    forward(weight) -> weight + up @ down * scale (a ComfyUI weight function); delta(x) -> the output change.
+
+    delta computes in the input's dtype (bf16/fp16 activations: the fp32 master weights are cast down inside the
+    op, as autocast would, and autograd still hands fp32 grads to the parameters), so backward keeps the
+    activation-dtype input it already has instead of an fp32 copy of every targeted linear's input (2x its
+    size). upcast=True restores the fp32 compute (more memory; the test measures how close the two are)."""
+
+    upcast = False
 
     def __init__(self, down: Tensor, up: Tensor, alpha: float):
         super().__init__()
@@ -45,7 +52,9 @@ class LoRALayer(nn.Module):
         return self.alpha / self.down.shape[0]
 
     def delta(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scale
+        if self.upcast or x.dtype == self.down.dtype or not x.is_floating_point() or x.element_size() < 2:
+            return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scale
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * self.scale
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight + ((self.up @ self.down) * self.scale).to(weight.dtype)

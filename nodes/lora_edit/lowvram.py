@@ -38,7 +38,10 @@ class MemorySettings:
     window_stride: frames between window starts (multiple of 4 keeps latent alignment).
     compute_dtype: dtype the DiT runs in ('auto' = the model's own); fp8 base weights come from the loader.
     offload_activations: keep the checkpointed block inputs in (pinned) CPU memory, not on the GPU (needs
-    gradient checkpointing; 49 frames of Wan-14B at 832x480 save 40 x 208 MB = 8.3 GB there otherwise)."""
+    gradient checkpointing; 49 frames of Wan-14B at 832x480 save 40 x 208 MB = 8.3 GB there otherwise).
+    split_blocks: inside each checkpointed block, checkpoint the self-attention, the cross-attention and the FFN
+    separately (the FFN in chunks of tokens), so backward re-runs one of them at a time instead of keeping a
+    whole block's activations (~1/3 more compute; needs gradient checkpointing)."""
 
     gradient_checkpointing: bool = True
     swap_fraction: float = 0.0
@@ -46,6 +49,7 @@ class MemorySettings:
     window_stride: int = 4
     compute_dtype: str = "auto"
     offload_activations: bool = False
+    split_blocks: bool = False
 
     def blocks_to_swap(self, num_layers: int) -> int:
         return min(num_layers, int(round(self.swap_fraction * num_layers)))
@@ -100,18 +104,33 @@ def oom_message(settings: MemorySettings, frames: int, height: int, width: int, 
             f"{settings.window_frames or 'off'}{free_note}. To fit: {tip}, or close other programs using the GPU.")
 
 
+# a block's sub-blocks, by attribute name (diffusers WanTransformerBlock, ComfyUI WanAttentionBlock)
+SUB_BLOCKS = ("attn1", "attn2", "self_attn", "cross_attn", "ffn")
+FFN_CHUNK_TOKENS = 4096   # FFN rows per checkpointed chunk (Wan-14B: 4096 x 13824 bf16 = 113 MB per hidden tensor)
+
+
 class BlockRunner:
     """Installs checkpointing / block swap / cancel checks on a list of blocks by replacing each block's `forward`
-    with a wrapper (an instance attribute, removed again by `remove()`; the class stays untouched)."""
+    with a wrapper (an instance attribute, removed again by `remove()`; the class stays untouched). With
+    split_blocks the block's sub-blocks (SUB_BLOCKS) get checkpoint wrappers the same way (nested non-reentrant
+    checkpoints: backward re-runs the block, which saves only each sub-block's input, then re-runs one sub-block
+    at a time; the FFN runs in chunks of `ffn_chunk_tokens` tokens, each its own checkpoint)."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device, checkpointing: bool, blocks_to_swap: int = 0,
-                 should_stop: Optional[Callable[[], bool]] = None, offload_activations: bool = False):
+                 should_stop: Optional[Callable[[], bool]] = None, offload_activations: bool = False,
+                 split_blocks: bool = False, ffn_chunk_tokens: int = FFN_CHUNK_TOKENS):
         if blocks_to_swap and not checkpointing:
             raise ValueError("block swap needs gradient checkpointing (backward re-runs each block on the device); "
                              "turn gradient_checkpointing on or set blocks_to_swap to 0.")
         if offload_activations and not checkpointing:
             raise ValueError("activation offload needs gradient checkpointing (it offloads what checkpointing saves "
                              "between blocks); turn gradient_checkpointing on or offload_activations off.")
+        if split_blocks and not checkpointing:
+            raise ValueError("split_blocks needs gradient checkpointing (it checkpoints the parts of each "
+                             "checkpointed block); turn gradient_checkpointing on or split_blocks off.")
+        self.split_blocks = split_blocks
+        self.ffn_chunk_tokens = max(1, int(ffn_chunk_tokens))
+        self.sub_runs = 0   # sub-block checkpoints made (in the forward and in each block recompute), for tests
         self.blocks = blocks
         self.acts = ActivationOffload(torch.device(device)) if offload_activations else None
         self.device = torch.device(device)
@@ -139,6 +158,11 @@ class BlockRunner:
                 for t, cpu in self.home[i]:
                     t.data = cpu
             block.forward = self._wrap(i, block.forward)
+            if self.split_blocks:
+                for name in SUB_BLOCKS:
+                    sub = getattr(block, name, None)
+                    if isinstance(sub, nn.Module):
+                        sub.forward = self._wrap_sub(sub.forward, chunk=name == "ffn")
         self._installed = True
         return self
 
@@ -150,6 +174,10 @@ class BlockRunner:
             self.acts.reset()
         for i, block in enumerate(self.blocks):
             block.__dict__.pop("forward", None)
+            for name in SUB_BLOCKS:
+                sub = getattr(block, name, None)
+                if isinstance(sub, nn.Module):
+                    sub.__dict__.pop("forward", None)
             for (t, cpu), dev in zip(self.home.get(i, []), self.origin.get(i, [])):
                 t.data = cpu.to(dev)  # back where the host had it (ComfyUI may keep some blocks on the CPU)
         self.home.clear()
@@ -182,6 +210,23 @@ class BlockRunner:
                     return torch.utils.checkpoint.checkpoint(self._rerun, i, forward, *args, use_reentrant=False,
                                                              **kwargs)
             return forward(*args, **kwargs)
+
+        return run
+
+    def _wrap_sub(self, forward: Callable, chunk: bool) -> Callable:
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            x = args[0] if args and isinstance(args[0], Tensor) else None
+            if chunk and x is not None and x.ndim == 3 and x.shape[1] > self.ffn_chunk_tokens and not kwargs:
+                # the FFN is token-wise: chunks of tokens, each checkpointed, give the same rows
+                parts = []
+                for part in x.split(self.ffn_chunk_tokens, dim=1):
+                    self.sub_runs += 1
+                    parts.append(torch.utils.checkpoint.checkpoint(forward, part, *args[1:], use_reentrant=False))
+                return torch.cat(parts, dim=1)
+            self.sub_runs += 1
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
         return run
 

@@ -183,7 +183,8 @@ def train_lora_edit(dit, stage1: list[TrainSample], settings: TrainSettings = Tr
     base.requires_grad_(False)
     detach = (attach or (lambda lo: attach_hooks(dit, lo)))(lora)
     runner = BlockRunner(dit.blocks(), device, memory.gradient_checkpointing,
-                         memory.blocks_to_swap(len(dit.blocks())), should_stop, memory.offload_activations)
+                         memory.blocks_to_swap(len(dit.blocks())), should_stop, memory.offload_activations,
+                         memory.split_blocks)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             runner.install()

@@ -135,14 +135,15 @@ def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     return out
 
 
-ESTIMATE_PRESETS = "unlimited,ckpt,24GB,16GB,12GB,8GB,8GB:w0,8GB:w0+lora-bf16"
+ESTIMATE_PRESETS = "unlimited,ckpt,24GB,16GB,12GB,8GB,8GB:w0+lora-fp32,8GB:w0,8GB:w0:split"
 GB = 1e9
 CUDA_CONTEXT_GB = 0.5   # the CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, typical, not measured
 
 
 def _estimate_settings(name: str):
     """A preset name or 'ckpt' (checkpointing only), then optional ':wN' (N-frame windows, 0 = none), ':sF'
-    (swap fraction F), ':off' (activation offload on) / ':nooff' (off)."""
+    (swap fraction F), ':off' (activation offload on) / ':nooff' (off), ':split' / ':nosplit' (sub-block
+    checkpointing on / off)."""
     from ffprop.nodes.lora_edit.lowvram import MemorySettings, preset
 
     base, *mods = name.split(":")
@@ -150,6 +151,8 @@ def _estimate_settings(name: str):
     for m in mods:
         if m.startswith("w"):
             mem = replace(mem, window_frames=int(m[1:]))
+        elif m in ("split", "nosplit"):
+            mem = replace(mem, split_blocks=m == "split")
         elif m.startswith("s"):
             mem = replace(mem, swap_fraction=float(m[1:]))
         elif m in ("off", "nooff"):
@@ -226,19 +229,12 @@ def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
     from ffprop.nodes.lora_edit.trainer import TrainSample
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mem = _estimate_settings(preset_name.replace("+lora-bf16", ""))
+    mem = _estimate_settings(preset_name.replace("+lora-fp32", ""))
     dev, dtype = torch.device("meta"), torch.bfloat16
-    if preset_name.endswith("+lora-bf16"):
-        # WHAT-IF, not the shipped code: the LoRA delta computed in the activations' dtype (its fp32 weights cast
-        # down, as autocast would) instead of casting each LoRA input to fp32 (lora.py LoRALayer.delta), which
-        # saves an fp32 copy of every targeted linear's input for backward
-        from ffprop.nodes.lora_edit import lora as lora_mod
-
-        def delta(self, x):
-            d = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
-            return d * self.scale
-
-        lora_mod.LoRALayer.delta = delta
+    if preset_name.endswith("+lora-fp32"):
+        # the pre-change LoRA compute: each LoRA input cast to fp32 (an fp32 copy of every targeted linear's input
+        # saved for backward); the shipped default computes the delta in the activations' dtype
+        LoRALayer.upcast = True
     frames = mem.window_frames if 0 < mem.window_frames < shape["frames"] else shape["frames"]
     f, h, w = (frames - 1) // 4 + 1, shape["height"] // 8, shape["width"] // 8
     layers = shape["layers"]
@@ -288,7 +284,7 @@ def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
         # Fake parameters cannot change device through `.data =` (the runner's swap), so the runner swaps
         # nothing here and the swapped blocks' weights are subtracted below (at most 2 are on the device at once).
         runner = BlockRunner(dit.blocks(), dev, mem.gradient_checkpointing, 0,
-                             offload_activations=mem.offload_activations)
+                             offload_activations=mem.offload_activations, split_blocks=mem.split_blocks)
         tracker = PeakBytes()
         for t in [*model.parameters(), *model.buffers(), *params, sample.target, *vars(cond).values()]:
             if isinstance(t, torch.Tensor):
@@ -312,7 +308,8 @@ def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
     block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
     away = max(swapped - 2, 0) * block_bytes if swapped else 0
     return {"preset": preset_name, "frames": frames, "tokens": f * (h // 2) * (w // 2), "swapped": swapped,
-            "offload": mem.offload_activations, "checkpointing": mem.gradient_checkpointing,
+            "offload": mem.offload_activations, "split": mem.split_blocks,
+            "checkpointing": mem.gradient_checkpointing,
             "device_peak_gb": (on - away) / GB, "measured_all_on_device_gb": on / GB,
             "block_gb": block_bytes / GB, "host_peak_gb": (host + away) / GB,
             "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,

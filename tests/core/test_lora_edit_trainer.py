@@ -4,6 +4,9 @@ cancel, bad input."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,8 +19,10 @@ except (ImportError, RuntimeError) as e:
 from ffprop.nodes.common import Cancelled  # noqa: E402
 from ffprop.nodes.host.diffusers import DiffusersWan  # noqa: E402
 from ffprop.nodes.lora_edit import lowvram  # noqa: E402
+from ffprop.nodes.lora_edit import trainer as trainer_mod  # noqa: E402
 from ffprop.nodes.lora_edit.lora import (  # noqa: E402
     LoRA,
+    LoRALayer,
     attach_hooks,
     create_lora,
     load_lora,
@@ -25,6 +30,7 @@ from ffprop.nodes.lora_edit.lora import (  # noqa: E402
 )
 from ffprop.nodes.lora_edit.lowvram import BlockRunner, MemorySettings, oom_message, preset  # noqa: E402
 from ffprop.nodes.lora_edit.trainer import (  # noqa: E402
+    TrainSample,
     TrainSettings,
     build_keyframe_samples,
     build_video_samples,
@@ -195,6 +201,70 @@ def test_checkpointing_and_block_swap_match_plain_training(dit, samples):
     assert plain.losses == pytest.approx(swap.losses, rel=1e-5, abs=1e-7)
     for (_, a), (_, b) in zip(plain.lora.items(), swap.lora.items()):
         torch.testing.assert_close(a.up, b.up, rtol=1e-4, atol=1e-6)
+
+
+def test_split_blocks_match_plain_training_and_chunk_the_ffn(dit, samples):
+    """Sub-block checkpointing (attention / cross-attention / FFN in token chunks, nested in the block checkpoint),
+    alone and with block swap + activation offload: the same losses and LoRA as plain training."""
+    made = []
+    real = lowvram.BlockRunner
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        made[-1].ffn_chunk_tokens = 5          # the tiny clip has 12 tokens: 3 chunks per FFN call
+        return made[-1]
+
+    cfg = TrainSettings(steps=4, learning_rate=1e-3, rank=4, seed=3)
+    plain = train_lora_edit(dit, samples, cfg, memory=MemorySettings(gradient_checkpointing=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod, "BlockRunner", spy)
+        split = train_lora_edit(dit, samples, cfg, memory=MemorySettings(True, split_blocks=True))
+        every = train_lora_edit(dit, samples, cfg, memory=MemorySettings(True, 1.0, offload_activations=True,
+                                                                         split_blocks=True))
+    assert plain.losses == pytest.approx(split.losses, rel=1e-5, abs=1e-7)
+    assert plain.losses == pytest.approx(every.losses, rel=1e-5, abs=1e-7)
+    for (_, a), (_, b), (_, c) in zip(plain.lora.items(), split.lora.items(), every.lora.items()):
+        torch.testing.assert_close(a.up, b.up, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.down, c.down, rtol=1e-4, atol=1e-6)
+    # per block and pass (forward, recompute): attn1 + attn2 + 3 FFN chunks = 5 checkpoints; 2 blocks x 4 steps
+    assert [m.sub_runs for m in made] == [2 * 5 * 2 * 4] * 2
+    for b in dit.blocks():
+        assert all("forward" not in m.__dict__ for m in (b, b.attn1, b.attn2, b.ffn))
+    with pytest.raises(ValueError, match="split_blocks needs gradient checkpointing"):
+        BlockRunner(dit.blocks(), torch.device("cpu"), checkpointing=False, split_blocks=True)
+
+
+def test_lora_delta_in_bf16_is_close_to_fp32_compute(dit, samples):
+    """bf16 activations: the LoRA delta runs in bf16 (fp32 master weights cast inside the op, fp32 grads) instead
+    of on an fp32 copy of its input. Measured on this model, 20 steps at lr 3e-3: max rel loss difference to the
+    fp32 LoRA compute 3.4e-4 (mean 1e-4), smaller than the bf16 model's own gap to the fp32 model (7.7e-4)."""
+    bf16 = DiffusersWan(copy.deepcopy(dit.module).to(torch.bfloat16))
+
+    def cast(x):
+        return x.to(torch.bfloat16) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    s16 = [TrainSample(cast(x.target), dataclasses.replace(x.cond, **{k: cast(v) for k, v in vars(x.cond).items()}),
+                       x.kind) for x in samples]
+    cfg = TrainSettings(steps=20, learning_rate=3e-3, rank=4, seed=1)
+    losses = {}
+    for upcast in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(LoRALayer, "upcast", upcast)
+            run = train_lora_edit(bf16, s16, cfg, memory=MemorySettings(False))
+        losses[upcast] = run.losses
+        assert all(p.dtype == torch.float32 for p in run.lora.parameters())
+    assert losses[False] != losses[True]       # the bf16 path did run
+    assert losses[False] == pytest.approx(losses[True], rel=2e-3)
+    # fp32 activations: the delta is the fp32 computation either way
+    layer = create_lora(dit, rank=4, seed=2).layers[0]
+    with torch.no_grad():
+        layer.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(3, layer.down.shape[1])
+        want = (x @ layer.down.T @ layer.up.T) * layer.scale
+        torch.testing.assert_close(layer.delta(x), want)
+        x16 = x.to(torch.bfloat16)
+        assert layer.delta(x16).dtype == torch.bfloat16
+        torch.testing.assert_close(layer.delta(x16).float(), want, rtol=3e-2, atol=3e-2)
 
 
 def test_activation_offload_matches_plain_training_and_runs_its_hooks(dit, samples, monkeypatch):
