@@ -41,7 +41,8 @@ class MemorySettings:
     gradient checkpointing; 49 frames of Wan-14B at 832x480 save 40 x 208 MB = 8.3 GB there otherwise).
     split_blocks: inside each checkpointed block, checkpoint the self-attention, the cross-attention and the FFN
     separately (the FFN in chunks of tokens), so backward re-runs one of them at a time instead of keeping a
-    whole block's activations (~1/3 more compute; needs gradient checkpointing)."""
+    whole block's activations, and keep the fp32 inputs of the block's norms (diffusers' `norm(x.float())`)
+    as the exact bf16 values they are (~1/3 more compute; needs gradient checkpointing)."""
 
     gradient_checkpointing: bool = True
     swap_fraction: float = 0.0
@@ -106,6 +107,7 @@ def oom_message(settings: MemorySettings, frames: int, height: int, width: int, 
 
 # a block's sub-blocks, by attribute name (diffusers WanTransformerBlock, ComfyUI WanAttentionBlock)
 SUB_BLOCKS = ("attn1", "attn2", "self_attn", "cross_attn", "ffn")
+NORMS = ("norm1", "norm2", "norm3")   # a block's norms (both hosts); their fp32 inputs are saved compact
 FFN_CHUNK_TOKENS = 4096   # FFN rows per checkpointed chunk (Wan-14B: 4096 x 13824 bf16 = 113 MB per hidden tensor)
 
 
@@ -130,6 +132,7 @@ class BlockRunner:
                              "checkpointed block); turn gradient_checkpointing on or split_blocks off.")
         self.split_blocks = split_blocks
         self.ffn_chunk_tokens = max(1, int(ffn_chunk_tokens))
+        self.compact_saves = 0   # norm inputs saved in bf16 (exact) instead of fp32, for tests
         self.sub_runs = 0   # sub-block checkpoints made (in the forward and in each block recompute), for tests
         self.blocks = blocks
         self.acts = ActivationOffload(torch.device(device)) if offload_activations else None
@@ -163,6 +166,10 @@ class BlockRunner:
                     sub = getattr(block, name, None)
                     if isinstance(sub, nn.Module):
                         sub.forward = self._wrap_sub(sub.forward, chunk=name == "ffn")
+                for name in NORMS:
+                    sub = getattr(block, name, None)
+                    if isinstance(sub, nn.Module):
+                        sub.forward = self._wrap_norm(sub, sub.forward)
         self._installed = True
         return self
 
@@ -174,7 +181,7 @@ class BlockRunner:
             self.acts.reset()
         for i, block in enumerate(self.blocks):
             block.__dict__.pop("forward", None)
-            for name in SUB_BLOCKS:
+            for name in SUB_BLOCKS + NORMS:
                 sub = getattr(block, name, None)
                 if isinstance(sub, nn.Module):
                     sub.__dict__.pop("forward", None)
@@ -230,6 +237,21 @@ class BlockRunner:
 
         return run
 
+    def _wrap_norm(self, module: nn.Module, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
+            if (x is None or x.dtype != torch.float32 or not torch.is_grad_enabled() or not x.requires_grad
+                    or any(p.requires_grad for p in module.parameters())):
+                return forward(*args, **kwargs)
+            small = x.detach().to(torch.bfloat16)
+            if x.device.type != "meta" and not torch.equal(small.to(x.dtype), x):
+                return forward(x)      # not bf16 values (an fp32 model): saved as they are
+            # (meta: the memory estimate's fake tensors, where diffusers' norm inputs are x.float() of bf16 x)
+            self.compact_saves += 1
+            return _CompactInput.apply(x, small, forward)
+
+        return run
+
     def _rerun(self, i: int, forward: Callable, *args, **kwargs):
         self._request(i)
         return forward(*args, **kwargs)
@@ -276,6 +298,26 @@ class BlockRunner:
         for ev in self.pending.values():
             ev.synchronize()
         self.pending.clear()
+
+
+class _CompactInput(torch.autograd.Function):
+    """y = fn(x) for an fp32 x that holds exact bf16 values: saves the bf16 copy (half the bytes) and re-runs fn on
+    it in backward (the same x bit for bit, so the same gradient). fn's parameters must not need grads."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, small: Tensor, fn: Callable) -> Tensor:
+        ctx.fn, ctx.dtype = fn, x.dtype
+        ctx.save_for_backward(small)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (small,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = small.to(ctx.dtype).requires_grad_(True)
+            y = ctx.fn(x)
+        (gx,) = torch.autograd.grad(y, x, grad)
+        return gx, None, None
 
 
 def _hidden(args: tuple, kwargs: dict) -> Optional[Tensor]:
