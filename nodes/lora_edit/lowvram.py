@@ -58,9 +58,10 @@ class MemorySettings:
 
 # Sized for Wan2.1-I2V-14B (bf16) at 832x480, 49 frames (20,280 tokens) from a fake-tensor estimate of the
 # training step's peak (`python tests/benchmarks/bench_lora_edit.py --estimate`; not a GPU measurement):
-# 24GB ~22.2 GB, 16GB ~14.2, 12GB ~10.0, 8GB ~8.2 (tight), incl. 0.5 GB CUDA context, excl. fragmentation.
-# Only 24GB trains the full 49-frame sequence: one checkpointed block's recompute alone needs ~11.5 GB at 20,280
-# tokens (fp32 LoRA inputs and LayerNorms, the FFN hidden), so the smaller presets train on windows.
+# 24GB ~18.8 GB, 16GB ~12.6, 12GB ~8.7, 8GB ~7.4, incl. 0.5 GB CUDA context, excl. fragmentation (LoRA delta in
+# bf16). Full 49 frames with the 8GB settings: 13.9 GB; + split_blocks 9.8 GB; + split_blocks and all 40 blocks
+# swapped 8.2 GB (+4 % margin on 8 GiB: too thin, so 8GB keeps 9-frame windows). With split_blocks the 12GB and
+# 16GB settings would train all 49 frames (9.8 / 13.1 GB); the presets keep windows (faster, measured margins).
 PRESETS: dict[str, MemorySettings] = {
     "unlimited": MemorySettings(gradient_checkpointing=False),
     "24GB": MemorySettings(swap_fraction=0.8, compute_dtype="bf16", offload_activations=True),

@@ -135,7 +135,8 @@ def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     return out
 
 
-ESTIMATE_PRESETS = "unlimited,ckpt,24GB,16GB,12GB,8GB,8GB:w0+lora-fp32,8GB:w0,8GB:w0:split"
+ESTIMATE_PRESETS = ("unlimited,ckpt,24GB,16GB,12GB,8GB,8GB:w0+lora-fp32,8GB:w0,8GB:w0:split,8GB:w0:split:s1.0,"
+                    "12GB:w0:split,16GB:w0:split")
 GB = 1e9
 CUDA_CONTEXT_GB = 0.5   # the CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, typical, not measured
 
