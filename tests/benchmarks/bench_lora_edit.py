@@ -80,13 +80,12 @@ def place(model, swapped: int, device) -> None:
 def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     import torch
     from ffprop.nodes.host.protocol import WanCond
-    from ffprop.nodes.lora_edit.lowvram import MemorySettings, preset
     from ffprop.nodes.lora_edit.trainer import TrainSample, TrainSettings, train_lora_edit
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    mem = MemorySettings(gradient_checkpointing=True) if preset_name == "ckpt" else preset(preset_name)
+    mem = _estimate_settings(preset_name)   # a preset or 'ckpt', with the same ':wN', ':sF', ':split'... modifiers
     mem = replace(mem, compute_dtype="bf16" if cuda else "fp32")
     dit, model = build(shape, device, dtype)
     swapped = mem.blocks_to_swap(shape["layers"])
@@ -406,13 +405,13 @@ def main() -> None:
         r.setdefault("preset", name)
         rows.append(r)
     ref = next((r for r in rows if r["preset"] == "ckpt" and r.get("status") == "ok"), None)
-    print(f"{'preset':<10}{'status':<8}{'frames':>7}{'tokens':>8}{'swapped':>8}{'peak MB':>10}{'s/step':>9}{'vs ckpt':>9}")
+    print(f"{'preset':<20}{'status':<8}{'frames':>7}{'tokens':>8}{'swapped':>8}{'peak MB':>10}{'s/step':>9}{'vs ckpt':>9}")
     for r in rows:
         if "s_per_step" not in r:
-            print(f"{r['preset']:<10}{r['status']}")
+            print(f"{r['preset']:<20}{r['status']}")
             continue
         ratio = r["s_per_step"] / ref["s_per_step"] if ref else float("nan")
-        print(f"{r['preset']:<10}{r['status']:<8}{r['frames_per_step']:>7}{r['tokens']:>8}{r['blocks_swapped']:>8}"
+        print(f"{r['preset']:<20}{r['status']:<8}{r['frames_per_step']:>7}{r['tokens']:>8}{r['blocks_swapped']:>8}"
               f"{r['peak_mb']:>10.0f}{r['s_per_step']:>9.3f}{ratio:>9.2f}")
     print(f"device: {rows[0].get('device', '?')}; windows presets train on shorter windows per step (frames column)")
 
