@@ -143,20 +143,28 @@ class FFPLoRAEditMemory(io.ComfyNode):
                                  tooltip="Keep the block inputs that checkpointing saves in CPU RAM (pinned, copied "
                                          "asynchronously) instead of VRAM: 8.3 GB less for 49 frames of Wan-14B at "
                                          "832x480, a little slower. Needs gradient checkpointing."),
+                io.Boolean.Input("split_blocks", default=False, optional=True,
+                                 tooltip="Inside each block, checkpoint self-attention, cross-attention and the FFN "
+                                         "(in token chunks) separately, so backward re-runs one of them at a time: "
+                                         "lets 12-16 GB cards train all 49 frames (estimate), about 25 % slower. "
+                                         "Needs gradient checkpointing."),
             ],
             outputs=[MemoryType.Output(display_name="memory", tooltip="Connect to the trainer's memory input.")],
         )
 
     @classmethod
     def execute(cls, gradient_checkpointing, swap_fraction, window_frames, window_stride, compute_dtype,
-                offload_activations=False) -> io.NodeOutput:
+                offload_activations=False, split_blocks=False) -> io.NodeOutput:
         if window_frames:
             frames_to_latent(window_frames)
         if offload_activations and not gradient_checkpointing:
             raise ValueError("offload_activations needs gradient_checkpointing (it offloads what checkpointing saves "
                              "between blocks); turn gradient_checkpointing on or offload_activations off.")
+        if split_blocks and not gradient_checkpointing:
+            raise ValueError("split_blocks needs gradient_checkpointing (it checkpoints parts of each block); turn "
+                             "gradient_checkpointing on or split_blocks off.")
         return io.NodeOutput(MemorySettings(gradient_checkpointing, swap_fraction, window_frames, window_stride,
-                                            compute_dtype, bool(offload_activations)))
+                                            compute_dtype, bool(offload_activations), bool(split_blocks)))
 
 
 class FFPTrainLoRAEdit(io.ComfyNode):
@@ -199,9 +207,9 @@ class FFPTrainLoRAEdit(io.ComfyNode):
                              tooltip="Seed for LoRA init, noise and t (keep it fixed to reproduce a LoRA)."),
                 io.Combo.Input("memory_preset", options=list(PRESET_ORDER), default="24GB",
                                tooltip="VRAM budget for Wan-14B at 832x480, 49 frames (estimates): 24GB swaps "
-                                       "80 % of the blocks, full clip; 16GB 85 % + 21-frame windows; 12GB 95 % + "
-                                       "17-frame windows; 8GB 95 % + 9-frame windows (tight). All offload "
-                                       "activations to CPU RAM; unlimited = no checkpointing. A memory input "
+                                       "80 % of the blocks, full clip; 16GB 85 % and 12GB 95 %, full clip with "
+                                       "split blocks (~25 % slower); 8GB 95 % + split + 9-frame windows. All "
+                                       "offload activations to CPU RAM; unlimited = no checkpointing. A memory input "
                                        "overrides it."),
                 MemoryType.Input("memory", optional=True, tooltip="Manual settings from 'LoRA-Edit Memory Settings'."),
                 *_clip_inputs(),

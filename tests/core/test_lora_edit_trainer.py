@@ -476,13 +476,14 @@ def test_bad_input(dit, samples):
 
 
 def test_presets_oom_message_and_loss_image():
-    # fake-tensor estimate (bench --estimate): the full 49 frames need ~17 GB even with 95 % swapped + offload,
-    # so only 24GB trains the whole clip; every checkpointing preset offloads the saved block inputs
+    # fake-tensor estimate (bench --estimate): 24GB trains the whole clip; 16GB/12GB too with split_blocks; 8GB
+    # would need 8.2 GB on the full clip (too thin) and keeps 9-frame windows; every checkpointing preset offloads
     eight = preset("8GB")
     assert eight.window_frames == 9 and eight.blocks_to_swap(40) == 38 and eight.offload_activations
     assert preset("24GB").window_frames == 0 and preset("24GB").blocks_to_swap(40) == 32
     assert all(preset(n).offload_activations and preset(n).gradient_checkpointing for n in ("24GB", "16GB", "12GB"))
-    assert [preset(n).window_frames for n in ("16GB", "12GB")] == [21, 17]
+    assert [(preset(n).window_frames, preset(n).split_blocks) for n in ("16GB", "12GB")] == [(0, True), (0, True)]
+    assert not preset("24GB").split_blocks and eight.split_blocks
     assert not preset("unlimited").gradient_checkpointing and not preset("unlimited").offload_activations
     msg = oom_message(preset("24GB"), 49, 480, 832)
     assert "16GB" in msg and "49 frames at 832x480" in msg and "activation offload on" in msg

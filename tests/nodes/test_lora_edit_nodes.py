@@ -154,6 +154,36 @@ def test_memory_node_activation_offload_trains_comfy_blocks(model):
         FFPLoRAEditMemory.execute(False, 0.0, 0, 4, "auto", True)
 
 
+def test_memory_node_split_blocks_trains_comfy_blocks_like_plain(model):
+    """split_blocks on ComfyUI's own WanAttentionBlock: the same losses as plain checkpointing (fp32)."""
+    plain = FFPLoRAEditMemory.execute(True, 0.0, 0, 4, "fp32", False, False).args[0]
+    split = FFPLoRAEditMemory.execute(True, 1.0, 0, 4, "fp32", True, True).args[0]
+    assert split.split_blocks and not plain.split_blocks
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *a, **k):
+        calls.append(fn)
+        return real(fn, *a, **k)
+
+    torch.utils.checkpoint.checkpoint = counting
+    try:
+        results = [train(model, memory=plain, steps=3)]
+        n_plain = len(calls)
+        results.append(train(model, memory=split, steps=3))
+    finally:
+        torch.utils.checkpoint.checkpoint = real
+    n_split = len(calls) - n_plain
+    # 2 blocks x (self-attention, cross-attention, FFN chunks) nested inside the block checkpoints
+    assert n_split >= 3 * n_plain, f"split_blocks checkpointed {n_split} times vs {n_plain} for whole blocks"
+    (_, lora_a, _), (_, lora_b, _) = results
+    for (name, a), (_, b) in zip(lora_a.items(), lora_b.items()):
+        assert torch.allclose(a.up, b.up, rtol=1e-4, atol=1e-6), name   # same training trajectory
+    assert all(float(layer.up.abs().max()) > 0 for _, layer in lora_b.items())
+    with pytest.raises(ValueError, match="split_blocks needs gradient_checkpointing"):
+        FFPLoRAEditMemory.execute(False, 0.0, 0, 4, "auto", False, True)
+
+
 def test_cancel_and_bad_input(model):
     comfy.model_management.interrupt_current_processing(True)
     try:
