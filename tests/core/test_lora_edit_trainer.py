@@ -245,28 +245,33 @@ def _bf16(dit, samples):
                    for x in samples]
 
 
+def one_step_grads(model, sample, **runner_settings):
+    """LoRA gradients [(down.grad, up.grad) per layer] of one flow-matching backward with a BlockRunner built with
+    runner_settings (same LoRA init, same noise every call), and the runner (for its counters)."""
+    lora = create_lora(model, rank=4, seed=2)
+    with torch.no_grad():
+        for _, layer in lora.items():
+            layer.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
+    lora.requires_grad_(True)
+    detach = attach_hooks(model, lora)
+    runner = BlockRunner(model.blocks(), torch.device("cpu"), **runner_settings)
+    try:
+        with runner:
+            flow_loss(model, sample, torch.Generator().manual_seed(4)).backward()
+    finally:
+        detach()
+    return [(layer.down.grad.clone(), layer.up.grad.clone()) for _, layer in lora.items()], runner
+
+
 def test_split_blocks_bf16_grads_match_and_norm_inputs_are_saved_compact(dit, samples):
     """bf16 model: diffusers feeds its norms x.float(); split_blocks saves those as bf16 (exact) and re-runs the
     norm in backward. The LoRA gradients of one step match those without checkpointing."""
     model, s16 = _bf16(dit, samples)
-    grads = []
-    for split in (False, True):
-        lora = create_lora(model, rank=4, seed=2)
-        with torch.no_grad():
-            for _, layer in lora.items():
-                layer.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
-        lora.requires_grad_(True)
-        detach = attach_hooks(model, lora)
-        runner = BlockRunner(model.blocks(), torch.device("cpu"), checkpointing=split, split_blocks=split)
-        try:
-            with runner:
-                flow_loss(model, s16[0], torch.Generator().manual_seed(4)).backward()
-        finally:
-            detach()
-        grads.append([(layer.down.grad.clone(), layer.up.grad.clone()) for _, layer in lora.items()])
-        if split:   # forward: block 0's norm2/norm3 (its input needs no grad: no LoRA before it) + block 1's 3;
-            assert runner.compact_saves >= 5   # the recomputes add more (checkpoint stops early when it has all)
-    for (d0, u0), (d1, u1) in zip(*grads):
+    plain, _ = one_step_grads(model, s16[0], checkpointing=False)
+    split, runner = one_step_grads(model, s16[0], checkpointing=True, split_blocks=True)
+    # forward: block 0's norm2/norm3 (its input needs no grad: no LoRA before it) + block 1's 3;
+    assert runner.compact_saves >= 5   # the recomputes add more (checkpoint stops early when it has all)
+    for (d0, u0), (d1, u1) in zip(plain, split):
         assert float(u0.abs().max()) > 0
         torch.testing.assert_close(d0, d1, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(u0, u1, rtol=1e-5, atol=1e-7)
@@ -327,24 +332,10 @@ def test_activation_offload_matches_plain_training_and_runs_its_hooks(dit, sampl
 
 def test_activation_offload_grads_match_one_step(dit, samples):
     """The LoRA gradients themselves (not only the losses after AdamW) match with the hooks on."""
-    grads = []
-    for offload in (False, True):
-        lora = create_lora(dit, rank=4, seed=2)
-        with torch.no_grad():
-            for _, layer in lora.items():
-                layer.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(9))
-        lora.requires_grad_(True)
-        detach = attach_hooks(dit, lora)
-        runner = BlockRunner(dit.blocks(), torch.device("cpu"), checkpointing=offload, offload_activations=offload)
-        try:
-            with runner:
-                flow_loss(dit, samples[0], torch.Generator().manual_seed(4)).backward()
-        finally:
-            detach()
-        grads.append([(layer.down.grad.clone(), layer.up.grad.clone()) for _, layer in lora.items()])
-        if offload:
-            assert runner.acts.packed == runner.acts.unpacked == 2
-    for (d0, u0), (d1, u1) in zip(*grads):
+    plain, _ = one_step_grads(dit, samples[0], checkpointing=False)
+    offloaded, runner = one_step_grads(dit, samples[0], checkpointing=True, offload_activations=True)
+    assert runner.acts.packed == runner.acts.unpacked == 2
+    for (d0, u0), (d1, u1) in zip(plain, offloaded):
         assert float(d0.abs().max()) > 0
         torch.testing.assert_close(d0, d1, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(u0, u1, rtol=1e-4, atol=1e-7)
