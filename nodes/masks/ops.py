@@ -60,27 +60,26 @@ def loose_box(mask: torch.Tensor, expand: float = 0.1, min_area: int = 50) -> to
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Grow by `radius` px: a pixel is set when a set pixel lies within Euclidean distance radius."""
-    m, squeeze = _frames(mask)
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0; got {radius} (use erode to shrink).")
-    binary = _binary(m)
-    if radius == 0:
-        return _out(binary, squeeze)
-    k = disc(radius)
-    return _out(np.stack([cv2.dilate(f, k, borderType=cv2.BORDER_CONSTANT, borderValue=0) for f in binary]), squeeze)
+    return _morph(mask, radius, cv2.dilate, outside=0, other="erode to shrink")
 
 
 def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Shrink by `radius` px: a pixel stays set when every pixel within distance radius is set (the frame border
     does not erode: outside the frame counts as set)."""
+    return _morph(mask, radius, cv2.erode, outside=1, other="dilate to grow")
+
+
+def _morph(mask: torch.Tensor, radius: int, op, outside: int, other: str) -> torch.Tensor:
+    """Binary morphology op (cv2.dilate / cv2.erode) with a disc of `radius`, frame by frame; pixels outside the
+    frame count as `outside`."""
     m, squeeze = _frames(mask)
     if radius < 0:
-        raise ValueError(f"radius must be >= 0; got {radius} (use dilate to grow).")
+        raise ValueError(f"radius must be >= 0; got {radius} (use {other}).")
     binary = _binary(m)
     if radius == 0:
         return _out(binary, squeeze)
     k = disc(radius)
-    return _out(np.stack([cv2.erode(f, k, borderType=cv2.BORDER_CONSTANT, borderValue=1) for f in binary]), squeeze)
+    return _out(np.stack([op(f, k, borderType=cv2.BORDER_CONSTANT, borderValue=outside) for f in binary]), squeeze)
 
 
 def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
