@@ -98,10 +98,14 @@ def track_to_first(frames: np.ndarray, quality: str = "medium", anchor_refine: b
 
 
 def _patch_error(frame: np.ndarray, frame0: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Mean absolute RGB difference (0..1) over a 5x5 patch between frame t [H, W, 3] (float 0..1) and
-    frame 0 seen through coords. Colour, not grey: objects of equal brightness must not match."""
-    diff = np.abs(frame - sample(frame0, coords)).mean(-1)
-    return cv2.blur(diff, (5, 5))
+    """patch_error between frame t [H, W, 3] (float 0..1) and frame 0 seen through coords."""
+    return patch_error(frame, sample(frame0, coords))
+
+
+def patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute RGB difference (0..1) over 5x5 patches of two float frames [H, W, 3] -> [H, W].
+    Colour, not grey: objects of equal brightness must not match."""
+    return cv2.blur(np.abs(a - b).mean(-1), (5, 5))
 
 
 def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..common import Cancelled, ShouldStop
 from ..flow.dis import DenseFlow, consistent, identity_grid, sample, to_gray
-from ..flow.engine import track_to_first
+from ..flow.engine import patch_error, track_to_first
 
 MAX_SIDE = 640
 LOST = 0.3      # below this share of the key mask's area the tracker counts as lost and re-acquires
@@ -51,11 +51,6 @@ def _spread(field: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
     den = _blur(w, sigma)[..., None]
     k = np.float32(1e-3)
     return (num + k * glob) / (den + k)
-
-
-def _patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean absolute RGB difference (0..1) over 5x5 patches of two float frames [H, W, 3]."""
-    return cv2.blur(np.abs(a - b).mean(-1), (5, 5))
 
 
 def _disk(r: int) -> np.ndarray:
@@ -100,7 +95,7 @@ class MaskTracker:
         bg_src = self.grid + _spread(back, bg & trusted, self.sigma)
         obj_src, e_obj = self._object_source(rgb, back, core)
         carried = sample(self.visible, obj_src)
-        e_bg = _patch_error(rgb, sample(self.prev_rgb, bg_src))
+        e_bg = patch_error(rgb, sample(self.prev_rgb, bg_src))
         occluded = (e_bg + self.margin < e_obj) & (e_obj > self.tolerance * 0.5)
         visible = (carried >= 0.5) & ~occluded
         # the amodal extent, keyframe positions and colour memory follow the object's motion
@@ -110,7 +105,7 @@ class MaskTracker:
         self.memory = sample(self.memory, obj_src)
         hidden = (self.amodal >= 0.5) & ~visible
         if hidden.any():
-            e_seen = np.minimum(_patch_error(rgb, sample(self.key_rgb, self.coords)), _patch_error(rgb, self.memory))
+            e_seen = np.minimum(patch_error(rgb, sample(self.key_rgb, self.coords)), patch_error(rgb, self.memory))
             visible |= hidden & (e_seen < self.tolerance * 0.5)
         m = cv2.morphologyEx(visible.astype(np.uint8), cv2.MORPH_CLOSE, _disk(1))
         visible = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(1)) > 0
@@ -137,7 +132,7 @@ class MaskTracker:
             cands.append(self.grid + shift)
         best, lowest = (np.inf, cands[0]), None
         for src in cands:
-            err = _patch_error(rgb, sample(self.prev_rgb, src))
+            err = patch_error(rgb, sample(self.prev_rgb, src))
             inside = sample(self.amodal, src) >= 0.5
             score = float(err[inside].mean()) if inside.any() else np.inf
             if score < best[0]:
