@@ -53,6 +53,14 @@ class MemorySettings:
     offload_activations: bool = False
     split_blocks: bool = False
 
+    def __post_init__(self):
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations needs gradient_checkpointing (it offloads what checkpointing saves "
+                             "between blocks); turn gradient_checkpointing on or offload_activations off.")
+        if self.split_blocks and not self.gradient_checkpointing:
+            raise ValueError("split_blocks needs gradient_checkpointing (it checkpoints parts of each block); turn "
+                             "gradient_checkpointing on or split_blocks off.")
+
     def blocks_to_swap(self, num_layers: int) -> int:
         return min(num_layers, int(round(self.swap_fraction * num_layers)))
 

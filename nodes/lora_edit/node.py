@@ -157,12 +157,6 @@ class FFPLoRAEditMemory(io.ComfyNode):
                 offload_activations=False, split_blocks=False) -> io.NodeOutput:
         if window_frames:
             frames_to_latent(window_frames)
-        if offload_activations and not gradient_checkpointing:
-            raise ValueError("offload_activations needs gradient_checkpointing (it offloads what checkpointing saves "
-                             "between blocks); turn gradient_checkpointing on or offload_activations off.")
-        if split_blocks and not gradient_checkpointing:
-            raise ValueError("split_blocks needs gradient_checkpointing (it checkpoints parts of each block); turn "
-                             "gradient_checkpointing on or split_blocks off.")
         return io.NodeOutput(MemorySettings(gradient_checkpointing, swap_fraction, window_frames, window_stride,
                                             compute_dtype, bool(offload_activations), bool(split_blocks)))
 
