@@ -22,12 +22,12 @@ if __package__ in (None, ""):                      # `python __main__.py` from t
     __package__ = Path(__file__).resolve().parent.name
 
 from .nodes.common import Cancelled  # noqa: E402
+from .nodes.evaluate.metrics import evaluate, format_table, psnr  # noqa: E402
 from .nodes.flow.dis import QUALITY  # noqa: E402
 from .nodes.flow.engine import MODES, FlowSettings, derive_edit_mask, propagate_edit, propagate_mask  # noqa: E402
 from .nodes.lora_edit.cli import add_wan_arguments, run_wan  # noqa: E402
 from .nodes.video.frames import FIT_POLICIES, fit_to_frame  # noqa: E402
 from .nodes.video.io import read_image, read_mask, read_video, write_image, write_video  # noqa: E402
-from .nodes.video.metrics import evaluate, format_table, psnr  # noqa: E402
 from .nodes.video.preview import comparison_grid, side_by_side  # noqa: E402
 from .nodes.video.synthetic import synthetic_clip  # noqa: E402
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from ._comfy import ComfyExtension, io
 from .ast_rope.node import FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain
 from .chunks.node import FFPChunkFlowPropagate, FFPChunkPlan, FFPChunkSample
+from .evaluate.node import FFPEvaluate
 from .flow.node import FFPFlowPropagate
 from .lora_edit.node import FFPLoRAEditConditioning, FFPLoRAEditMemory, FFPSaveLoRA, FFPTrainLoRAEdit
 from .masks import routes as _mask_routes  # noqa: F401  (registers GET /ffprop/frame for the web editor)
 from .masks.node import FFPMaskCombine, FFPMaskOps, FFPMaskPrompts, FFPMaskPropagate, FFPSAM2Loader
-from .video.node import FFPEvaluate
 
 NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate,
                                    FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine,

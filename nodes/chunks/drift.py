@@ -146,7 +146,7 @@ def _relative(steps: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
 
 def seam_jumps(frames: torch.Tensor, seams: tuple[int, ...]) -> list[float]:
     """Jump at each seam s: mean |frame_s - frame_{s-1}| relative to the clip's median consecutive difference
-    (the definition of nodes/video/metrics.frame_jumps, computed frame by frame; 1 = an ordinary frame step)."""
+    (the definition of nodes/evaluate/metrics.frame_jumps, computed frame by frame; 1 = an ordinary frame step)."""
     return _relative(_frame_steps(frames), seams) if seams else []
 
 

@@ -115,9 +115,9 @@ def bench_flow() -> None:
     from ffprop.nodes.chunks.chain import chain_chunks, flow_generator
     from ffprop.nodes.chunks.drift import NO_DRIFT_CONTROL, region_seam_jumps, seam_jumps
     from ffprop.nodes.chunks.plan import plan_chunks
+    from ffprop.nodes.evaluate.metrics import frame_jumps
     from ffprop.nodes.flow.engine import FlowSettings, propagate_edit
     from ffprop.nodes.video.io import read_video
-    from ffprop.nodes.video.metrics import frame_jumps
 
     data = Path(os.environ.get("FFP_SHARED_DATA", REPO.parent / "shared" / "data"))
     source, fps = read_video(data / "sam2_bedroom" / "bedroom.mp4")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from ffprop.nodes.common import Cancelled
+from ffprop.nodes.evaluate.metrics import psnr
 from ffprop.nodes.flow.dis import identity_grid
 from ffprop.nodes.flow.engine import FlowSettings, propagate_edit, propagate_mask, track_to_first
-from ffprop.nodes.video.metrics import psnr
 from ffprop.nodes.video.synthetic import synthetic_clip, texture
 
 V = np.array([3.0, 1.5])        # square motion, px per frame (sub-pixel in y)

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
+from ffprop.nodes.evaluate.metrics import psnr
 from ffprop.nodes.video.io import read_image, read_mask, read_video, write_image, write_video
-from ffprop.nodes.video.metrics import psnr
 from ffprop.nodes.video.synthetic import synthetic_clip
 
 

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from ffprop.nodes.video.metrics import evaluate, format_table
+from ffprop.nodes.evaluate.metrics import evaluate, format_table
 from ffprop.nodes.video.synthetic import synthetic_clip
 
 

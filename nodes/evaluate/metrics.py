@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..flow.dis import DenseFlow, consistent, identity_grid, sample, to_gray
-from .frames import check_mask, check_video, to_uint8
+from ..video.frames import check_mask, check_video, to_uint8
 
 
 def psnr(a: np.ndarray, b: np.ndarray, weight: np.ndarray | None = None) -> float:

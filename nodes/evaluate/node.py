@@ -6,9 +6,9 @@ import json
 
 from .._comfy import io, progress, ui, unpack_video
 from ..flow.engine import FlowSettings, derive_edit_mask, propagate_mask
-from .frames import fit_to_frame
+from ..video.frames import fit_to_frame
+from ..video.preview import comparison_grid
 from .metrics import evaluate, format_table
-from .preview import comparison_grid
 
 
 def parse_seams(text: str) -> tuple[int, ...]:
