@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..common import atomic_write
 from .positions import ALPHA_MAX, RopeAlphas, check_latent
 
 KIND = "ffprop.ast_rope_predictor"
@@ -95,17 +95,10 @@ def save_predictor(predictor: AlphaPredictor, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in predictor.state_dict().items()}
     meta = {"kind": KIND, "version": str(VERSION), "config": json.dumps(asdict(predictor.config))}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

@@ -11,8 +11,6 @@ LoRA-Edit's code default). Two ways to apply it without touching base weights:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..common import atomic_write
 from ..host import names
 
 PREFIX = "diffusion_model."
@@ -202,15 +201,8 @@ def save_lora(lora: LoRA, path: str | Path, dtype: torch.dtype = torch.float32, 
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(lora.comfy_state_dict(dtype), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp:
+        save_file(lora.comfy_state_dict(dtype), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
 
 

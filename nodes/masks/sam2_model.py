@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..common import log
+from ..common import atomic_write, log
 
 SIZES = ("tiny", "small", "base_plus", "large")
 VERSIONS = ("2.0", "2.1")
@@ -230,12 +230,11 @@ def random_checkpoint(path: str | os.PathLike, size: str = "tiny", version: str 
     path = Path(path)
     model = build_model(SAM2Spec(size, version, 1024), None, "cpu", seed=seed)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_write(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(sd, str(tmp))
-    else:
-        torch.save({"model": sd}, str(tmp))
-    os.replace(tmp, path)
+            save_file(sd, str(tmp))
+        else:
+            torch.save({"model": sd}, str(tmp))
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..common import atomic_write
 from .frames import check_video, from_uint8, to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -70,13 +70,6 @@ def read_mask(path: str | os.PathLike, threshold: float = 0.5) -> torch.Tensor:
     return (frames.mean(-1) > threshold).float()
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: int = 17) -> Path:
     """Write IMAGE [T, H, W, 3] as H.264 mp4 (yuv420p; odd sizes padded by one edge pixel) atomically."""
     check_video(frames, "frames to write")
@@ -85,19 +78,14 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
     t, h, w, _ = data.shape
     if h % 2 or w % 2:
         data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    tmp = _atomic_target(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = data.shape[2], data.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
-            for frame in data:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = data.shape[2], data.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for frame in data:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
     return path
 
 
@@ -106,10 +94,6 @@ def write_image(path: str | os.PathLike, image: torch.Tensor) -> Path:
     path = Path(path)
     if image.ndim == 4:
         image = image[0]
-    tmp = _atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         Image.fromarray(to_uint8(image)).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
