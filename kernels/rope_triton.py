@@ -4,6 +4,8 @@ positions (no [L, D/2, 2, 2] table). Same convention as kernels/rope.py (its ref
 One program per token row (b, l): it loads the token's 3 positions and the [D/2] inverse frequencies (float64
 values split into float32 hi + lo), forms the D/2 angles in float32 plus a first-order correction for what the
 float32 product lost (so long positions keep fp64-like accuracy), and rotates every head of q and k with them. Backward = rotation by -angle.
+The product's rounding error comes from Dekker's two-product (12-bit halves, exact in plain float32 arithmetic),
+not from `tl.fma`: Triton 3.8's interpreter evaluates fma as a rounded multiply-add, which returned 0 there.
 Imports triton at module import: the dispatch in kernels/__init__.py imports this module lazily.
 """
 
@@ -28,11 +30,16 @@ def _rope_kernel(Q, K, OQ, OK, POS, OMEGA, AXIS, L, H,
     heads = tl.arange(0, BLOCK_H)
     pmask = pairs < HALF
     axis = tl.load(AXIS + pairs, mask=pmask, other=0)
-    w_hi = tl.load(OMEGA + pairs, mask=pmask, other=0.0)            # float64 frequencies split in hi + lo
-    w_lo = tl.load(OMEGA + HALF + pairs, mask=pmask, other=0.0)
+    w_hi = tl.load(OMEGA + pairs, mask=pmask, other=0.0)            # float64 frequencies split in hi + lo,
+    w_lo = tl.load(OMEGA + HALF + pairs, mask=pmask, other=0.0)      # and w_hi itself in 12-bit halves wh + wl
+    wh = tl.load(OMEGA + 2 * HALF + pairs, mask=pmask, other=0.0)
+    wl = tl.load(OMEGA + 3 * HALF + pairs, mask=pmask, other=0.0)
     p = tl.load(POS + l_idx * 3 + axis, mask=pmask, other=0.0)
     ang = p * w_hi
-    err = tl.fma(p, w_hi, -ang) + p * w_lo                           # what the float32 product lost
+    t = p * 4097.0                                                   # Veltkamp split of p: p = ph + pl exactly
+    ph = t - (t - p)
+    pl = p - ph
+    err = (((ph * wh - ang) + ph * wl) + pl * wh) + pl * wl + p * w_lo   # what the float32 product lost (Dekker)
     c0 = tl.cos(ang)
     s0 = tl.sin(ang)
     c = (c0 - s0 * err)[None, :]                                     # first-order correction: near-fp64 angles
@@ -87,6 +94,8 @@ def rope_qk_triton(q: Tensor, k: Tensor, pos: Tensor, theta: float = THETA) -> t
     d = q.shape[-1]
     wide = rope_omega(d, theta, q.device)
     hi = wide.float()
-    omega = torch.cat([hi, (wide - hi.double()).float()])
+    split = hi * 4097.0                                              # Veltkamp: hi = wh + wl, 12 bits each
+    wh = split - (split - hi)
+    omega = torch.cat([hi, (wide - hi.double()).float(), wh, hi - wh])
     axis = rope_axis_index(d, q.device).to(torch.int32)
     return _FusedRope.apply(q, k, pos.to(device=q.device, dtype=torch.float32).contiguous(), omega, axis)

@@ -128,7 +128,7 @@ def test_triton_forward_within_2x_of_torch_error(shape, dtype):
         oracle = rope_reference(x.double().cpu(), pos.cpu())
         lowp = rope_reference(x, pos, upcast=False).cpu()             # torch in the input precision
         e_fused, e_torch = errors(fused.cpu(), lowp, oracle)
-        assert e_fused <= 2 * e_torch + 1e-6, f"fused {e_fused:.3e} vs torch {e_torch:.3e}"
+        assert e_fused <= 2 * e_torch, f"fused {e_fused:.3e} vs torch {e_torch:.3e}"
 
 
 @needs_triton
@@ -148,7 +148,7 @@ def test_triton_backward_is_rotation_by_minus_angle(shape, dtype):
         oracle = rope_reference(grad_out.double().cpu(), -pos.cpu())   # R(-angle) = R(angle)^T
         lowp = rope_reference(grad_out, -pos, upcast=False).cpu()
         e_fused, e_torch = errors(grad.cpu(), lowp, oracle)
-        assert e_fused <= 2 * e_torch + 1e-6, f"grad fused {e_fused:.3e} vs torch {e_torch:.3e}"
+        assert e_fused <= 2 * e_torch, f"grad fused {e_fused:.3e} vs torch {e_torch:.3e}"
 
 
 def test_minus_angle_is_the_transpose_of_rope():
@@ -179,8 +179,13 @@ def test_triton_cuda_long_sequence(dtype):
     q = torch.randn(shape, device="cuda", dtype=dtype)
     k = torch.randn(shape, device="cuda", dtype=dtype)
     pos = positions(shape[1], scale=100).cuda()
-    fq, _ = rope_qk_triton(q, k, pos)
-    oracle = rope_reference(q[:, :2048].double(), pos[:2048])
-    lowp = rope_reference(q[:, :2048], pos[:2048], upcast=False)
-    e_fused, e_torch = errors(fq[:, :2048], lowp, oracle)
-    assert e_fused <= 2 * e_torch + 1e-6
+    fq, fk = rope_qk_triton(q, k, pos)
+    for x, fused in ((q, fq), (k, fk)):
+        e_fused = e_torch = 0.0
+        for start in range(0, shape[1], 4096):                      # every row, in fp64 slices of 4096 tokens
+            rows = slice(start, start + 4096)
+            oracle = rope_reference(x[:, rows].double(), pos[rows])
+            lowp = rope_reference(x[:, rows], pos[rows], upcast=False)
+            ef, et = errors(fused[:, rows], lowp, oracle)
+            e_fused, e_torch = max(e_fused, ef), max(e_torch, et)
+        assert e_fused <= 2 * e_torch, f"fused {e_fused:.3e} vs torch {e_torch:.3e} over all {shape[1]} rows"
