@@ -14,16 +14,20 @@ PromptServer (so importing this module in a plain process or in the nodes test t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
 from PIL import Image, ImageSequence
 
 from ..common import log, log_once
+from ..video.frames import to_uint8
 from ..video.io import IMAGE_SUFFIXES
 
 ROUTE_FRAME = "/ffprop/frame"
@@ -80,7 +84,7 @@ def read_frame(path: str | os.PathLike, index: int) -> tuple[np.ndarray, int | N
             count = 0
             for frame in container.decode(stream):
                 if count == index:
-                    return frame.to_ndarray(format="rgb24"), stated
+                    return _frame_rgb(path, frame, stream), stated
                 count += 1
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
         raise FrameRequestError(415, f"cannot decode '{path.name}' ({e}); use a video (mp4, webm, mov, mkv) "
@@ -88,6 +92,46 @@ def read_frame(path: str | os.PathLike, index: int) -> tuple[np.ndarray, int | N
     if count == 0:
         raise FrameRequestError(415, f"'{path.name}' has no decodable frames.")
     raise FrameRequestError(400, _out_of_range(path, index, count))
+
+
+# Set by register_routes() inside ComfyUI: the host's own decode of one video frame (see host_frame_decoder).
+HOST_FRAME_DECODER: Callable[[Path, "av.VideoFrame", "av.video.stream.VideoStream"], np.ndarray] | None = None
+
+
+def _frame_rgb(path: Path, frame, stream) -> np.ndarray:
+    """A decoded frame as the node will see it: the host's LoadVideo decode where known, else PyAV rgb24."""
+    if HOST_FRAME_DECODER is not None and frame.pts is not None:
+        return HOST_FRAME_DECODER(path, frame, stream)
+    return frame.to_ndarray(format="rgb24")
+
+
+def host_frame_decoder() -> Callable | None:
+    """ComfyUI's LoadVideo decode (comfy_api VideoFromFile) of the one frame PyAV just decoded, where the host can
+    decode a time window (VideoFromFile(start_time=, duration=), ComfyUI 0.28); None where it cannot (0.3.64,
+    whose LoadVideo decodes `to_ndarray("rgb24")` exactly as `_frame_rgb` does).
+
+    Why: 0.28 decodes 8-bit YUV through float RGB (gbrpf32le: interpolated chroma, rotation metadata applied),
+    which differs from PyAV's rgb24 (chroma replicated per 2x2 block) by up to ~80 levels at colour edges, so
+    the editor would show another image than the one the node gets."""
+    try:
+        from comfy_api.latest import InputImpl
+    except ImportError:
+        return None
+    video_cls = getattr(InputImpl, "VideoFromFile", None)
+    if video_cls is None or "start_time" not in inspect.signature(video_cls).parameters:
+        return None
+
+    def decode(path: Path, frame, stream) -> np.ndarray:
+        step = frame.duration * stream.time_base if getattr(frame, "duration", None) else 1 / (stream.average_rate or Fraction(25))
+        images = video_cls(str(path), start_time=float(frame.pts * stream.time_base),
+                           duration=float(step) / 2).get_components().images
+        if images.shape[0] != 1:  # a window the host decodes otherwise (odd timestamps): PyAV's frame, said so
+            log_once("routes-host-decode", "FFP masks: ComfyUI decoded %d frame(s) around frame pts %s of '%s'; "
+                     "the editor shows PyAV's rgb24 decode instead.", images.shape[0], frame.pts, path.name)
+            return frame.to_ndarray(format="rgb24")
+        return to_uint8(images[0])
+
+    return decode
 
 
 def _read_image_frame(path: Path, index: int) -> tuple[np.ndarray, int]:
@@ -154,6 +198,9 @@ def register_routes() -> bool:
         return True
     import folder_paths
     from aiohttp import web
+
+    global HOST_FRAME_DECODER
+    HOST_FRAME_DECODER = host_frame_decoder()
 
     @instance.routes.get(ROUTE_FRAME)
     async def ffp_frame(request: web.Request) -> web.Response:
