@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Optional
 
 import comfy.sd
 import folder_paths
@@ -10,7 +12,7 @@ import torch
 
 from ...kernels import BACKENDS
 from .._comfy import io, progress, ui
-from ..common import log, log_once
+from ..common import log, log_once, safe_output_path
 from ..host.comfy import ComfyWan
 from .patch import MODES, VARIANTS, apply_ast_rope, choose_alphas
 from .positions import check_latent
@@ -28,6 +30,13 @@ WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 def _predictor_files() -> list[str]:
     return [NONE] + folder_paths.get_filename_list(FOLDER)
+
+
+def _predictor_path(filename: str) -> Optional[Path]:
+    """models/ast_rope/<filename>.safetensors, validated and versioned (_2, _3, ...); None for an empty name."""
+    if not filename.strip():
+        return None
+    return safe_output_path(folder_paths.get_folder_paths(FOLDER)[0], filename, ".safetensors")
 
 
 def _encode(model, vae):
@@ -209,7 +218,9 @@ class FFPASTRoPETrain(io.ComfyNode):
                                tooltip="Weight of the MMD drift loss (self-distillation)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for noise, time and init."),
                 io.String.Input("filename", default="ast_rope_predictor",
-                                tooltip="Saved as models/ast_rope/<filename>.safetensors (empty: do not save)."),
+                                tooltip="Saved as models/ast_rope/<filename>.safetensors (letters, digits, - _ . "
+                                        "spaces, '/' between subfolders; no '..', no absolute path). An existing "
+                                        "file is kept: the new one gets _2, _3, ... Empty: do not save."),
                 io.Image.Input("edited_video", optional=True,
                                tooltip="The edited version of source_video (same size/length): trains FFP "
                                        "(edited frame 1 -> edited clip) instead of reconstructing the source."),
@@ -230,9 +241,20 @@ class FFPASTRoPETrain(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename: str) -> bool | str:
+        if not isinstance(filename, str):            # linked from another node: checked when it runs
+            return True
+        try:
+            _predictor_path(filename)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, vae, positive, source_video, steps, learning_rate, variant, alpha_max, width, depth,
                 self_distill, lambda_motion, lambda_mmd, seed, filename, edited_video=None, pairs_folder="",
                 max_frames=33, clip_vision_output=None, backend="auto") -> io.NodeOutput:
+        _predictor_path(filename)                    # a bad file name fails now, not after training
         dit = ComfyWan(model)
         encode = _encode(model, vae)
         context = positive[0][0].float()
@@ -252,11 +274,10 @@ class FFPASTRoPETrain(io.ComfyNode):
         on_step, should_stop = progress(steps)
         torch.manual_seed(seed)
         result = train_predictor(dit, samples, settings, AlphaPredictor(config), on_step=on_step, should_stop=should_stop)
-        path = ""
-        if filename.strip():
-            folder = folder_paths.get_folder_paths(FOLDER)[0]
-            path = str(save_predictor(result.predictor, os.path.join(folder, filename.strip() + ".safetensors")))
+        path = _predictor_path(filename)             # again: another run may have saved that name meanwhile
+        if path is not None:
+            save_predictor(result.predictor, path)
             log.info("FFP AST-RoPE: predictor saved to %s", path)
         text = (f"loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g} over {steps} steps "
                 f"({len(samples)} clip(s)); {result.alphas.describe()}")
-        return io.NodeOutput(result.predictor, path, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(result.predictor, "" if path is None else str(path), text, ui=ui.PreviewText(text))

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import comfy.lora
@@ -15,7 +14,7 @@ import node_helpers
 import torch
 
 from .._comfy import io, ui
-from ..common import log
+from ..common import log, safe_output_path
 from ..host.comfy import ComfyWan
 from ..video.frames import FIT_POLICIES, FRAME_POLICIES, SIZE_POLICIES, fit_to_frame, frames_to_latent
 from .conditioning import comfy_concat_mask, masked_condition_video, prepare_clip
@@ -340,7 +339,8 @@ class FFPSaveLoRA(io.ComfyNode):
             inputs=[
                 LoraType.Input("lora", tooltip="The LoRA from 'Train LoRA-Edit'."),
                 io.String.Input("name", default="ffp_lora_edit",
-                                tooltip="File name without extension (letters, digits, - _ . and subfolders /)."),
+                                tooltip="File name in models/loras (letters, digits, - _ . spaces, '/' between "
+                                        "subfolders; no '..', no absolute path); .safetensors is added."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing file of that name; off = add _2, _3, ..."),
             ],
@@ -348,23 +348,20 @@ class FFPSaveLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, name: str, overwrite: bool) -> bool | str:
+        if not isinstance(name, str):                # linked from another node: checked when it runs
+            return True
+        try:
+            safe_output_path(folder_paths.get_folder_paths("loras")[0], name, ".safetensors", overwrite)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, lora, name, overwrite) -> io.NodeOutput:
         root = Path(folder_paths.get_folder_paths("loras")[0])
-        path = lora_path(root, name, overwrite)
+        path = safe_output_path(root, name, ".safetensors", overwrite)
         save_lora(lora, path, metadata={"ffprop": "lora_edit", "rank": lora.rank})
         rel = path.relative_to(root).as_posix()
         log.info("FFP LoRA-Edit: saved %s", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}").as_dict())
-
-
-def lora_path(root: Path, name: str, overwrite: bool) -> Path:
-    name = name.strip().removesuffix(".safetensors")
-    if not name or not re.fullmatch(r"[\w\-. /]+", name) or ".." in name.split("/") or name.startswith("/"):
-        raise ValueError(f"LoRA name '{name}' is not allowed; use letters, digits, '-', '_', '.' and '/' for "
-                         "subfolders, without '..'.")
-    path = root / f"{name}.safetensors"
-    n = 2
-    while path.exists() and not overwrite:
-        path = root / f"{name}_{n}.safetensors"
-        n += 1
-    return path
