@@ -106,6 +106,23 @@ def check_inputs(plan: ChunkPlan, source: Tensor, edit_mask: Optional[Tensor], n
     return mask
 
 
+def check_finite(frames: Tensor, chunk: Chunk, num_chunks: int) -> None:
+    """RuntimeError naming the chunk when its generated frames [L, H, W, 3] hold NaN/inf: one bad value would
+    spread through the colour anchor and the hand-off into every later chunk."""
+    per_frame = [int(frame.numel() - torch.isfinite(frame).sum()) for frame in frames]   # frame by frame: no copy
+    count = sum(per_frame)
+    if not count:
+        return
+    where = [chunk.start + i + 1 for i, n in enumerate(per_frame) if n]
+    shown = ", ".join(map(str, where[:8])) + (f", ... ({len(where)} frames)" if len(where) > 8 else "")
+    raise RuntimeError(
+        f"chunk {chunk.index + 1} of {num_chunks} (frames {chunk.start + 1}-{chunk.stop}"
+        f"{f' + {chunk.pad} padding frames' if chunk.pad else ''}) came back "
+        f"from the generator with {count} non-finite values (NaN/inf) of {frames.numel()}, in clip frame(s) {shown}; "
+        "stopped before they spread into the later chunks. The sampler diverged: try a lower cfg, fp32 or bf16 "
+        "instead of fp16 weights/VAE, another sampler or scheduler, more steps, or another seed.")
+
+
 def chain_chunks(plan: ChunkPlan, source: Tensor, edited_first: Tensor, generate: Generator,
                  edit_mask: Optional[Tensor] = None, drift: DriftSettings = DriftSettings(), num_prompts: int = 1,
                  seed: int = 0, steps_per_chunk: int = 1, size_policy: str = "auto",
@@ -144,6 +161,7 @@ def chain_chunks(plan: ChunkPlan, source: Tensor, edited_first: Tensor, generate
         if frames.shape != (chunk.length, h, w, 3):
             raise RuntimeError(f"chunk {chunk.index + 1} generator returned {tuple(frames.shape)}, expected "
                                f"{(chunk.length, h, w, 3)}.")
+        check_finite(frames, chunk, len(plan))
         region = result.edit_mask.detach().float().cpu() if result.edit_mask is not None else job.edit_mask
         fixed = 1 if chunk.index == 0 else chunk.overlap         # frames that must stay (edit / hand-off)
         frames = correct_chunk(frames, job.source, region, anchor, drift, first_fixed=fixed) \

@@ -137,6 +137,29 @@ def test_condition_video_i2v_keeps_head_and_greys_the_rest(clip):
         condition_video("vace", src, None, head)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_chunk_stops_the_chain_naming_the_chunk(clip, bad):
+    plan = plan_chunks(61, 13, 1)                                              # chunk 2 = frames 13-25
+    seen = []
+    inner = drifting_generator(clip, plan, torch.tensor([0.01, 0.0, 0.0]))
+
+    def one_bad_pixel_in_chunk_2(job):
+        seen.append(job.chunk.index)
+        res = inner(job)
+        if job.chunk.index == 1:
+            res.frames[3, 5, 7, 1] = bad                                       # clip frame 13 + 3 = 16
+        return res
+
+    with pytest.raises(RuntimeError) as e:
+        chain_chunks(plan, clip.source, clip.edited[0], one_bad_pixel_in_chunk_2, drift=DriftSettings())
+    msg = str(e.value)
+    assert "chunk 2 of 5 (frames 13-25)" in msg and "1 non-finite values" in msg and "frame(s) 16;" in msg, msg
+    assert "cfg" in msg and "fp32" in msg and "sampler" in msg, "says what to try"
+    assert seen == [0, 1], "no chunk is generated after the bad one"
+    ok = chain_chunks(plan, clip.source, clip.edited[0], inner, drift=DriftSettings())
+    assert bool(torch.isfinite(ok.video).all()) and "nan" not in ok.report
+
+
 def test_bad_input_errors(clip):
     plan = plan_chunks(61, 17, 1)
     gen = recording_generator(plan, [])

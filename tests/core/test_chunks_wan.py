@@ -123,6 +123,33 @@ def test_wan_chain_is_seeded_and_prompts_per_chunk_matter(parts):
     assert not torch.equal(a[1:], run(context, 1, seed=1)[1:])
 
 
+class NaNAtCall:
+    """The tiny DiT, except that predict call `at` (1-based) returns one NaN velocity element (a diverging step)."""
+
+    def __init__(self, dit, at: int):
+        self.dit, self.at, self.calls = dit, at, 0
+
+    def predict(self, x_t, t, cond):
+        self.calls += 1
+        v = self.dit.predict(x_t, t, cond)
+        if self.calls == self.at:
+            v = v.clone()
+            v[0, 3, 1, 2, 2] = float("nan")
+        return v
+
+
+def test_a_nan_in_chunk_2_stops_with_an_error_naming_it(parts):
+    clip, dit, vae, context = parts
+    plan = plan_chunks(25, 9, 1)                                   # chunk 2 = frames 9-17; 2 predict calls a chunk
+    poisoned = NaNAtCall(dit, at=3)                                # the first step of chunk 2
+    gen = wan_generator(poisoned, vae.encode, vae.decode, context, steps=2, shift=3.0)
+    with pytest.raises(RuntimeError, match=r"chunk 2 of 3 \(frames 9-17\) came back from the generator with \d+ "
+                                           r"non-finite values") as e:
+        chain_chunks(plan, clip.source, clip.edited[0], gen, drift=DriftSettings())
+    assert "lower cfg" in str(e.value)
+    assert poisoned.calls == 4, "chunk 3 is never sampled"
+
+
 def test_lora_edit_kind_uses_the_masked_source(parts):
     pytest.importorskip("ffprop.nodes.lora_edit.conditioning")
     clip, dit, vae, context = parts
