@@ -11,9 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FRAME_POLICIES = ("error", "trim", "pad")
-SIZE_POLICIES = ("error", "crop", "pad", "resize")
-FIT_POLICIES = ("auto", "resize", "crop", "pad", "error")
+from .formats import FIT_POLICIES, FRAME_POLICIES, SIZE_POLICIES  # noqa: F401  (defined torch-free there)
 
 
 def check_video(frames: torch.Tensor, name: str = "video") -> torch.Tensor:
@@ -55,8 +53,9 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def from_uint8(array: np.ndarray) -> torch.Tensor:
-    """uint8 numpy [..., H, W, C] -> float tensor in 0..1."""
-    return torch.from_numpy(np.ascontiguousarray(array)).float() / 255.0
+    """uint8 numpy [..., H, W, C] -> float tensor in 0..1. Read-only arrays (PIL's, PyAV's) are copied first:
+    torch.from_numpy warns on them, and the float conversion copies anyway."""
+    return torch.from_numpy(np.require(array, requirements=("C", "W"))).float() / 255.0
 
 
 def edit_to_keep(mask: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,6 @@ from ffprop.nodes.lora_edit.lora import LoRA, LoRALayer, load_lora, save_lora
 from ffprop.nodes.masks.sam2_model import random_checkpoint
 from ffprop.nodes.video.io import write_image, write_video
 
-pytestmark = pytest.mark.core
-
 
 @pytest.fixture
 def umask022():

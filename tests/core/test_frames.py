@@ -107,3 +107,22 @@ def test_match_color_moves_statistics_to_reference():
     assert torch.equal(match_color(frames, ref, strength=0), frames)
     with pytest.raises(ValueError, match="empty"):
         match_color(frames, ref, mask=torch.zeros(32, 32))
+
+
+def test_from_uint8_takes_read_only_arrays_without_warning():
+    """PIL and PyAV hand out read-only arrays; torch.from_numpy warned on every real file (issue 11 item 3).
+    torch warns once per process, so this runs in a fresh one with warnings as errors."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np, torch
+        from ffprop.nodes.video.frames import from_uint8
+        array = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+        array.flags.writeable = False
+        out, strided = from_uint8(array), from_uint8(array[:, ::2])
+        assert torch.equal(out, torch.from_numpy(array.copy()).float() / 255)
+        assert torch.equal(strided, out[:, ::2])
+        """
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

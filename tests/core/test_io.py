@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from ffprop.nodes.evaluate.metrics import psnr
@@ -53,3 +54,74 @@ def test_unreadable_files_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image frames"):
         read_video(tmp_path / "empty")
+
+
+def test_real_files_read_without_warnings(tmp_path):
+    """Every CLI run printed torch's 'NumPy array is not writable' warning (PIL's read-only array). torch warns
+    once per process, so the reads run in a fresh one with warnings as errors."""
+    import subprocess
+    import sys
+
+    png = write_image(tmp_path / "a.png", torch.rand(20, 30, 3))
+    mp4 = write_video(tmp_path / "a.mp4", torch.rand(3, 16, 16, 3), 8)
+    code = (f"from ffprop.nodes.video.io import read_image, read_video, read_mask; "
+            f"read_image({str(png)!r}); read_video({str(mp4)!r}); read_mask({str(png)!r})")
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_still_image_is_not_a_video(tmp_path):
+    png = write_image(tmp_path / "frame.png", torch.rand(32, 48, 3))
+    with pytest.raises(ValueError, match="still image, not a video"):
+        read_video(png)
+    disguised = tmp_path / "frame.mp4"                       # a PNG under a video name
+    disguised.write_bytes(png.read_bytes())
+    with pytest.raises(ValueError, match="still image .*not a video"):
+        read_video(disguised)
+    clip = write_video(tmp_path / "clip.mp4", torch.rand(2, 16, 16, 3), 8)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="at least 1"):
+            read_video(clip, max_frames=bad)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv", ".webm"])
+def test_every_output_format_round_trips_with_the_sources_audio(tmp_path, suffix):
+    """Each suffix write_video accepts really is that container, decodes to the same frames, and carries the
+    source's audio (a 440 Hz tone) for the written frames' duration (copied aac, or re-encoded to opus)."""
+    import av
+    from clip_files import SAMPLE_RATE, TONE_HZ, audio_of, dominant_hz, write_clip
+    from ffprop.nodes.video.frames import to_uint8
+
+    clip = synthetic_clip(20, 96, 128)
+    src = write_clip(tmp_path / "src.mp4", to_uint8(clip.source), fps=20)
+    frames, fps = read_video(src, max_frames=10)                      # half the clip: 0.5 s
+    out = write_video(tmp_path / f"out{suffix}", frames, fps, audio_from=src)
+    with av.open(str(out)) as c:
+        assert c.format.name.split(",")[0] in {".mp4": "mov", ".mov": "mov", ".mkv": "matroska",
+                                               ".webm": "matroska"}[suffix]
+        assert c.streams.video[0].codec_context.name == ("vp9" if suffix == ".webm" else "h264")
+    back, back_fps = read_video(out)
+    assert back.shape == frames.shape and back_fps == pytest.approx(20)
+    assert psnr(back.numpy(), frames.numpy()) > 28
+    codec, rate, samples = audio_of(out)
+    assert codec == ("opus" if suffix == ".webm" else "aac")
+    assert 0.45 < len(samples) / rate < 0.6                            # trimmed to the 10 frames written
+    assert dominant_hz(samples, rate) == pytest.approx(TONE_HZ, abs=5)
+    _, src_rate, src_samples = audio_of(src)
+    rms = [np.sqrt(np.mean(x[len(x) // 4: len(x) // 2] ** 2)) for x in (samples, src_samples)]
+    assert src_rate == SAMPLE_RATE and rms[0] == pytest.approx(rms[1], rel=0.1) and rms[1] > 0.1
+    assert sorted(os.listdir(tmp_path)) == sorted(["src.mp4", f"out{suffix}"])
+
+
+def test_no_audio_source_and_unsupported_suffixes(tmp_path):
+    from clip_files import audio_of, write_clip
+    from ffprop.nodes.video.io import encoded_size
+
+    src = write_clip(tmp_path / "silent.mp4", np.zeros((4, 16, 16, 3), np.uint8), audio=None)
+    out = write_video(tmp_path / "o.mp4", torch.rand(4, 16, 16, 3), 25, audio_from=src)
+    assert audio_of(out) is None
+    for name in ("o.png", "o", "o.avi"):
+        with pytest.raises(ValueError, match=r"must end in \.mp4, \.mov, \.mkv, \.webm"):
+            write_video(tmp_path / name, torch.rand(2, 16, 16, 3), 25)
+        assert not (tmp_path / name).exists()
+    assert encoded_size(511, 511) == (512, 512) and encoded_size(480, 832) == (480, 832)
