@@ -285,11 +285,38 @@ def _pad_text(context: Tensor) -> Tensor:
     return context
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
+
+def is_fp8_target(name: str, tensor: Tensor) -> bool:
+    """The tensors kept in fp8 by storage='fp8': the blocks' linear weights (2-D `blocks.N....weight`), ~99 % of
+    Wan-14B's block bytes. Biases, norms, modulation tables and everything outside the blocks keep their dtype."""
+    return name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2 and tensor.is_floating_point()
+
+
+def to_fp8(t: Tensor) -> Tensor:
+    """Round to float8_e4m3fn (saturating at +-448: Wan's weights are far inside that range)."""
+    return t.float().clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def store_blocks_fp8(model: nn.Module) -> nn.Module:
+    """Keep the blocks' linear weights in fp8 in place (the BlockRunner casts them to the compute dtype per block
+    at use). Returns model."""
+    for name, p in model.named_parameters():
+        if is_fp8_target(name, p):
+            p.data = to_fp8(p.data)
+    return model
+
+
 def load_diffusers_wan(
-    path: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = "cpu"
+    path: Union[str, Path], dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = "cpu",
+    storage: Optional[str] = None,
 ) -> DiffusersWan:
     """Load a local diffusers-format WanTransformer3DModel (a dir with config.json, or a pipeline dir with
-    transformer/), no hub access."""
+    transformer/), no hub access. storage='fp8': the blocks' linear weights are kept in float8_e4m3fn (loaded
+    tensor by tensor from the shards, so CPU memory peaks at the fp8 model plus one tensor, not the bf16 model;
+    compute in bf16 through the BlockRunner's per-block upcast)."""
     cls = _diffusers_wan()
     root = Path(path).expanduser()
     if not root.exists():
@@ -300,9 +327,13 @@ def load_diffusers_wan(
             f"'{root}' is not a diffusers-format Wan transformer: expected config.json (or transformer/config.json) "
             "plus diffusion_pytorch_model*.safetensors. A single ComfyUI .safetensors file loads in ComfyUI instead."
         )
+    if storage not in (None, "fp8"):
+        raise ValueError(f"storage must be None (the dtype as loaded) or 'fp8'; got {storage!r}.")
     from diffusers.utils import is_accelerate_available
 
-    if is_accelerate_available():
+    if storage == "fp8":
+        model = load_streaming(cls, folder, dtype)
+    elif is_accelerate_available():
         kwargs: dict[str, Any] = {"local_files_only": True}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
@@ -312,6 +343,62 @@ def load_diffusers_wan(
     if device is not None:
         model = model.to(device)
     return DiffusersWan(model.eval())
+
+
+def load_streaming(cls, folder: Path, dtype: Optional[torch.dtype]) -> nn.Module:
+    """WanTransformer3DModel built on the meta device, then filled tensor by tensor from the safetensors shards:
+    block linear weights in fp8, the fp32-kept modules in fp32, the rest in `dtype` (or as stored)."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise ValueError(f"'{folder}' has config.json but no diffusion_pytorch_model*.safetensors weights.")
+    cfg = cls.load_config(str(folder))
+    with torch.device("meta"):
+        model = cls.from_config(cfg)
+    keep = tuple(cls._keep_in_fp32_modules or ())
+    slots = {n: (m, "_parameters") for n, m in _leaf_owners(model, "parameters")}
+    slots.update({n: (m, "_buffers") for n, m in _leaf_owners(model, "buffers")})
+    unexpected = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if key not in slots:
+                    unexpected.append(key)
+                    continue
+                t = fh.get_tensor(key)
+                if is_fp8_target(key, t):
+                    t = to_fp8(t)
+                elif t.is_floating_point() and any(k in key for k in keep):
+                    t = t.float()
+                elif t.is_floating_point() and dtype is not None:
+                    t = t.to(dtype)
+                owner, kind = slots.pop(key)
+                leaf = key.rsplit(".", 1)[-1]
+                if kind == "_parameters":
+                    owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = t
+    rope = model.rope
+    model.rope = WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)   # non-persistent
+    missing = [k for k in slots if not k.startswith("rope.")]
+    ignored = tuple(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())
+    unexpected = [k for k in unexpected if not any(p in k for p in ignored)]
+    if missing or unexpected:
+        raise ValueError(
+            f"'{folder}' does not match its config.json: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Is it a complete {cls.__name__}?"
+        )
+    return model.eval()
+
+
+def _leaf_owners(model: nn.Module, kind: str):
+    """(full name, owning module) of every parameter or buffer."""
+    for prefix, mod in model.named_modules():
+        for leaf, t in getattr(mod, f"_{kind}").items():
+            if t is not None:
+                yield (f"{prefix}.{leaf}" if prefix else leaf), mod
 
 
 def _load_without_accelerate(cls, folder: Path, dtype: Optional[torch.dtype]) -> nn.Module:

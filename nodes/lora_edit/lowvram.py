@@ -17,6 +17,7 @@ run (tests count them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -117,6 +118,16 @@ def oom_message(settings: MemorySettings, frames: int, height: int, width: int, 
             f"{settings.window_frames or 'off'}{free_note}. To fit: {tip}, or close other programs using the GPU.")
 
 
+def place_for_swap(model: nn.Module, blocks: list[nn.Module], swapped: int, device: torch.device | str) -> None:
+    """Put `model` on `device` except its first `swapped` blocks, which stay where they are (the CPU): the
+    BlockRunner brings each to the device when it runs. Nothing of a swapped block ever passes through the
+    device all at once (the whole model would not fit a small card)."""
+    away = {id(t) for b in blocks[:swapped] for t in (*b.parameters(), *b.buffers())}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in away and t.device != torch.device(device):
+            t.data = t.data.to(device)
+
+
 # a block's sub-blocks, by attribute name (diffusers WanTransformerBlock, ComfyUI WanAttentionBlock)
 SUB_BLOCKS = ("attn1", "attn2", "self_attn", "cross_attn", "ffn")
 NORMS = ("norm1", "norm2", "norm3")   # a block's norms (both hosts); their fp32 inputs are saved compact
@@ -124,16 +135,32 @@ FFN_CHUNK_TOKENS = 4096   # FFN rows per checkpointed chunk (Wan-14B: 4096 x 138
 
 
 class BlockRunner:
-    """Installs checkpointing / block swap / cancel checks on a list of blocks by replacing each block's `forward`
-    with a wrapper (an instance attribute, removed again by `remove()`; the class stays untouched). With
-    split_blocks the block's sub-blocks (SUB_BLOCKS) get checkpoint wrappers the same way (nested non-reentrant
-    checkpoints: backward re-runs the block, which saves only each sub-block's input, then re-runs one sub-block
-    at a time; the FFN runs in chunks of `ffn_chunk_tokens` tokens, each its own checkpoint)."""
+    """Installs checkpointing / block swap / fp8 upcast / cancel checks on a list of blocks by replacing each
+    block's `forward` with a wrapper (an instance attribute, removed again by `remove()`; the class stays
+    untouched). With split_blocks the block's sub-blocks (SUB_BLOCKS) get checkpoint wrappers the same way (nested
+    non-reentrant checkpoints: backward re-runs the block, which saves only each sub-block's input, then re-runs one
+    sub-block at a time; the FFN runs in chunks of `ffn_chunk_tokens` tokens, each its own checkpoint).
+
+    fp8 storage: a block tensor stored in an 8-bit float dtype (the loader's fp8 base weights) is cast to
+    `compute_dtype` (default bf16) on the device just before its block runs and back to its fp8 storage after
+    (at most two blocks at once, like the swap); tensors of modules that cast their own weights at use
+    (ComfyUI's cast ops: a `weight_function` attribute) are left to the host.
+
+    inference=True (the sampler): no gradients, no checkpointing; block swap and the fp8 upcast still run, and
+    the last block prefetches block 0 for the next model call.
+
+    install() is transactional: every change it makes to the model is recorded as it is made and, if a later
+    step fails, undone in reverse order before the original exception propagates unchanged; remove() undoes
+    the same record (after a partial install too)."""
 
     def __init__(self, blocks: list[nn.Module], device: torch.device, checkpointing: bool, blocks_to_swap: int = 0,
                  should_stop: Optional[Callable[[], bool]] = None, offload_activations: bool = False,
-                 split_blocks: bool = False, ffn_chunk_tokens: int = FFN_CHUNK_TOKENS):
-        if blocks_to_swap and not checkpointing:
+                 split_blocks: bool = False, ffn_chunk_tokens: int = FFN_CHUNK_TOKENS,
+                 compute_dtype: Optional[torch.dtype] = None, inference: bool = False):
+        if inference and (checkpointing or offload_activations or split_blocks):
+            raise ValueError("an inference BlockRunner (sampling) runs without gradients: checkpointing, activation "
+                             "offload and split_blocks are training settings; turn them off for sampling.")
+        if blocks_to_swap and not (checkpointing or inference):
             raise ValueError("block swap needs gradient checkpointing (backward re-runs each block on the device); "
                              "turn gradient_checkpointing on or set blocks_to_swap to 0.")
         if offload_activations and not checkpointing:
@@ -150,59 +177,100 @@ class BlockRunner:
         self.acts = ActivationOffload(torch.device(device)) if offload_activations else None
         self.device = torch.device(device)
         self.checkpointing = checkpointing
+        self.inference = inference
+        self.compute_dtype = compute_dtype or torch.bfloat16
         self.swapped = set(range(min(blocks_to_swap, len(blocks))))
         self.should_stop = should_stop
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.home: dict[int, list[tuple[Tensor, Tensor]]] = {}  # block -> [(tensor, cpu copy)]
-        self.origin: dict[int, list[torch.device]] = {}          # block -> each tensor's device before install
+        self.home: dict[int, list[tuple[Tensor, Tensor]]] = {}  # staged block -> [(tensor, its home storage)]
         self.on_device: set[int] = set()
         self.pending: dict[int, object] = {}
         self.last = -1
         self.loads = 0
         self.max_resident = 0
+        self._undo: list[Callable[[], None]] = []   # install's changes, in the order made
         self._installed = False
 
     # -- install / remove -------------------------------------------------------------------------------------
     def install(self) -> "BlockRunner":
-        for i, block in enumerate(self.blocks):
-            if i in self.swapped:
-                tensors = [*block.parameters(), *block.buffers()]
-                self.origin[i] = [t.device for t in tensors]
-                self.home[i] = [(t, self._to_home(t.data)) for t in tensors]
-                for t, cpu in self.home[i]:
-                    t.data = cpu
-            block.forward = self._wrap(i, block.forward)
-            if self.split_blocks:
-                for name in SUB_BLOCKS:
-                    sub = getattr(block, name, None)
-                    if isinstance(sub, nn.Module):
-                        sub.forward = self._wrap_sub(sub.forward, chunk=name == "ffn")
-                for sub in self._norms(block):
-                    sub.forward = self._wrap_norm(sub, sub.forward)
+        if self._installed or self._undo:
+            raise RuntimeError("this BlockRunner is already installed; remove() it before installing it again.")
+        narrow = {i: _narrow_tensors(b) for i, b in enumerate(self.blocks)}
+        if not (self.checkpointing or self.inference) and any(narrow.values()):
+            raise ValueError("fp8 base weights are cast to the compute dtype per block at use, which training needs "
+                             "gradient checkpointing for (backward re-runs each block); turn gradient_checkpointing "
+                             "on or load the model in bf16.")
+        try:
+            for i, block in enumerate(self.blocks):
+                if i in self.swapped:
+                    self._stage(i, [*block.parameters(), *block.buffers()], copy=True)
+                elif narrow[i]:
+                    self._stage(i, narrow[i], copy=False)
+                self._replace_forward(block, self._wrap(i, block.forward))
+                if self.split_blocks:
+                    for name in SUB_BLOCKS:
+                        sub = getattr(block, name, None)
+                        if isinstance(sub, nn.Module):
+                            self._replace_forward(sub, self._wrap_sub(sub.forward, chunk=name == "ffn"))
+                    for sub in self._norms(block):
+                        self._replace_forward(sub, self._wrap_norm(sub, sub.forward))
+        except BaseException as e:
+            try:
+                self._rollback()
+            except BaseException as undo_error:   # the install's own error is the one to report
+                log.error("FFP LoRA-Edit: undoing a failed BlockRunner install also failed: %r (after %r)",
+                          undo_error, e)
+            raise
         self._installed = True
         return self
 
     def remove(self) -> None:
-        if not self._installed:
-            return
+        """Undo everything install() did (all of it after a full install, what it had done after a failed one):
+        wrappers off, every staged tensor back on its original device in its original dtype."""
         self._sync()
         if self.acts is not None:
             self.acts.reset()
-        for i, block in enumerate(self.blocks):
-            block.__dict__.pop("forward", None)
-            for name in SUB_BLOCKS:
-                sub = getattr(block, name, None)
-                if isinstance(sub, nn.Module):
-                    sub.__dict__.pop("forward", None)
-            for sub in self._norms(block):
-                sub.__dict__.pop("forward", None)
-            for (t, cpu), dev in zip(self.home.get(i, []), self.origin.get(i, [])):
-                t.data = cpu.to(dev)  # back where the host had it (ComfyUI may keep some blocks on the CPU)
-        self.home.clear()
-        self.origin.clear()
-        self.on_device.clear()
+        self._rollback()
         self._installed = False
+
+    def _rollback(self) -> None:
+        first = None
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except BaseException as e:   # undo the rest anyway, report the first failure
+                first = first or e
+        self.home.clear()
+        self.on_device.clear()
+        self.pending.clear()
+        self.last = -1
+        if first is not None:
+            raise first
+
+    def _replace_forward(self, module: nn.Module, wrapper: Callable) -> None:
+        before = module.__dict__.get("forward", _NONE)
+
+        def undo():
+            if before is _NONE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = before
+
+        self._undo.append(undo)
+        module.forward = wrapper
+
+    def _stage(self, i: int, tensors: list[Tensor], copy: bool) -> None:
+        """Give block i's tensors a home storage (swapped: a pinned CPU copy; fp8 on the device: their own
+        storage) and put them there; each tensor's undo restores it on its original device."""
+        entries = self.home.setdefault(i, [])
+        for t in tensors:
+            origin = t.data
+            home = self._to_home(origin) if copy else origin
+            self._undo.append(functools.partial(_restore, t, home, origin.device))
+            t.data = home
+            entries.append((t, home))
 
     def __enter__(self) -> "BlockRunner":
         return self.install()
@@ -228,6 +296,9 @@ class BlockRunner:
                 with hooks:
                     return torch.utils.checkpoint.checkpoint(self._rerun, i, forward, *args, use_reentrant=False,
                                                              **kwargs)
+            if i in self.home and torch.is_grad_enabled():
+                raise RuntimeError("a BlockRunner with swapped or fp8 blocks ran with gradients enabled but without "
+                                   "checkpointing; sample under torch.no_grad() or train with checkpointing.")
             return forward(*args, **kwargs)
 
         return run
@@ -256,19 +327,17 @@ class BlockRunner:
         return [m for m in (getattr(block, n, None) for n in NORMS) if isinstance(m, nn.Module)]
 
     def _wrap_norm(self, module: nn.Module, forward: Callable) -> Callable:
-        """A norm whose fp32 input holds bf16 values (diffusers' norm(x.float())) saves that input as bf16 and is
-        re-run in backward; other inputs (an fp32 model, bf16 inputs) run it as it is."""
+        """A norm whose fp32 input is a cast of a bf16 tensor (diffusers' norm(x.float())) saves that input as
+        bf16 and is re-run in backward; other inputs (an fp32 model, bf16 inputs, fp32 values computed in fp32
+        such as ComfyUI's x + y * e) run it as it is. Decided from the input's autograd node, never its values
+        (no device sync)."""
         def run(*args, **kwargs):
             x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
             if (x is None or x.dtype != torch.float32 or not torch.is_grad_enabled() or not x.requires_grad
-                    or any(p.requires_grad for p in module.parameters())):
+                    or any(p.requires_grad for p in module.parameters()) or not _cast_from_bf16(x)):
                 return forward(*args, **kwargs)
-            small = x.detach().to(torch.bfloat16)
-            if x.device.type != "meta" and not torch.equal(small.to(x.dtype), x):
-                return forward(x)      # not bf16 values (an fp32 model): saved as they are
-            # (meta: the memory estimate's fake tensors, where diffusers' norm inputs are x.float() of bf16 x)
             self.compact_saves += 1
-            return _CompactInput.apply(x, small, forward)
+            return _CompactInput.apply(x, x.detach().to(torch.bfloat16), forward)
 
         return run
 
@@ -277,18 +346,22 @@ class BlockRunner:
         return forward(*args, **kwargs)
 
     def _request(self, i: int) -> None:
-        if i not in self.swapped:
+        """Block i is about to run: load it (swapped: CPU -> device; fp8: cast up), keep it and the next one in
+        the direction of travel (the sampler wraps around to block 0), put every other staged block home."""
+        if i not in self.home:
             self.last = i
             return
-        step = 1 if i >= self.last else -1
+        if self.inference:
+            nxt = (i + 1) % len(self.blocks)
+        else:
+            nxt = i + (1 if i >= self.last else -1)
         self.last = i
         self._load(i, wait=True)
-        keep = {i, i + step}
         for j in list(self.on_device):
-            if j not in keep:
+            if j not in (i, nxt):
                 self._offload(j)
-        if i + step in self.swapped:
-            self._load(i + step, wait=False)
+        if nxt in self.home:
+            self._load(nxt, wait=False)
         self.max_resident = max(self.max_resident, len(self.on_device))
 
     def _load(self, i: int, wait: bool) -> None:
@@ -299,8 +372,9 @@ class BlockRunner:
         self.loads += 1
         ctx = torch.cuda.stream(self.stream) if (self.cuda and not wait) else contextlib.nullcontext()
         with ctx:
-            for t, cpu in self.home[i]:
-                t.data = cpu.to(self.device, non_blocking=self.cuda)
+            for t, home in self.home[i]:
+                x = home.to(self.device, non_blocking=self.cuda)    # fp8 travels as fp8 (half the bytes)
+                t.data = x.to(self.compute_dtype) if _is_narrow(x) else x
         if self.cuda and not wait:
             ev = torch.cuda.Event()
             ev.record(self.stream)
@@ -310,8 +384,8 @@ class BlockRunner:
     def _offload(self, i: int) -> None:
         if i in self.pending:
             torch.cuda.current_stream(self.device).wait_event(self.pending.pop(i))
-        for t, cpu in self.home[i]:
-            t.data = cpu  # the CPU copy is the block's home; the device copy is freed
+        for t, home in self.home[i]:
+            t.data = home  # the block's home (CPU copy, or its fp8 storage); the device / upcast copy is freed
         self.on_device.discard(i)
 
     def _sync(self) -> None:
@@ -338,6 +412,45 @@ class _CompactInput(torch.autograd.Function):
             y = ctx.fn(x)
         (gx,) = torch.autograd.grad(y, x, grad)
         return gx, None, None
+
+
+_NONE = object()
+
+
+def _is_narrow(t: Tensor) -> bool:
+    """An 8-bit float (fp8 e4m3 / e5m2 storage): cast up to the compute dtype at use."""
+    return t.is_floating_point() and t.element_size() == 1
+
+
+def _narrow_tensors(block: nn.Module) -> list[Tensor]:
+    """fp8 parameters/buffers of modules that do not cast their own weights at use (ComfyUI's cast ops carry a
+    `weight_function`: the host upcasts those itself, scaled fp8 included)."""
+    out = []
+    for m in block.modules():
+        if hasattr(m, "weight_function"):
+            continue
+        out += [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if _is_narrow(t)]
+    return out
+
+
+def _restore(t: Tensor, home: Tensor, device: torch.device) -> None:
+    t.data = home if home.device == device else home.to(device)
+
+
+def _cast_from_bf16(x: Tensor) -> bool:
+    """True when autograd says x was made by casting a bf16 tensor up (x.float(), x.to(fp32)): its values are then
+    exact bf16 values. Reads graph metadata only (no data); False when the graph cannot tell."""
+    node = x.grad_fn
+    if node is None or node.name() != "ToCopyBackward0" or not node.next_functions:
+        return False
+    src, idx = node.next_functions[0]
+    if src is None:
+        return False
+    var = getattr(src, "variable", None)       # AccumulateGrad: a leaf
+    if var is not None:
+        return var.dtype == torch.bfloat16
+    meta = getattr(src, "_input_metadata", None)
+    return meta is not None and idx < len(meta) and meta[idx].dtype == torch.bfloat16
 
 
 def _hidden(args: tuple, kwargs: dict) -> Optional[Tensor]:
@@ -457,9 +570,17 @@ class ActivationOffload:
         return saved.host.to(saved.device, non_blocking=True)
 
 
+_DEVICE_OOM = ("CUDA out of memory", "HIP out of memory", "MPS backend out of memory", "XPU out of memory")
+
+
 def is_oom(e: BaseException) -> bool:
+    """An allocation failure of the compute device: torch's OutOfMemoryError, or a RuntimeError with the device
+    allocator's own wording. Not any text with "out of memory" in it: a failed pinned host allocation
+    ("CUDA error: out of memory" from cudaHostAlloc) is CPU memory and propagates as it is."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
+    if oom is not None and isinstance(e, oom):
+        return True
+    return type(e) is RuntimeError and any(k in str(e) for k in _DEVICE_OOM)
 
 
 def log_settings(settings: MemorySettings, num_layers: int) -> None:
