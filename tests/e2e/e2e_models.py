@@ -117,12 +117,16 @@ def in_python(python: str, command: str, *args: str, timeout: float = 600) -> ob
 
 
 def templates_dir() -> str | None:
-    """Where ComfyUI's bundled workflow templates (package comfyui_workflow_templates) are, if installed."""
-    try:
-        import comfyui_workflow_templates
-    except ImportError:
-        return None
-    return str(Path(comfyui_workflow_templates.__file__).parent / "templates")
+    """Where ComfyUI's bundled workflow templates are, if installed: comfyui_workflow_templates/templates up to
+    0.1.x (ComfyUI 0.3.64), comfyui_workflow_templates_json/templates in the multi-bundle 0.11.x (ComfyUI 0.28)."""
+    import importlib.util
+
+    for package in ("comfyui_workflow_templates_json", "comfyui_workflow_templates"):
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            if any((Path(root) / "templates").glob("*.json")):
+                return str(Path(root) / "templates")
+    return None
 
 
 SAM2_NAME = "ffp_random_sam2.1_hiera_tiny.safetensors"

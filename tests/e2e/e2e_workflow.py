@@ -1,38 +1,30 @@
 """Workflow JSON for the e2e tier: UI format (what the frontend saves) -> API format (what POST /prompt takes).
 
-Pure Python, no ComfyUI import: the only host knowledge needed is the server's GET /object_info answer
-(HOST.md 1f). Rules, as the frontend's "Export (API)" applies them:
+The conversion itself is comfy-cli's (`comfy_cli.workflow_to_api.convert_ui_to_api`, the function `comfy run
+--workflow <ui.json>` calls after GET /object_info): Note/MarkdownNote/PrimitiveNode/Reroute/GetNode/SetNode
+resolved, muted nodes dropped, bypassed nodes passed through by type, control_after_generate and upload-button
+values skipped, defaults filled, subgraphs expanded. What this module adds is only what `comfy run` does not do:
 
-- a node's `widgets_values` are positional over its *widget* inputs (INT, FLOAT, STRING, BOOLEAN, COMBO, not
-  `forceInput`), in `input_order` (required, then optional);
-- an INT/COMBO widget with `control_after_generate` (or named seed/noise_seed) is followed by one extra value
-  ("fixed", "increment", "decrement", "randomize") that is not an input; so is an upload combo (LoadImage,
-  LoadVideo) by its upload button's value ("image", "video", "audio") when present;
-- a widget converted to an input keeps its slot in `widgets_values`; when it is linked the link wins;
-- a widget with no saved value gets its default (or a combo's first option), as the frontend would;
-- links are `[id, from_node, from_slot, to_node, to_slot, type]` (or objects with the same names);
-- Note/MarkdownNote (no inputs) are dropped, Reroute is followed through, a PrimitiveNode's value is written
-  into the widgets it feeds, muted nodes (mode 2) are dropped, bypassed nodes (mode 4) are passed through by type.
+- a clear error for a file that is not a workflow, and for node types the server does not know (comfy-cli passes
+  them through and /prompt answers "node does not exist"; here the message names the missing pack);
+- links saved as objects (workflow schema 1) are read too (comfy-cli skips them: the input would silently keep
+  its widget value);
+- the CI-sizing overrides of a shipped workflow's `extra.ffprop_ci` (`apply_ci_overrides`).
 
-Anything else (subgraphs, unknown node types, an API-format file given where UI was expected) raises
-`WorkflowFormatError` with a message that says what was found and what to do.
+comfy-cli is installed with the host (HOST.md 0b: `pip install -r requirements.txt comfy-cli`); without it the
+callers skip with that reason (`comfy_cli_converter`).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-UPLOAD_KEYS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio"}
-SKIP_TYPES = {"Note", "MarkdownNote"}
-VIRTUAL_TYPES = {"Reroute", "PrimitiveNode"}
-MODE_MUTED, MODE_BYPASS = 2, 4
+UI_ONLY_TYPES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute", "GetNode", "SetNode"}
 
 
 class WorkflowFormatError(ValueError):
-    """The JSON is not a workflow this converter understands (the message says why and what to do)."""
+    """The JSON is not a workflow the harness can run (the message says why and what to do)."""
 
 
 def workflow_format(data: Any) -> str:
@@ -44,101 +36,26 @@ def workflow_format(data: Any) -> str:
     return "unknown"
 
 
-def _input_spec(info: dict, name: str) -> tuple[Any, dict]:
-    for section in ("required", "optional"):
-        spec = info.get("input", {}).get(section, {}).get(name)
-        if spec is not None:
-            typ = spec[0]
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            return typ, opts
-    return None, {}
+def comfy_cli_converter() -> tuple[Callable[[dict, dict], dict] | None, str]:
+    """(comfy-cli's convert_ui_to_api, "") or (None, why it is unavailable)."""
+    try:
+        from comfy_cli.workflow_to_api import convert_ui_to_api
+    except ImportError as e:
+        return None, f"comfy-cli is not installed in this interpreter ({e}); pip install comfy-cli"
+    return convert_ui_to_api, ""
 
 
-def _is_widget(typ: Any, opts: dict) -> bool:
-    if opts.get("forceInput"):
-        return False
-    return isinstance(typ, list) or typ in WIDGET_TYPES
+def node_types(ui: dict) -> set[str]:
+    """Every node type a UI workflow uses, inside subgraph definitions too (subgraph instances excluded)."""
+    subgraphs = (ui.get("definitions") or {}).get("subgraphs") or []
+    types = {n.get("type") for n in ui.get("nodes") or []}
+    for sg in subgraphs:
+        types |= {n.get("type") for n in sg.get("nodes") or []}
+    return types - {sg.get("id") for sg in subgraphs}
 
 
-def _has_control(name: str, typ: Any, opts: dict) -> bool:
-    if "control_after_generate" in opts:
-        return bool(opts["control_after_generate"])
-    return typ == "INT" and name in ("seed", "noise_seed")
-
-
-def _is_control_value(value: Any, names: list[str], name: str, info: dict) -> bool:
-    """The saved control_after_generate value: a mode string, or a bool in files from old frontends."""
-    if isinstance(value, str):
-        return value in CONTROL_VALUES
-    if isinstance(value, bool):
-        nxt = names.index(name) + 1
-        return nxt >= len(names) or _input_spec(info, names[nxt])[0] != "BOOLEAN"
-    return False
-
-
-def widget_defaults(info: dict) -> dict[str, Any]:
-    """What the frontend puts in a widget that has no saved value: the default, or a combo's first option."""
-    out = {}
-    for name in widget_names(info):
-        typ, opts = _input_spec(info, name)
-        if "default" in opts:
-            out[name] = opts["default"]
-        elif isinstance(typ, list) and typ:
-            out[name] = typ[0]
-        elif typ == "COMBO" and opts.get("options"):
-            out[name] = opts["options"][0]
-    return out
-
-
-def widget_names(info: dict) -> list[str]:
-    """Names of a node's widget inputs, in the frontend's order (required, then optional)."""
-    order = info.get("input_order") or {s: list(info.get("input", {}).get(s, {})) for s in ("required", "optional")}
-    names = []
-    for section in ("required", "optional"):
-        for name in order.get(section, []):
-            typ, opts = _input_spec(info, name)
-            if typ is not None and _is_widget(typ, opts):
-                names.append(name)
-    return names
-
-
-def map_widgets(class_type: str, info: dict, values: Any) -> dict[str, Any]:
-    """Map a node's `widgets_values` onto its widget input names."""
-    names = widget_names(info)
-    if isinstance(values, dict):  # some packs save widgets by name
-        return {k: v for k, v in values.items() if k in names}
-    values = list(values or [])
-    out: dict[str, Any] = {}
-    i = 0
-    for name in names:
-        if i >= len(values):
-            break
-        typ, opts = _input_spec(info, name)
-        out[name] = values[i]
-        i += 1
-        if _has_control(name, typ, opts) and i < len(values) and _is_control_value(values[i], names, name, info):
-            i += 1
-        upload = next((v for k, v in UPLOAD_KEYS.items() if opts.get(k)), None)
-        if upload and i < len(values) and values[i] == upload:
-            i += 1
-    return out
-
-
-def _links_by_id(ui: dict) -> dict[int, tuple[int, int, int, int]]:
-    links = {}
-    for link in ui.get("links") or []:
-        if isinstance(link, dict):
-            lid, a, a_slot, b, b_slot = (link[k] for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot"))
-        elif isinstance(link, list) and len(link) >= 5:
-            lid, a, a_slot, b, b_slot = link[:5]
-        else:
-            raise WorkflowFormatError(f"unreadable link {link!r}: expected [id, from, from_slot, to, to_slot, type]")
-        links[int(lid)] = (int(a), int(a_slot), int(b), int(b_slot))
-    return links
-
-
-def ui_to_api(ui: dict, object_info: dict[str, dict]) -> dict[str, dict]:
-    """Convert a UI-format workflow to an API-format prompt, using the server's /object_info."""
+def ui_to_api(ui: Any, object_info: dict[str, dict]) -> dict[str, dict]:
+    """A UI-format workflow as the API prompt `comfy run --workflow` would POST (API-format input is returned as is)."""
     fmt = workflow_format(ui)
     if fmt == "api":
         return copy.deepcopy(ui)
@@ -147,55 +64,18 @@ def ui_to_api(ui: dict, object_info: dict[str, dict]) -> dict[str, dict]:
             "not a ComfyUI workflow: expected the UI format (keys 'nodes' and 'links', as saved by the frontend) "
             "or the API format ({node_id: {'class_type', 'inputs'}}, as exported by 'Export (API)')"
         )
-    if (ui.get("definitions") or {}).get("subgraphs"):
-        raise WorkflowFormatError("this workflow uses subgraphs, which the e2e converter does not expand; "
-                                  "unpack them in the frontend (right click > Unpack Subgraph) and save again")
-    nodes = {int(n["id"]): n for n in ui["nodes"]}
-    links = _links_by_id(ui)
-
-    def source(link_id: int | None, seen: frozenset = frozenset()) -> tuple[str, Any] | None:
-        """Follow a link to a real output: ('link', [node, slot]), ('value', v) for a primitive, or None."""
-        if link_id is None or link_id not in links:
-            return None
-        a, a_slot, _, _ = links[link_id]
-        if a in seen:
-            raise WorkflowFormatError(f"link cycle through node {a}")
-        node = nodes.get(a)
-        if node is None:
-            raise WorkflowFormatError(f"link {link_id} starts at node {a}, which is not in the workflow")
-        if node.get("type") == "Reroute":
-            return source(node["inputs"][0].get("link"), seen | {a})
-        if node.get("type") == "PrimitiveNode":
-            return ("value", (node.get("widgets_values") or [None])[0])
-        if node.get("mode") == MODE_MUTED:
-            return None
-        if node.get("mode") == MODE_BYPASS:
-            out_type = (node.get("outputs") or [{}] * (a_slot + 1))[a_slot].get("type")
-            for inp in node.get("inputs") or []:
-                if inp.get("type") == out_type and inp.get("link") is not None:
-                    return source(inp["link"], seen | {a})
-            return None
-        return ("link", [str(a), a_slot])
-
-    api: dict[str, dict] = {}
-    for nid, node in sorted(nodes.items()):
-        ctype = node.get("type")
-        if ctype in SKIP_TYPES or ctype in VIRTUAL_TYPES or node.get("mode") in (MODE_MUTED, MODE_BYPASS):
-            continue
-        info = object_info.get(ctype)
-        if info is None:
-            raise WorkflowFormatError(
-                f"node {nid} has type {ctype!r}, which this server does not know (missing custom node pack, "
-                "or a pack that failed to import: see the server log)"
-            )
-        inputs = {**widget_defaults(info), **map_widgets(ctype, info, node.get("widgets_values"))}
-        for inp in node.get("inputs") or []:
-            name = (inp.get("widget") or {}).get("name") or inp.get("name")
-            src = source(inp.get("link"))
-            if src is None:
-                continue
-            inputs[name] = src[1]
-        api[str(nid)] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": node.get("title") or ctype}}
+    unknown = sorted(t for t in node_types(ui) - UI_ONLY_TYPES - set(object_info) if t)
+    if unknown:
+        raise WorkflowFormatError(f"node type(s) {unknown} are not known to this server (missing custom node pack, "
+                                  "or a pack that failed to import: see the server log)")
+    convert, why = comfy_cli_converter()
+    if convert is None:
+        raise WorkflowFormatError(why)
+    ui = copy.deepcopy(ui)
+    # schema-1 files save links as objects; comfy-cli reads only [id, from, from_slot, to, to_slot, type]
+    ui["links"] = [[link.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
+                   if isinstance(link, dict) else link for link in ui.get("links") or []]
+    api = convert(ui, object_info)
     if not api:
         raise WorkflowFormatError("the workflow has no executable nodes")
     return api

@@ -1,9 +1,14 @@
-"""The UI -> API workflow converter against a canned /object_info excerpt (no server, runs anywhere)."""
+"""The harness' UI -> API conversion (comfy-cli's, as `comfy run --workflow` does it) against a canned /object_info
+excerpt: the shapes our workflows use convert as the frontend would send them (no server; needs comfy-cli, else
+skipped with the reason), and the CI overrides (run anywhere)."""
 
 from __future__ import annotations
 
 import pytest
-from e2e_workflow import WorkflowFormatError, apply_ci_overrides, map_widgets, ui_to_api, workflow_format
+from e2e_workflow import WorkflowFormatError, apply_ci_overrides, comfy_cli_converter, ui_to_api, workflow_format
+
+_CONVERT, _WHY = comfy_cli_converter()
+needs_comfy_cli = pytest.mark.skipif(_CONVERT is None, reason=_WHY)
 
 # Shapes as ComfyUI 0.3.64 serves them (V1 and V3 nodes; trimmed to what the converter reads).
 OBJECT_INFO = {
@@ -50,26 +55,31 @@ def ui(nodes, links):
     return {"last_node_id": max(n["id"] for n in nodes), "nodes": nodes, "links": links, "version": 0.4, "extra": {}}
 
 
+def one(type_, widgets):
+    """The API inputs of a one-node workflow."""
+    return ui_to_api(ui([node(1, type_, widgets)], []), OBJECT_INFO)["1"]["inputs"]
+
+
+@needs_comfy_cli
 def test_widgets_skip_control_and_upload_values():
-    assert map_widgets("KSampler", OBJECT_INFO["KSampler"], [7, "randomize", 20, 8.0, "euler", "simple", 1.0]) == {
+    assert one("KSampler", [7, "randomize", 20, 8.0, "euler", "simple", 1.0]) == {
         "seed": 7, "steps": 20, "cfg": 8.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
-    assert map_widgets("LoadImage", OBJECT_INFO["LoadImage"], ["a.png", "image"]) == {"image": "a.png"}
-    assert map_widgets("LoadVideo", OBJECT_INFO["LoadVideo"], ["clip.mp4", "video"]) == {"file": "clip.mp4"}
-    # forceInput is not a widget; optional widgets follow required ones; legacy seed name gets a control value
-    assert map_widgets("Mixed", OBJECT_INFO["Mixed"], [0.5, True, 3, "fixed", "b"]) == {
-        "strength": 0.5, "flag": True, "noise_seed": 3, "mode": "b"}
-    # older files without the control value still map
-    assert map_widgets("Mixed", OBJECT_INFO["Mixed"], [0.5, False, 3, "a"])["mode"] == "a"
-    assert map_widgets("SaveImage", OBJECT_INFO["SaveImage"], {"filename_prefix": "x"}) == {"filename_prefix": "x"}
+    assert one("LoadImage", ["a.png", "image"]) == {"image": "a.png"}
+    assert one("LoadVideo", ["clip.mp4", "video"]) == {"file": "clip.mp4"}
+    # forceInput is not a widget; optional widgets follow required ones; a seed-like name takes a control value
+    assert one("Mixed", [0.5, True, 3, "fixed", "b"]) == {"strength": 0.5, "flag": True, "noise_seed": 3, "mode": "b"}
+    assert one("SaveImage", ["x"]) == {"filename_prefix": "x"}
 
 
+@needs_comfy_cli
 def test_links_reroute_primitive_note_mute_bypass():
     nodes = [
         node(1, "LoadImage", ["a.png", "image"], outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [1]}]),
         node(2, "Reroute", inputs=[{"name": "", "type": "*", "link": 1}], outputs=[{"type": "IMAGE", "links": [2]}]),
         node(3, "ImageInvert", inputs=[{"name": "image", "type": "IMAGE", "link": 2}],
              outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [3]}], mode=4),  # bypassed
-        node(4, "SaveImage", ["fallback"], inputs=[
+        # the frontend keeps a primitive's target widget equal to the primitive (comfy-cli reads the target's)
+        node(4, "SaveImage", ["from_primitive"], inputs=[
             {"name": "images", "type": "IMAGE", "link": 3},
             {"name": "filename_prefix", "type": "STRING", "link": 4, "widget": {"name": "filename_prefix"}}]),
         node(5, "PrimitiveNode", ["from_primitive"], outputs=[{"type": "STRING", "links": [4]}]),
@@ -85,6 +95,7 @@ def test_links_reroute_primitive_note_mute_bypass():
     assert api["4"]["class_type"] == "SaveImage"
 
 
+@needs_comfy_cli
 def test_formats_and_clear_errors():
     api = {"1": {"class_type": "SaveImage", "inputs": {}}}
     assert workflow_format(api) == "api" and ui_to_api(api, OBJECT_INFO) == api
@@ -92,8 +103,10 @@ def test_formats_and_clear_errors():
         ui_to_api({"hello": 1}, OBJECT_INFO)
     with pytest.raises(WorkflowFormatError, match="'NoSuchNode'.*custom node pack"):
         ui_to_api(ui([node(1, "NoSuchNode", [])], []), OBJECT_INFO)
-    with pytest.raises(WorkflowFormatError, match="subgraphs"):
-        ui_to_api({**ui([node(1, "SaveImage", ["x"])], []), "definitions": {"subgraphs": [{}]}}, OBJECT_INFO)
+    # a type used only inside a subgraph definition is checked too
+    sub = {"id": "0b3a5c9e-1111-4222-8333-944455556666", "nodes": [node(1, "NoSuchNode", [])], "links": []}
+    with pytest.raises(WorkflowFormatError, match="'NoSuchNode'"):
+        ui_to_api({**ui([node(1, "SaveImage", ["x"])], []), "definitions": {"subgraphs": [sub]}}, OBJECT_INFO)
 
 
 def test_ci_overrides():

@@ -8,7 +8,8 @@
         "timeout_s": 300}}
 
 Tiny model file names: ffp_tiny_wan21_{i2v,t2v,fun_control}.safetensors (diffusion_models/) and
-ffp_random_wan21_vae.safetensors (vae/). FFP_E2E_WORKFLOWS runs another folder or file. Every output file is opened and checked (videos with PyAV, images
+ffp_random_wan21_vae.safetensors (vae/). The file is converted as `comfy run --workflow` converts it (comfy-cli),
+then the overrides are applied. FFP_E2E_WORKFLOWS runs another folder or file. Every output file is opened and checked (videos with PyAV, images
 with PIL); a workflow must produce at least one.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from e2e_media import check_output_file, make_input_file
 from e2e_server import TIMINGS, env_seconds
-from e2e_workflow import apply_ci_overrides, ui_to_api
+from e2e_workflow import apply_ci_overrides, comfy_cli_converter, ui_to_api
 
 # FFP_E2E_WORKFLOWS: another folder (or one file) to run instead of the repo's workflows/ (trying a draft).
 _WHERE = Path(os.environ.get("FFP_E2E_WORKFLOWS") or Path(__file__).resolve().parents[2] / "workflows")
@@ -32,6 +33,8 @@ PARAMS = [pytest.param(p, id=p.stem) for p in WORKFLOWS] or [
 
 @pytest.mark.parametrize("workflow", PARAMS)
 def test_workflow_runs(workflow: Path, comfy_server, object_info, tiny_models):
+    if comfy_cli_converter()[0] is None:  # the UI -> API conversion is comfy-cli's (what `comfy run` does)
+        pytest.skip(comfy_cli_converter()[1])
     data = json.loads(workflow.read_text())
     ci = (data.get("extra") or {}).get("ffprop_ci") if isinstance(data.get("extra"), dict) else None
     for name, generator in ((ci or {}).get("files") or {}).items():
