@@ -64,7 +64,11 @@ class DiffusersWanVAE:
 def load_diffusers_wan_vae(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
                            device: Union[str, torch.device, None] = "cpu") -> DiffusersWanVAE:
     """Load a local diffusers-format AutoencoderKLWan (a dir with config.json, or a pipeline dir with vae/)."""
-    from diffusers import AutoencoderKLWan
+    try:
+        from diffusers import AutoencoderKLWan
+    except (ImportError, RuntimeError) as e:
+        raise RuntimeError(f"the diffusers Wan VAE needs diffusers >= 0.33 importable here: pip install "
+                           f"'diffusers>=0.33' ({e}).") from e
 
     root = Path(path).expanduser()
     folder = root if (root / "config.json").is_file() else root / "vae"

@@ -5,7 +5,12 @@ Text: the pack has no T5 encoder outside ComfyUI. `--prompt-embeds FILE.safetens
 `WanImageToVideoPipeline.encode_prompt`. Without it the text context is zeros: the per-video LoRA still learns
 the clip's motion and the edited first frame still drives the result, but no prompt steers it and CFG is off.
 CLIP: `--image-embeds FILE.safetensors` (`image_embeds` [1, 257, 1280], CLIP-vision-H penultimate tokens of
-the edited frame); without it a model with an image embedder gets zeros (documented, logged)."""
+the edited frame); without it a model with an image embedder gets zeros (documented, logged).
+
+Memory: the transformer is loaded to the CPU (tensor by tensor, block linears in fp8 with --base-weights fp8),
+then everything but the preset's swapped blocks goes to the GPU; training and sampling both run the blocks
+through the BlockRunner (swap + prefetch, fp8 -> bf16 per block at use). The diffusers package is needed:
+without it `run_wan` raises a RuntimeError that says how to install it."""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import torch
 
 from ..common import log
 from ..video.frames import FRAME_POLICIES, SIZE_POLICIES
-from .lowvram import PRESET_ORDER, preset
+from .lowvram import PRESET_ORDER, place_for_swap, preset
+
+BASE_WEIGHTS = ("auto", "fp8", "compute")
 
 
 def add_wan_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +42,10 @@ def add_wan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights/compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--base-weights", choices=BASE_WEIGHTS, default="auto",
+                   help="storage of the frozen base weights: fp8 (float8_e4m3fn block linears, half of bf16: the 14B's "
+                        "blocks take ~14 GB of CPU RAM, not ~28; computed in bf16 one block at a time), compute (the "
+                        "--dtype), auto: fp8 on CUDA (presets with checkpointing), compute on CPU")
     g.add_argument("--frame-policy", choices=FRAME_POLICIES, default="trim", help="fix non-4k+1 frame counts")
     g.add_argument("--crop-policy", choices=SIZE_POLICIES, default="crop", help="fix sizes not multiple of 16")
     g.add_argument("--save-lora", help="also write the trained LoRA (ComfyUI key format) here")
@@ -52,8 +63,25 @@ def _tensor(path: str, key: str, required: bool, dims: int):
     return t[None] if t.ndim == dims - 1 else t
 
 
+def require_diffusers() -> None:
+    """RuntimeError (what is missing + how to install it) unless diffusers and its Wan classes import."""
+    try:
+        import diffusers
+    except ImportError as e:
+        raise RuntimeError("--engine wan needs the 'diffusers' package (>= 0.33) for the Wan2.1 transformer and VAE: "
+                           f"pip install 'diffusers>=0.33' (or use --engine flow, which needs nothing more). ({e})"
+                           ) from None
+    try:
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
+    except (ImportError, RuntimeError) as e:
+        raise RuntimeError(f"--engine wan: diffusers {getattr(diffusers, '__version__', '?')} is installed but its Wan "
+                           f"classes do not import ({e}); pip install -U 'diffusers>=0.33' and matching torch "
+                           "builds.") from None
+
+
 def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, bar_factory) -> torch.Tensor:
     """Returns the edited clip IMAGE [T, H, W, 3]; prints what it did."""
+    require_diffusers()
     from ..host.diffusers import load_diffusers_wan
     from ..host.vae import load_diffusers_wan_vae
     from ..video.frames import fit_to_frame
@@ -69,7 +97,17 @@ def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, 
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model '{args.model}' is not a directory.")
-    dit = load_diffusers_wan(args.model, dtype=dtype, device=device)
+    mem = preset(args.memory_preset)
+    fp8 = args.base_weights == "fp8" or (args.base_weights == "auto" and device.type == "cuda"
+                                         and mem.gradient_checkpointing)   # fp8 training needs checkpointing
+    if fp8 and dtype != torch.bfloat16:
+        raise ValueError(f"fp8 base weights are computed in bf16, but --dtype is {args.dtype}; use --dtype bf16 or "
+                         "--base-weights compute.")
+    dit = load_diffusers_wan(args.model, dtype=dtype, device="cpu", storage="fp8" if fp8 else None)
+    swapped = mem.blocks_to_swap(len(dit.blocks()))
+    place_for_swap(dit.module, dit.blocks(), swapped, device)   # the swapped blocks never visit the GPU at once
+    print(f"note: {swapped} of {len(dit.blocks())} blocks stay in CPU RAM ({args.memory_preset} preset), base "
+          f"weights {'fp8' if fp8 else str(dtype).removeprefix('torch.')}")
     vae = load_diffusers_wan_vae(args.model, dtype=dtype, device=device)
     if dit.dims.in_channels != 36:
         raise ValueError(f"'{args.model}' is not a Wan2.1 I2V model ({dit.dims.in_channels} input channels, I2V has "
@@ -98,7 +136,6 @@ def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, 
     context = context.to(**to)
     negative = negative.to(**to) if negative is not None else None
     clip = clip.to(**to) if clip is not None else None
-    mem = preset(args.memory_preset)
     train_bar, sample_bar = bar_factory("training LoRA"), bar_factory("sampling")
     out = lora_edit_video(
         dit, lambda x: vae.encode(x).to(**to), vae.decode, source, mask, edited[None], context, negative, clip,

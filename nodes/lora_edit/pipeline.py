@@ -1,6 +1,8 @@
 """The whole LoRA-Edit recipe on any WanDiT + VAE, torch-only (the CLI's `--engine wan` and tests use it):
 train the mask-aware LoRA on the source clip, then sample the edited clip from the edited first frame with the
-same mask (30 steps, CFG 5, shift 5: LoRA-Edit's inference settings) and decode it."""
+same mask (30 steps, CFG 5, shift 5: LoRA-Edit's inference settings) and decode it. Sampling runs through the
+same BlockRunner as training (no gradients): the preset's swapped blocks stay on the CPU and fp8 block weights
+are cast to the compute dtype one block at a time."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..host.protocol import WanCond
 from ..host.sampling import sample
 from .conditioning import masked_condition_video, wan_cond
 from .lora import attach_hooks
-from .lowvram import MemorySettings
+from .lowvram import BlockRunner, MemorySettings
 from .trainer import TrainResult, TrainSettings, build_keyframe_samples, build_video_samples, train_lora_edit
 
 
@@ -62,11 +64,25 @@ def lora_edit_video(dit, encode: Callable[[Tensor], Tensor], decode: Callable[[T
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(sampling.seed)).to(x1.device, x1.dtype)
     detach = attach_hooks(dit, result.lora)
     try:
-        latent = sample(dit, cond, noise, sampling.steps, sampling.shift, on_sample_step, should_stop, negative,
-                        sampling.cfg if negative is not None else 1.0)
+        latent = sample_low_vram(dit, memory, cond, noise, sampling, on_sample_step, should_stop, negative)
     finally:
         detach()
     return LoRAEditOutput(decode(latent), latent, result)
+
+
+def sample_low_vram(dit, memory: MemorySettings, cond: WanCond, noise: Tensor, sampling: SampleSettings,
+                    on_step: Optional[OnStep] = None, should_stop: Optional[ShouldStop] = None,
+                    negative: Optional[WanCond] = None) -> Tensor:
+    """host.sampling.sample with the preset's block swap (memory.blocks_to_swap of the blocks live on the CPU,
+    each brought to the device as it runs, the next one prefetched) and the per-block fp8 upcast."""
+    blocks = dit.blocks()
+    device = dit.module.patch_embedding.weight.device
+    compute = dit.module.patch_embedding.weight.dtype
+    runner = BlockRunner(blocks, device, checkpointing=False, blocks_to_swap=memory.blocks_to_swap(len(blocks)),
+                         should_stop=should_stop, compute_dtype=compute, inference=True)
+    with runner:
+        return sample(dit, cond, noise, sampling.steps, sampling.shift, on_step, should_stop, negative,
+                      sampling.cfg if negative is not None else 1.0)
 
 
 def keep_frames(t: int) -> int:

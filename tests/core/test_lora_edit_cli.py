@@ -94,3 +94,35 @@ def test_cli_engine_wan_errors(model_dir, clip_files, tmp_path, capsys):
     assert main(base + ["--model", str(tmp_path / "nope")]) == 2 and "not a directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no diffusers Wan VAE"):
         load_diffusers_wan_vae(tmp_path)
+
+
+def test_cli_engine_wan_fp8_base_weights_and_block_swap(model_dir, clip_files, tmp_path, capsys):
+    """fp8 base weights (bf16 compute, one block at a time) with every block swapped, training and sampling."""
+    clip, edited, mask = clip_files
+    out = tmp_path / "fp8.mp4"
+    rc = main(["propagate", "--engine", "wan", "--model", str(model_dir), "--video", str(clip),
+               "--edited-first-frame", str(edited), "--mask", str(mask), "-o", str(out), "--train-steps", "2",
+               "--steps", "2", "--rank", "2", "--memory-preset", "12GB", "--base-weights", "fp8", "--dtype", "bf16"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "2 of 2 blocks stay in CPU RAM (12GB preset), base weights fp8" in text and "LoRA: 2 steps" in text
+    assert read_video(out)[0].shape == (T, H, W, 3)
+    base = ["propagate", "--engine", "wan", "--model", str(model_dir), "--video", str(clip), "--edited-first-frame",
+            str(edited), "-o", str(tmp_path / "x.mp4"), "--base-weights", "fp8", "--dtype", "fp16"]
+    assert main(base) == 2 and "computed in bf16" in capsys.readouterr().err
+
+
+def test_engine_wan_without_diffusers_is_a_clear_runtime_error(monkeypatch):
+    """cli.py imports without diffusers; using it says what is missing and how to install it."""
+    import argparse
+    import importlib
+    import sys
+
+    from ffprop.nodes.lora_edit import cli
+
+    for name in [m for m in sys.modules if m == "diffusers" or m.startswith("diffusers.")]:
+        monkeypatch.setitem(sys.modules, name, None)     # `import diffusers` now fails as if not installed
+    importlib.reload(cli)
+    with pytest.raises(RuntimeError, match=r"needs the 'diffusers' package .*pip install 'diffusers>=0.33'"):
+        cli.run_wan(argparse.Namespace(model="somewhere"), torch.zeros(5, 16, 16, 3), 8.0, torch.zeros(16, 16, 3),
+                    None, None)
