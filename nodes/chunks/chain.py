@@ -32,6 +32,8 @@ from .drift import (
 from .plan import Chunk, ChunkPlan, source_indices
 
 KINDS = ("i2v", "lora_edit", "fun_control")
+DEFAULT_KIND = "lora_edit"
+"""The default conditions every chunk on its own source slice (outside the edit mask); i2v does not see the source."""
 GREY = 0.5
 
 
@@ -231,8 +233,10 @@ def flow_generator(settings=None) -> Generator:
 def condition_video(kind: str, source: Tensor, edit_mask: Optional[Tensor], head: Tensor) -> tuple[Tensor, Tensor]:
     """Conditioning video [L, H, W, 3] and keep-mask [L, H, W] (1 = keep) for one chunk.
 
-    i2v / fun_control: head frames, then grey (stock Wan I2V: V_cond = [I_1, grey...], M = [1, 0, ...]).
-    lora_edit: nodes/lora_edit's masked_condition_video (source with the edit region grey, head kept)."""
+    i2v / fun_control: head frames, then grey (stock Wan I2V: V_cond = [I_1, grey...], M = [1, 0, ...]): the
+    source is not in it (fun_control passes the source as its control video instead).
+    lora_edit: nodes/lora_edit's masked_condition_video: head frames, then the chunk's source frames with the
+    edit region grey, keep = 1 outside the edit region (edit_mask None: nothing kept, the same as i2v)."""
     if kind == "lora_edit":
         try:
             from ..lora_edit.conditioning import masked_condition_video
@@ -250,12 +254,14 @@ def condition_video(kind: str, source: Tensor, edit_mask: Optional[Tensor], head
 
 
 def wan_generator(dit, encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], context: Tensor,
-                  steps: int = 20, shift: float = 5.0, kind: str = "i2v", clip_tokens: Optional[Tensor] = None,
-                  negative_context: Optional[Tensor] = None, cfg: float = 1.0, device=None) -> Generator:
+                  steps: int = 20, shift: float = 5.0, kind: str = DEFAULT_KIND,
+                  clip_tokens: Optional[Tensor] = None, negative_context: Optional[Tensor] = None, cfg: float = 1.0,
+                  device=None) -> Generator:
     """Chunks through a WanDiT with the Euler sampler (nodes/host/sampling).
 
     encode(frames [L, H, W, 3] 0..1) -> model-space latent [1, 16, F, h, w]; decode(latent) -> [L, H, W, 3].
-    context: [1 or P, tokens, text_dim] (P = one per chunk). Only this chunk's latents exist at any time."""
+    context: [1 or P, tokens, text_dim] (P = one per chunk). kind: see condition_video (the default lora_edit keeps
+    each chunk's source outside the edit mask). Only this chunk's latents exist at any time."""
     from ..host.protocol import WanCond
     from ..host.sampling import sample
 

@@ -150,18 +150,41 @@ def test_a_nan_in_chunk_2_stops_with_an_error_naming_it(parts):
     assert poisoned.calls == 4, "chunk 3 is never sampled"
 
 
-def test_lora_edit_kind_uses_the_masked_source(parts):
+class Spy:
+    """Records what reaches the real encoder and DiT (the conditioning video, the WanCond) and passes it on."""
+
+    def __init__(self, dit, encode):
+        self.dit, self.encode_fn, self.videos, self.conds = dit, encode, [], []
+
+    def encode(self, frames):
+        self.videos.append(frames.clone())
+        return self.encode_fn(frames)
+
+    def predict(self, x_t, t, cond):
+        self.conds.append(cond)
+        return self.dit.predict(x_t, t, cond)
+
+
+def test_default_kind_conditions_every_chunk_on_its_source_slice(parts):
     pytest.importorskip("ffprop.nodes.lora_edit.conditioning")
+    from ffprop.nodes.video.frames import wan_mask_channels
+
     clip, dit, vae, context = parts
     plan = plan_chunks(25, 9, 1)
-    seen = []
-    gen = wan_generator(dit, vae.encode, vae.decode, context, steps=2, shift=3.0, kind="lora_edit")
-
-    def spy(job):
-        seen.append(job)
-        return gen(job)
-
-    res = chain_chunks(plan, clip.source, clip.edited[0], spy, edit_mask=clip.mask, drift=DriftSettings())
-    assert len(seen) == 3 and all(j.edit_mask is not None and j.edit_mask.shape[0] == 9 for j in seen)
-    assert torch.equal(seen[2].edit_mask, clip.mask[16:25])
+    spy = Spy(dit, vae.encode)
+    gen = wan_generator(spy, spy.encode, vae.decode, context, steps=2, shift=3.0)      # default kind
+    jobs = []
+    res = chain_chunks(plan, clip.source, clip.edited[0], lambda job: jobs.append(job) or gen(job),
+                       edit_mask=clip.mask, drift=DriftSettings())
+    assert len(spy.videos) == 3 and len(spy.conds) == 6
+    for c, chunk in enumerate(plan.chunks):
+        video, src, m = spy.videos[c], clip.source[chunk.start:chunk.stop], clip.mask[chunk.start:chunk.stop] > 0.5
+        assert torch.equal(video[0], jobs[c].head[0]), "frame 0: the edited frame / the hand-off frame"
+        assert torch.equal(video[1:][~m[1:]], src[1:][~m[1:]]), f"chunk {c + 1}: its own source outside the mask"
+        assert bool((video[1:][m[1:]] == 0.5).all()), "the edit region is grey (to be generated)"
+        keep = (~m).float()
+        keep[0] = 1
+        assert torch.equal(spy.conds[2 * c].keep_mask, wan_mask_channels(keep)[None]), "keep = 1 outside the mask"
+    assert torch.equal(jobs[1].head[0], res.video[8]), "chunk 2 starts from chunk 1's last output frame"
+    assert torch.equal(jobs[2].edit_mask, clip.mask[16:25])
     assert res.edit_mask is not None and torch.equal(res.edit_mask[9:], clip.mask[9:])
