@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 EDITS = ("recolour", "colour_fill", "retexture", "shape_swap", "insertion", "removal", "restyle")
@@ -220,26 +219,38 @@ def _rotate_hue(rgb, turn: float) -> tuple[float, float, float]:
     return tuple(float(c) for c in np.clip(out, 0, 1))
 
 
-# ---- rendering ------------------------------------------------------------------------------------------
+# ---- rendering (numpy float32: single-threaded elementwise maths, fast on a busy CPU) --------------------
 
-def _polygon_sdf(u: Tensor, v: Tensor, verts: np.ndarray) -> Tensor:
+Array = np.ndarray
+F32 = np.float32
+
+
+def _col(values) -> Array:
+    """A per-frame value [T] as float32 [T, 1, 1] (broadcasts over a frame)."""
+    return np.asarray(values, F32)[:, None, None]
+
+
+def _sigmoid(x: Array) -> Array:
+    return 0.5 + 0.5 * np.tanh(0.5 * x)
+
+
+def _polygon_sdf(u: Array, v: Array, verts: Array) -> Array:
     """Signed distance (negative inside) from points (u, v) [...] to a closed polygon verts [N, 2]."""
     pts = [(float(a), float(b)) for a, b in verts]
     d = (u - pts[0][0]) ** 2 + (v - pts[0][1]) ** 2
-    sign = torch.ones_like(u)
+    inside = np.zeros(u.shape, bool)
     for i in range(len(pts)):
         (ax, ay), (bx, by) = pts[i], pts[i - 1]
         ex, ey = bx - ax, by - ay
         wx, wy = u - ax, v - ay
-        t = ((wx * ex + wy * ey) / (ex * ex + ey * ey)).clamp(0, 1)
-        d = torch.minimum(d, (wx - ex * t) ** 2 + (wy - ey * t) ** 2)
+        t = np.clip((wx * ex + wy * ey) * (1 / (ex * ex + ey * ey)), 0, 1)
+        d = np.minimum(d, (wx - ex * t) ** 2 + (wy - ey * t) ** 2)
         c1, c2, c3 = v >= ay, v < by, ex * wy > ey * wx
-        flip = (c1 & c2 & c3) | (~c1 & ~c2 & ~c3)
-        sign = torch.where(flip, -sign, sign)
-    return sign * d.sqrt()
+        inside ^= (c1 & c2 & c3) | (~c1 & ~c2 & ~c3)
+    return np.where(inside, -1, 1).astype(F32) * np.sqrt(d)
 
 
-def _arc(cx: float, cy: float, r: float, a0: float, a1: float, n: int) -> np.ndarray:
+def _arc(cx: float, cy: float, r: float, a0: float, a1: float, n: int) -> Array:
     a = np.linspace(a0, a1, n)
     return np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], -1)
 
@@ -248,138 +259,131 @@ _TEAR_A = math.acos(0.6 / 1.3)
 _POLYS = {
     "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.32], [-0.9, 0.32], [-0.9, -0.32], [0.1, -0.32], [0.1, -0.75]]),
     "dart": np.array([[1, 0], [-0.8, 0.75], [-0.35, 0], [-0.8, -0.75]]),
-    "teardrop": np.concatenate([[[1.0, 0.0]], _arc(-0.3, 0, 0.6, _TEAR_A, 2 * np.pi - _TEAR_A, 13)]),
-    "bullet": np.concatenate([_arc(0.3, 0, 0.6, -np.pi / 2, np.pi / 2, 9), [[-0.9, 0.6], [-0.9, -0.6]]]),
+    "teardrop": np.concatenate([[[1.0, 0.0]], _arc(-0.3, 0, 0.6, _TEAR_A, 2 * np.pi - _TEAR_A, 11)]),
+    "bullet": np.concatenate([_arc(0.3, 0, 0.6, -np.pi / 2, np.pi / 2, 7), [[-0.9, 0.6], [-0.9, -0.6]]]),
 }
-_FISH_BODY = _arc(0.15, 0, 1.0, 0, 2 * np.pi, 17)[:-1] * np.array([0.8, 0.48]) + np.array([0.03, 0])
+_FISH_BODY = _arc(0.15, 0, 1.0, 0, 2 * np.pi, 13)[:-1] * np.array([0.8, 0.48]) + np.array([0.15, 0])
 _FISH_TAIL = np.array([[0.1, 0.0], [-0.45, 0.42], [-0.45, -0.42]])
 
 
-def _shape_sdf(obj: Obj, u: Tensor, v: Tensor, t: np.ndarray) -> Tensor:
+def _shape_sdf(obj: Obj, u: Array, v: Array, t: Array) -> Array:
     """Signed distance in object units; u, v [T, h, w]; t [T] frame indices (articulated/non-rigid parts)."""
-    if obj.shape == "fish":
-        body = _polygon_sdf(u, v, _FISH_BODY + np.array([0.12, 0]))
-        wag = torch.tensor(0.5 * np.sin(0.7 * t + obj.phase), dtype=u.dtype)[:, None, None]
-        tu, tv = u + 0.5, v                              # the tail's hinge sits at u = -0.5
-        ru, rv = tu * wag.cos() + tv * wag.sin(), -tu * wag.sin() + tv * wag.cos()
-        return torch.minimum(body, _polygon_sdf(ru, rv, _FISH_TAIL))
+    if obj.shape == "fish":                              # the tail swings about a hinge at u = -0.5
+        body = _polygon_sdf(u, v, _FISH_BODY)
+        wag = 0.5 * np.sin(0.7 * t + obj.phase)
+        cos, sin = _col(np.cos(wag)), _col(np.sin(wag))
+        tu = u + 0.5
+        return np.minimum(body, _polygon_sdf(tu * cos + v * sin, -tu * sin + v * cos, _FISH_TAIL))
     if obj.shape == "blob":                              # an egg (pointed nose) whose outline wobbles
-        ang = torch.atan2(v, u)
-        phase = torch.tensor(0.5 * t + obj.phase, dtype=u.dtype)[:, None, None]
-        r = 0.68 + 0.25 * ang.cos() + 0.1 * torch.sin(3 * ang + phase) + 0.06 * torch.sin(5 * ang - 1.3 * phase)
-        return (torch.sqrt(u * u + v * v) - r) * 0.8
+        ang = np.arctan2(v, u)
+        phase = _col(0.5 * t + obj.phase)
+        r = 0.68 + 0.25 * np.cos(ang) + 0.1 * np.sin(3 * ang + phase) + 0.06 * np.sin(5 * ang - 1.3 * phase)
+        return (np.sqrt(u * u + v * v) - r) * F32(0.8)
     if obj.shape == "post":                              # a bar across the whole frame
-        return v.abs() - 1
+        return np.abs(v) - 1
     return _polygon_sdf(u, v, _POLYS[obj.shape])
 
 
-def _pattern(obj: Obj, u: Tensor, v: Tensor) -> Tensor:
+def _pattern(obj: Obj, u: Array, v: Array) -> Array:
     """Texture pattern in 0..1 over object coordinates (smooth: no aliasing at 2x supersampling)."""
-    f, a, p = obj.tex_freq, obj.tex_angle, obj.tex_phase
+    f, a, p = float(obj.tex_freq), float(obj.tex_angle), float(obj.tex_phase)
     along = u * math.cos(a) + v * math.sin(a)
     across = -u * math.sin(a) + v * math.cos(a)
     if obj.texture == "stripes":
-        return 0.5 + 0.5 * torch.sin(2 * math.pi * f * along + p)
+        return 0.5 + 0.5 * np.sin(2 * math.pi * f * along + p)
     if obj.texture == "checker":
-        return 0.5 + 0.5 * torch.tanh(3 * torch.sin(math.pi * 1.5 * f * along) * torch.sin(math.pi * 1.5 * f * across))
+        return 0.5 + 0.5 * np.tanh(3 * np.sin(math.pi * 1.5 * f * along) * np.sin(math.pi * 1.5 * f * across))
     if obj.texture == "dots":
-        cu = along * 1.5 * f - torch.round(along * 1.5 * f)
-        cv = across * 1.5 * f - torch.round(across * 1.5 * f)
-        return torch.sigmoid(12 * (0.3 - torch.sqrt(cu * cu + cv * cv)))
+        cu = along * (1.5 * f)
+        cv = across * (1.5 * f)
+        cu, cv = cu - np.round(cu), cv - np.round(cv)
+        return _sigmoid(12 * (0.3 - np.sqrt(cu * cu + cv * cv)))
     if obj.texture == "rings":
-        return 0.5 + 0.5 * torch.sin(2 * math.pi * f * torch.sqrt(u * u + v * v) * 1.3 + p)
-    return torch.sigmoid(6 * (along + 0.3 * math.sin(p)))   # split: two-tone
+        return 0.5 + 0.5 * np.sin(2 * math.pi * 1.3 * f * np.sqrt(u * u + v * v) + p)
+    return _sigmoid(6 * (along + 0.3 * math.sin(p)))     # split: two-tone
 
 
-def _lerp(c0, c1, w: Tensor) -> Tensor:
-    c0, c1 = torch.tensor(c0, dtype=w.dtype), torch.tensor(c1, dtype=w.dtype)
+def _lerp(c0, c1, w: Array) -> Array:
+    """Colours c0 -> c1 by weight w [...] -> [..., 3]."""
+    c0, c1 = np.asarray(c0, F32), np.asarray(c1, F32)
     return c0 + w[..., None] * (c1 - c0)
 
 
-def _screen_grid(scene: Scene) -> tuple[Tensor, Tensor]:
+def _screen_grid(scene: Scene) -> tuple[Array, Array]:
     """Supersampled pixel centres in frame heights: x, y [h*S, w*S]."""
     h, w = scene.size[0] * SUPERSAMPLE, scene.size[1] * SUPERSAMPLE
-    y = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    x = (torch.arange(w, dtype=torch.float32) + 0.5) / h
-    return torch.meshgrid(x, y, indexing="xy")
+    y = (np.arange(h, dtype=F32) + 0.5) / h
+    x = (np.arange(w, dtype=F32) + 0.5) / h
+    return np.meshgrid(x, y, indexing="xy")
 
 
-def _to_world(scene: Scene, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Screen points [h, w] -> world points [T, h, w] for every frame (camera pans by `pan` and zooms
-    by exp(zoom) per frame about the frame centre)."""
+def _to_world(scene: Scene, x: Array, y: Array) -> tuple[Array, Array]:
+    """Screen points [h, w] or [T, h, w] -> world points [T, h, w] (the camera pans by `pan` and zooms by
+    exp(zoom) per frame about the frame centre)."""
     t = np.arange(scene.frames)
     cx, cy = scene.size[1] / scene.size[0] / 2, 0.5
-    inv_zoom = torch.tensor(np.exp(-scene.zoom * t), dtype=torch.float32)[:, None, None]
-    ox = torch.tensor(cx + scene.pan[0] * t, dtype=torch.float32)[:, None, None]
-    oy = torch.tensor(cy + scene.pan[1] * t, dtype=torch.float32)[:, None, None]
-    return (x - cx) * inv_zoom + ox, (y - cy) * inv_zoom + oy
+    inv_zoom = _col(np.exp(-scene.zoom * t))
+    return (x - cx) * inv_zoom + _col(cx + scene.pan[0] * t), (y - cy) * inv_zoom + _col(cy + scene.pan[1] * t)
 
 
-def _background(scene: Scene, wx: Tensor, wy: Tensor) -> Tensor:
+def _background(scene: Scene, wx: Array, wy: Array) -> Array:
     """World-space colour field [T, h, w, 3]: sum of sinusoids plus the pan bands (band-limited sawtooth)."""
-    field = torch.zeros_like(wx)
-    for fx, fy, ph, amp in scene.bg_waves:
-        field = field + amp * torch.sin(2 * math.pi * (fx * wx + fy * wy) + ph)
-    field = 0.5 + 0.5 * torch.tanh(field / 1.5)
-    col = _lerp(*scene.bg_colours, field)
+    field = np.zeros_like(wx)
+    for fx, fy, ph, amp in scene.bg_waves.tolist():
+        field += amp * np.sin(2 * math.pi * (fx * wx + fy * wy) + ph)
+    col = _lerp(*scene.bg_colours, 0.5 + 0.5 * np.tanh(field / 1.5))
     if scene.band_period:
         d = scene.pan / np.linalg.norm(scene.pan)
-        z = 2 * math.pi * (d[0] * wx + d[1] * wy) / scene.band_period
-        saw = -(torch.sin(z) + torch.sin(2 * z) / 2 + torch.sin(3 * z) / 3) / 1.7   # rises along +d, drops sharply
-        col = col * (1 + 0.18 * saw[..., None])
+        z = (2 * math.pi / scene.band_period) * (float(d[0]) * wx + float(d[1]) * wy)
+        saw = -(np.sin(z) + np.sin(2 * z) / 2 + np.sin(3 * z) / 3) / 1.7   # rises along +d, drops sharply
+        col *= 1 + 0.18 * saw[..., None]
     return col
 
 
-def _illumination(scene: Scene, x: Tensor, y: Tensor) -> Tensor:
+def _illumination(scene: Scene, x: Array, y: Array) -> Array:
     """Screen-space light [T, h, w]: a vignette whose sign cues the zoom, times a light edge that moves
     towards the dark side (the lit side spreads)."""
-    t = torch.arange(scene.frames, dtype=torch.float32)[:, None, None]
+    t = _col(np.arange(scene.frames))
     cx = scene.size[1] / scene.size[0] / 2
-    r2 = (x - cx) ** 2 + (y - 0.5) ** 2
-    vignette = 1 + 15 * scene.zoom * (0.25 - r2)
+    vignette = 1 + (15 * scene.zoom) * (0.25 - (x - cx) ** 2 - (y - 0.5) ** 2)
     along = (x - cx) * float(scene.light_dir[0]) + (y - 0.5) * float(scene.light_dir[1])
-    light = 1 + 0.15 * torch.tanh(4 * (along + scene.light_offset + 0.015 * t))
-    return vignette * light
+    return vignette * (1 + 0.15 * np.tanh(4 * (along + scene.light_offset + 0.015 * t)))
 
 
-def _object_layer(scene: Scene, obj: Obj, wx: Tensor, wy: Tensor, px: float) -> tuple[Tensor, Tensor]:
-    """(alpha [T, h, w], albedo [T, h, w, 3]) of an object; px: one supersampled pixel in world units at zoom 1."""
+def _object_layer(scene: Scene, obj: Obj, wx: Array, wy: Array, px: float) -> tuple[Array, Array]:
+    """(alpha [T, h, w], albedo [T, h, w, 3]) of an object at world points [T, h, w]; px: one supersampled
+    pixel in frame heights."""
     t = np.arange(scene.frames)
-    f32 = dict(dtype=torch.float32)
-    cos = torch.tensor(np.cos(obj.heading), **f32)[:, None, None]
-    sin = torch.tensor(np.sin(obj.heading), **f32)[:, None, None]
-    s = torch.tensor(obj.scale, **f32)[:, None, None]
-    dx = wx - torch.tensor(obj.pos[:, 0], **f32)[:, None, None]
-    dy = wy - torch.tensor(obj.pos[:, 1], **f32)[:, None, None]
-    u, v = (dx * cos + dy * sin) / s, (-dx * sin + dy * cos) / s
-    zoom = torch.tensor(np.exp(scene.zoom * t), **f32)[:, None, None]
-    alpha = (0.5 - _shape_sdf(obj, u, v, t) * s * zoom / px).clamp(0, 1)
+    cos, sin, s = _col(np.cos(obj.heading)), _col(np.sin(obj.heading)), _col(obj.scale)
+    dx, dy = wx - _col(obj.pos[:, 0]), wy - _col(obj.pos[:, 1])
+    u, v = (dx * cos + dy * sin) / s, (dy * cos - dx * sin) / s
+    to_px = s * _col(np.exp(scene.zoom * t)) / F32(px)    # object units -> supersampled pixels
+    alpha = np.clip(0.5 - _shape_sdf(obj, u, v, t) * to_px, 0, 1)
     if obj.flat is not None:
-        return alpha, torch.tensor(obj.flat, **f32).expand(*alpha.shape, 3)
+        return alpha, np.broadcast_to(np.asarray(obj.flat, F32), (*alpha.shape, 3))
     albedo = _lerp(*obj.colours, _pattern(obj, u, v))
     if obj.shape != "post":
-        eye = torch.sigmoid(((u - EYE_U) ** 2 + (v - obj.eye) ** 2).sqrt().sub(0.12).mul(-s * zoom / px))
-        albedo = albedo * (1 - 0.9 * eye[..., None])
+        eye = _sigmoid((0.12 - np.sqrt((u - EYE_U) ** 2 + (v - obj.eye) ** 2)) * to_px)
+        albedo *= 1 - 0.9 * eye[..., None]
     return alpha, albedo
 
 
-def _restyle(style: tuple, img: Tensor) -> Tensor:
+def _restyle(style: tuple, img: Array) -> Array:
     """The whole-frame colour map of a restyle edit: img [..., 3] -> [..., 3]."""
     kind, dark, light, shift = style
     if kind == "duotone":
-        lum = img @ torch.tensor([0.299, 0.587, 0.114])
-        return _lerp(dark, light, lum)
+        return _lerp(dark, light, img @ np.array([0.299, 0.587, 0.114], F32))
     if kind == "channel_swap":
-        return img.roll(shift, -1)
+        return np.roll(img, shift, -1)
     if kind == "sepia":
-        m = torch.tensor([[0.393, 0.349, 0.272], [0.769, 0.686, 0.534], [0.189, 0.168, 0.131]])
-        return (img @ m).clamp(0, 1)
+        m = np.array([[0.393, 0.349, 0.272], [0.769, 0.686, 0.534], [0.189, 0.168, 0.131]], F32)
+        return np.clip(img @ m, 0, 1)
     if kind == "invert":
         return 1 - img
-    return (img * torch.tensor(light) * 1.2 + torch.tensor(dark) * 0.3).clamp(0, 1)
+    return np.clip(img * (np.asarray(light, F32) * 1.2) + np.asarray(dark, F32) * 0.3, 0, 1)
 
 
-def _tile(scene: Scene, obj: Obj) -> tuple[Tensor, Tensor, np.ndarray]:
+def _tile(scene: Scene, obj: Obj) -> tuple[Array, Array, Array]:
     """Per-frame windows of supersampled pixels that hold an object (the post: the whole frame).
 
     Returns screen x, y [T, bh, bw] (frame heights) and the windows' top-left pixels [T, 2] (row, col)."""
@@ -390,19 +394,26 @@ def _tile(scene: Scene, obj: Obj) -> tuple[Tensor, Tensor, np.ndarray]:
     else:
         zoom = np.exp(scene.zoom * t)
         centre = np.array([scene.size[1] / scene.size[0] / 2, 0.5])
-        cam = centre + scene.pan * t[:, None]
-        screen = (obj.pos - cam) * zoom[:, None] + centre                  # [T, 2] (x, y)
+        screen = (obj.pos - centre - scene.pan * t[:, None]) * zoom[:, None] + centre   # [T, 2] (x, y)
         side = int(np.ceil(2 * 1.2 * (obj.scale * zoom).max() * hs)) + 4
         bh, bw = min(side, hs), min(side, ws)
         origin = np.stack([np.clip(np.round(screen[:, 1] * hs - bh / 2), 0, hs - bh),
                            np.clip(np.round(screen[:, 0] * hs - bw / 2), 0, ws - bw)], -1).astype(int)
-    rows = (torch.from_numpy(origin[:, :1]) + torch.arange(bh) + 0.5).float() / hs      # [T, bh]
-    cols = (torch.from_numpy(origin[:, 1:]) + torch.arange(bw) + 0.5).float() / hs      # [T, bw]
-    return cols[:, None, :].expand(-1, bh, -1), rows[:, :, None].expand(-1, -1, bw), origin
+    rows = (origin[:, :1] + np.arange(bh) + 0.5).astype(F32) / hs      # [T, bh]
+    cols = (origin[:, 1:] + np.arange(bw) + 0.5).astype(F32) / hs      # [T, bw]
+    return (np.broadcast_to(cols[:, None, :], (scene.frames, bh, bw)),
+            np.broadcast_to(rows[:, :, None], (scene.frames, bh, bw)), origin)
+
+
+def _pool(a: Array) -> Array:
+    """Area average of SUPERSAMPLE x SUPERSAMPLE blocks: [T, h*S, w*S, ...] -> [T, h, w, ...]."""
+    n = SUPERSAMPLE
+    out = sum(a[:, i::n, j::n] for i in range(n) for j in range(n))
+    return out * F32(1 / (n * n))
 
 
 def render_scene(scene: Scene) -> tuple[Tensor, dict[int, Tensor]]:
-    """Render a scene: (frames [T, H, W, 3] in 0..1, {oid: visible coverage [T, H, W]}).
+    """Render a scene: (frames [T, H, W, 3] float32 in 0..1, {oid: visible coverage [T, H, W]}).
 
     Layers composite back to front (objects in scene order, over the background), lit, at SUPERSAMPLE x the
     size, then area-averaged. Each object is drawn only in a window around it; a layer with zero alpha
@@ -416,23 +427,22 @@ def render_scene(scene: Scene) -> tuple[Tensor, dict[int, Tensor]]:
         alpha, colour = _object_layer(scene, obj, *_to_world(scene, tx, ty), px)
         if obj.flat is None:
             colour = colour * _illumination(scene, tx, ty)[..., None]
-        full = torch.zeros(img.shape[:3])
+        full = np.zeros(img.shape[:3], F32)
         bh, bw = alpha.shape[1:]
         for t, (r, c) in enumerate(origin):
             region = img[t, r:r + bh, c:c + bw]
             img[t, r:r + bh, c:c + bw] = region * (1 - alpha[t, ..., None]) + colour[t] * alpha[t, ..., None]
             full[t, r:r + bh, c:c + bw] = alpha[t]
         alphas.append((obj.oid, full))
-    visible, front = {}, torch.ones(img.shape[:3])
+    visible, front = {}, np.ones(img.shape[:3], F32)
     for oid, alpha in reversed(alphas):
         visible[oid] = alpha * front
         front = front * (1 - alpha)
-    img = img.clamp(0, 1)
+    img = np.clip(img, 0, 1)
     if scene.style is not None:
         img = _restyle(scene.style, img)
-    pool = lambda a: F.avg_pool2d(a, SUPERSAMPLE)          # noqa: E731  [T, C, h, w] -> area average
-    frames = pool(img.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
-    return frames, {oid: pool(m[:, None])[:, 0] for oid, m in visible.items()}
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(_pool(a), dtype=F32))  # noqa: E731
+    return as_t(img), {oid: as_t(m) for oid, m in visible.items()}
 
 
 def render_clip(seed: int, *, size: tuple[int, int] = (64, 64), frames: int = 17) -> Tensor:
