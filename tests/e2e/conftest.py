@@ -128,6 +128,23 @@ def _sam2_for_workflows(request):
         request.getfixturevalue("sam2_models")
 
 
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session's browser tests (skips with the reason when it is not installed)."""
+    from e2e_browser import Browser, find_browser
+
+    exe, driver, why = find_browser()
+    if exe is None:
+        pytest.skip(why)
+    t0 = time.perf_counter()
+    b = Browser(exe, driver)
+    TIMINGS["browser start"] = time.perf_counter() - t0
+    try:
+        yield b
+    finally:
+        b.close()
+
+
 def pytest_terminal_summary(terminalreporter):
     if not TIMINGS:
         return

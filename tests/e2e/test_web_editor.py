@@ -38,22 +38,6 @@ OBJ_COLORS = {1: (0x4C, 0xC9, 0xF0), 2: (0xF7, 0x25, 0x85)}  # web/js/lib/ffp_pr
 SHOT_DIR = Path(os.environ.get("FFP_E2E_SHOTS", "/tmp/ffp_web_editor_shots"))
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from e2e_browser import Browser, find_browser
-
-    exe, driver, why = find_browser()
-    if exe is None:
-        pytest.skip(why)
-    t0 = time.perf_counter()
-    b = Browser(exe, driver)
-    TIMINGS["web editor: browser start"] = time.perf_counter() - t0
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def host_decoded_frames(server, filename: str) -> np.ndarray:
     """The frames the host's own LoadVideo gives a node (LoadVideo -> GetVideoComponents -> SaveImage on the server,
     lossless PNG): uint8 [T, H, W, 3]. The reference for what the editor must show: hosts decode differently (0.28
