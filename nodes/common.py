@@ -56,6 +56,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write into folder '{path.parent}': {e.strerror}", str(path)) from None
     else:
         raise FileExistsError(f"could not create a temporary file next to '{path}'.")
     mode = os.stat(tmp).st_mode & 0o7777
@@ -64,6 +66,10 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         if os.stat(tmp).st_mode & 0o7777 != mode:   # some writers (safetensors) recreate the file as 0600
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:                              # name the user's file in the error, not the temp one
+        if str(tmp) in (str(e.filename), str(e.filename2)):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

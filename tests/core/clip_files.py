@@ -12,11 +12,12 @@ SAMPLE_RATE = 44100
 
 
 def write_clip(path: Path, frames: np.ndarray, fps: int = 25, audio: str | None = "aac") -> Path:
-    """H.264 yuv420p video of `frames` (even sizes), plus a 440 Hz mono tone as long as the clip in `audio`."""
+    """H.264 video of `frames` (yuv420p; yuv444p when a side is odd, as 4:2:0 needs even sides), plus a 440 Hz
+    mono tone as long as the clip, encoded with `audio` (None: no audio stream)."""
     t, h, w, _ = frames.shape
     with av.open(str(path), "w") as c:
         v = c.add_stream("libx264", rate=fps)
-        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        v.width, v.height, v.pix_fmt = w, h, "yuv444p" if h % 2 or w % 2 else "yuv420p"
         v.options = {"crf": "12", "preset": "ultrafast"}
         a = c.add_stream(audio, rate=SAMPLE_RATE) if audio else None
         for f in frames:

@@ -83,3 +83,20 @@ def test_savers_write_normal_mode_and_leave_no_temp(tmp_path, umask022, save):
     save(out)
     assert _mode(out) == 0o644
     assert [p.name for p in out.parent.iterdir()] == ["file.safetensors"]
+
+
+def test_errors_name_the_target_not_the_temp_file(tmp_path):
+    """Replacing a folder failed with 'Is a directory: /x/.out.7ywyh1sz -> out' (issue 11)."""
+    folder = tmp_path / "out.mp4"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        with atomic_write(folder) as tmp:
+            tmp.write_bytes(b"video")
+    assert err.value.filename == str(folder) and ".tmp" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"] and not any(folder.iterdir())
+    blocked = tmp_path / "file"
+    blocked.write_bytes(b"")
+    with pytest.raises(OSError) as err:                                    # its folder is a file
+        with atomic_write(blocked / "x.png"):
+            pass
+    assert str(blocked) in str(err.value) and ".tmp" not in str(err.value)
