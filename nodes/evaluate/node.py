@@ -44,8 +44,12 @@ class FFPEvaluate(io.ComfyNode):
                              tooltip="Pixels around the edit region left out of the background scores."),
             ],
             outputs=[
-                io.String.Output(display_name="metrics_json", tooltip="All metrics as JSON."),
-                io.Image.Output(display_name="preview", tooltip="Before | after | edit region, 4 frames."),
+                io.String.Output(display_name="metrics_json",
+                                 tooltip="All metrics as strict JSON: a score with no finite value (e.g. PSNR of "
+                                         "identical frames) is null, and 'notes' says why."),
+                io.Image.Output(display_name="preview",
+                                tooltip="4 frames, one per row, labelled: source | output | output with the edit "
+                                        "region tinted."),
             ],
         )
 
@@ -55,12 +59,16 @@ class FFPEvaluate(io.ComfyNode):
         source, _, _ = unpack_video(source_video)
         output, _, _ = unpack_video(output_video)
         edited, _ = fit_to_frame(edited_first_frame.cpu(), source.shape[1], source.shape[2])
-        if edit_mask is None:
-            on_step, should_stop = progress(source.shape[0])
+        t, tracked = source.shape[0], edit_mask is None
+        on_step, should_stop = progress(2 * t if tracked else t)    # one bar: tracking (if any), then scoring
+        if tracked:
             first = derive_edit_mask(source[0], edited, FlowSettings.mask_threshold)
-            edit_mask = propagate_mask(source, first, on_step=on_step, should_stop=should_stop)
-        report = evaluate(source, output, edited, edit_mask.cpu(), parse_seams(seam_frames), margin)
-        text = json.dumps(report, indent=1)
+            edit_mask = propagate_mask(source, first, on_step=lambda i, n, p=None: on_step(i, 2 * t, p),
+                                       should_stop=should_stop)
+        report = evaluate(source, output, edited, edit_mask.cpu(), parse_seams(seam_frames), margin,
+                          on_step=lambda i, n, p=None: on_step(i + t * tracked, t * (1 + tracked), p),
+                          should_stop=should_stop)
+        text = json.dumps(report, indent=1, allow_nan=False)
         preview = comparison_grid(source, output, edit_mask.cpu())
         shown = {**ui.PreviewImage(preview, cls=cls).as_dict(), **ui.PreviewText(format_table({"output": report})).as_dict()}
         return io.NodeOutput(text, preview, ui=shown)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 
 
@@ -18,13 +20,28 @@ def overlay(frames: torch.Tensor, masks: torch.Tensor, color=(1.0, 0.1, 0.6), al
     return frames * (1 - a) + tint * a
 
 
+def caption(texts: list[str], width: int, height: int) -> torch.Tensor:
+    """A white strip [height, len(texts) * width, 3] with texts[i] in black at the left of column i."""
+    strip = np.full((height, len(texts) * width, 3), 255, np.uint8)
+    scale = height / 34
+    for i, text in enumerate(texts):
+        cv2.putText(strip, text, (i * width + height // 3, round(height * 0.72)), cv2.FONT_HERSHEY_SIMPLEX,
+                    scale, (0, 0, 0), max(1, round(scale * 1.5)), cv2.LINE_AA)
+    return torch.from_numpy(strip).float() / 255.0
+
+
+COLUMNS = ("source", "output", "edit region (tinted)")
+
+
 def comparison_grid(source: torch.Tensor, output: torch.Tensor, masks: torch.Tensor, rows: int = 4) -> torch.Tensor:
-    """A before/after picture: `rows` evenly spaced frames, each row source | output | mask overlay.
-    -> IMAGE [1, H', W', 3]."""
-    t = source.shape[0]
+    """A before/after picture: `rows` evenly spaced frames, each row source | output | output with the mask
+    region tinted, under a caption naming the column and the frame (1-based). -> IMAGE [1, H', W', 3]."""
+    t, h, w = source.shape[:3]
     idx = sorted({round(i * (t - 1) / max(rows - 1, 1)) for i in range(rows)})
     masks = masks.expand(source.shape[:3])
-    lines = [torch.cat([source[i], output[i], overlay(output[i:i + 1], masks[i:i + 1])[0]], 1) for i in idx]
-    gap = torch.ones(4, lines[0].shape[1], 3)
-    grid = torch.cat([x for line in lines for x in (line, gap)][:-1], 0)
-    return grid[None]
+    label_h = max(16, h // 14)
+    lines = []
+    for i in idx:
+        lines.append(caption([f"{name}, frame {i + 1}/{t}" for name in COLUMNS], w, label_h))
+        lines.append(torch.cat([source[i], output[i], overlay(output[i:i + 1], masks[i:i + 1])[0]], 1))
+    return torch.cat(lines, 0)[None]

@@ -1,9 +1,15 @@
-"""Metrics: identities, what they detect, and errors."""
+"""Metrics: identities, what they detect, strict JSON, the streamed scores against the whole-clip ones, errors."""
 
-import math
+import json
 
 import pytest
-from ffprop.nodes.evaluate.metrics import evaluate, format_table
+import torch
+from ffprop.nodes.common import Cancelled
+from ffprop.nodes.evaluate import metrics
+from ffprop.nodes.evaluate.metrics import LEGEND, evaluate, format_table
+from ffprop.nodes.flow.dis import DenseFlow
+from ffprop.nodes.flow.engine import derive_edit_mask
+from ffprop.nodes.video.io import read_image, read_video
 from ffprop.nodes.video.synthetic import synthetic_clip
 
 
@@ -14,7 +20,8 @@ def clip():
 
 def test_ground_truth_scores_perfectly(clip):
     r = evaluate(clip.source, clip.edited, clip.edited[0], clip.mask)
-    assert r["frame1_psnr"] == math.inf and r["background_psnr"] == math.inf
+    assert r["frame1_psnr"] is None and r["background_psnr"] is None          # identical: unbounded PSNR
+    assert "identical" in r["notes"]["frame1_psnr"] and "identical" in r["notes"]["background_psnr"]
     assert r["background_ssim"] == pytest.approx(1.0)
     assert r["edit_persistence_mean"] == pytest.approx(1.0, abs=0.05)
 
@@ -40,3 +47,80 @@ def test_metric_errors(clip):
         evaluate(clip.source, clip.source[:5], clip.edited[0], clip.mask)
     with pytest.raises(ValueError, match="seam frames"):
         evaluate(clip.source, clip.source, clip.edited[0], clip.mask, seams=(9,))
+
+
+def _no_constants(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_report_is_strict_json_with_reasons_for_nulls(clip):
+    """JSON.parse rejects Infinity/NaN: every non-finite score is null and notes says why."""
+    r = evaluate(clip.source, clip.edited, clip.edited[0], clip.mask)       # identical frame 1, no seams
+    back = json.loads(json.dumps(r, allow_nan=False), parse_constant=_no_constants)
+    assert back == r
+    assert back["seam_jump_max"] is None and "no seam" in back["notes"]["seam_jump_max"]
+    assert set(back["notes"]) == {k for k, v in back.items() if v is None}
+    still = torch.zeros_like(clip.source[:3]) + 0.5                           # no motion, edit changes nothing
+    r = evaluate(still, still, still[0], clip.mask[:1])
+    json.loads(json.dumps(r, allow_nan=False), parse_constant=_no_constants)
+    assert r["warp_error_ratio"] is None and "source" in r["notes"]["warp_error_ratio"]
+    assert r["edit_persistence_mean"] is None and "changes nothing" in r["notes"]["edit_persistence_mean"]
+
+
+def test_table_explains_every_column(clip):
+    text = format_table({"x": evaluate(clip.source, clip.edited, clip.edited[0], clip.mask)})
+    header, row = text.splitlines()[:2]
+    for name in LEGEND:
+        assert name in header and f"  {name}" in text.split("\n\n", 1)[1]
+    assert "above 1" in LEGEND["persist"] and "median" in LEGEND["max jump"] and "source" in LEGEND["warp x src"]
+    assert row.split()[1] == "-"                                              # identical frame 1: null, shown as '-'
+
+
+def test_progress_covers_every_frame_and_cancel_stops(clip):
+    steps = []
+    evaluate(clip.source, clip.edited, clip.edited[0], clip.mask, on_step=lambda i, n, p=None: steps.append((i, n)))
+    assert steps == [(i, 9) for i in range(1, 10)]
+    with pytest.raises(Cancelled):
+        evaluate(clip.source, clip.edited, clip.edited[0], clip.mask, should_stop=lambda: True)
+
+
+def test_source_flow_is_computed_once_per_source(clip, monkeypatch):
+    """Scoring a second output of the same source runs DIS only on the output (the real DenseFlow, counted)."""
+    metrics._SOURCE_WARP.clear()
+    calls, real = [], DenseFlow.flow
+    monkeypatch.setattr(DenseFlow, "flow", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    first = evaluate(clip.source, clip.edited, clip.edited[0], clip.mask)
+    assert len(calls) == 4 * 8                                                # fwd + back, source and output
+    calls.clear()
+    second = evaluate(clip.source, clip.source, clip.edited[0], clip.mask)
+    assert len(calls) == 2 * 8                                                # the output's only
+    assert second["warp_error_source"] == first["warp_error_source"]
+    assert second["warp_error_ratio"] == pytest.approx(1.0)                   # the source scored as its own output
+    calls.clear()
+    evaluate(clip.source.flip(0), clip.source, clip.edited[0], clip.mask)     # another source: computed again
+    assert len(calls) == 4 * 8
+
+
+# The whole-clip float64 evaluate of commit 57bf02d (nodes/video/metrics.py before it was streamed), run on
+# loraedit first_comp 001_e1: the first 13 frames of the source, LoRA-Edit's published output and the edited
+# frame, mask = derive_edit_mask(frame 1, edit, 0.08) held for every frame, seams=(7,). OpenCV DIS 'fast'.
+WHOLE_CLIP_FLOAT64 = {
+    "frames": 13, "frame1_psnr": 34.429957170609924, "frame1_ssim": 0.9808708094330443,
+    "background_psnr": 28.45620948341443, "background_ssim": 0.9595453746595584,
+    "background_fraction": 0.9097055288461539, "warp_error": 0.0064626211145271855,
+    "warp_error_source": 0.004531581575671832, "warp_error_ratio": 1.4261292678084618,
+    "edit_persistence_mean": 0.6397869687521497, "edit_persistence_min": 0.5420605942315033,
+    "edit_persistence_last": 0.6526651664963029, "max_frame_jump": 1.2732637669661606,
+    "seam_jump_max": 0.561204386469384,
+}
+
+
+def test_streamed_float32_matches_whole_clip_float64_on_a_real_clip(shared_data):
+    """Tolerance: 1e-6 relative (float32 frames, float64 sums; measured differences are below 1e-7)."""
+    d = shared_data / "loraedit_page" / "first_comp"
+    source, _ = read_video(d / "input" / "001_e1.mp4", 13)
+    output, _ = read_video(d / "ours" / "001_e1.mp4", 13)
+    edited = read_image(d / "input" / "001_e1.png")
+    mask = derive_edit_mask(source[0], edited, 0.08)[None]
+    r = evaluate(source, output, edited, mask, seams=(7,))
+    assert r == pytest.approx(WHOLE_CLIP_FLOAT64, rel=1e-6)
