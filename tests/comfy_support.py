@@ -49,7 +49,7 @@ def import_comfy() -> None:
     except ImportError as e:
         pytest.skip(
             f"ComfyUI at {root} cannot be imported with {sys.executable} ({e}); run with the ComfyUI venv, e.g. "
-            f"COMFYUI_DIR={root} /work/comfy-venv/bin/python -m pytest tests/nodes",
+            f"COMFYUI_DIR={root} <its venv>/bin/python -m pytest tests/nodes",
             allow_module_level=True,
         )
 
@@ -74,6 +74,12 @@ def tiny_wan_state_dict(kind: str = "i2v", dim: int = 128, num_layers: int = 2, 
         num_layers=num_layers, text_dim=4096, out_dim=16, device="cpu", dtype=torch.float32,
         operations=comfy.ops.disable_weight_init,
     )
+    return random_state_dict(model, seed)
+
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random weights for any ComfyUI model built with `disable_weight_init` layers (which leave their
+    weights uninitialised): norm weights 1 + noise, everything else N(0, 0.02^2), drawn in sorted key order."""
     norm_weights = {
         f"{name}.weight"
         for name, mod in model.named_modules()
@@ -87,12 +93,64 @@ def tiny_wan_state_dict(kind: str = "i2v", dim: int = 128, num_layers: int = 2, 
     return out
 
 
+UNSUPPORTED_KINDS = {
+    # kind: ComfyUI config class the host detects it as (models FFProp must refuse with a clear error)
+    "ti2v_5b": "WAN22_T2V",
+    "vace": "WAN21_Vace",
+    "animate": "WAN22_Animate",
+    "flux": "FluxSchnell",
+}
+
+
+def tiny_unsupported_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tiny weights, built from the host's own classes, for a model ComfyUI loads but FFProp does not drive:
+    Wan 2.2 TI2V-5B (48-channel latent), Wan VACE, Wan 2.2 Animate (5 layers: its face adapter has
+    num_layers // 5 blocks) or Flux. Skips the calling test when this host lacks the class."""
+    import_comfy()
+    import dataclasses
+
+    import comfy.ops
+
+    ops = comfy.ops.disable_weight_init
+    wan = dict(dim=128, ffn_dim=256, num_heads=1, text_dim=4096, out_dim=16, device="cpu", dtype=torch.float32,
+               operations=ops)
+    try:
+        if kind == "ti2v_5b":
+            from comfy.ldm.wan.model import WanModel
+
+            model = WanModel(model_type="t2v", in_dim=48, num_layers=2, **{**wan, "out_dim": 48})
+        elif kind == "vace":
+            from comfy.ldm.wan.model import VaceWanModel
+
+            model = VaceWanModel(in_dim=16, num_layers=2, vace_layers=1, vace_in_dim=96, **wan)
+        elif kind == "animate":
+            from comfy.ldm.wan.model_animate import AnimateWanModel
+
+            model = AnimateWanModel(in_dim=36, num_layers=5, **wan)
+        elif kind == "flux":
+            from comfy.ldm.flux.model import Flux, FluxParams
+
+            params = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
+                          mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                          theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False, txt_ids_dims=[])
+            known = {f.name for f in dataclasses.fields(FluxParams)}
+            model = Flux(device="cpu", dtype=torch.float32, operations=ops,
+                         **{k: v for k, v in params.items() if k in known})
+        else:
+            raise ValueError(f"unknown unsupported kind '{kind}'; use one of {sorted(UNSUPPORTED_KINDS)}")
+    except ImportError as e:
+        pytest.skip(f"this ComfyUI has no {kind} model class ({e})")
+    return random_state_dict(model, seed)
+
+
 def load_tiny_comfy_wan(kind: str = "i2v", **kwargs):
-    """A ComfyUI MODEL (ModelPatcher) for tiny_wan_state_dict(kind, **kwargs), loaded the way ComfyUI does."""
+    """A ComfyUI MODEL (ModelPatcher) for tiny_wan_state_dict(kind, **kwargs), loaded the way ComfyUI does;
+    kinds in UNSUPPORTED_KINDS load tiny_unsupported_state_dict(kind) instead."""
     import_comfy()
     import comfy.sd
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(tiny_wan_state_dict(kind, **kwargs)))
+    sd = tiny_unsupported_state_dict(kind, **kwargs) if kind in UNSUPPORTED_KINDS else tiny_wan_state_dict(kind, **kwargs)
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd))
     if patcher is None:
-        raise RuntimeError(f"ComfyUI did not detect the tiny '{kind}' Wan state dict as any model")
+        raise RuntimeError(f"ComfyUI did not detect the tiny '{kind}' state dict as any model")
     return patcher

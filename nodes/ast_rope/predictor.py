@@ -45,19 +45,44 @@ class PredictorConfig:
 class AlphaPredictor(nn.Module):
     """source latent [B, 16, F, h, w] -> (alpha_s [B], alpha_t [B, F-1]); alpha = 1 at initialisation."""
 
-    def __init__(self, config: PredictorConfig = PredictorConfig()):
+    def __init__(self, config: PredictorConfig = PredictorConfig(), seed: int = 0):
         super().__init__()
         self.config = config.check()
         c = config
-        self.embed = nn.Linear(32, c.width)
-        self.frame_pos = nn.Parameter(torch.randn(c.max_frames, c.width) * 0.02)
-        self.cell_pos = nn.Parameter(torch.randn(c.grid * c.grid, c.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(c.width, c.heads, 2 * c.width, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(c.width)
-        self.head = nn.Linear(c.width, 2)           # per frame: (s_T, s_S)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        with torch.random.fork_rng(devices=[]):    # torch's own layer init draws from the global RNG: undone
+            self.embed = nn.Linear(32, c.width)
+            self.frame_pos = nn.Parameter(torch.empty(c.max_frames, c.width))
+            self.cell_pos = nn.Parameter(torch.empty(c.grid * c.grid, c.width))
+            layer = nn.TransformerEncoderLayer(c.width, c.heads, 2 * c.width, dropout=0.0, batch_first=True,
+                                               norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(c.width)
+            self.head = nn.Linear(c.width, 2)           # per frame: (s_T, s_S)
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        """Initialise from `gen` only (same seed, same predictor; the global RNG is not used): linears
+        U(+-1/sqrt(fan_in)) like torch's default, attention in-projections Xavier-uniform, embeddings N(0, 0.02^2),
+        norms 1/0, the head zero (so a fresh predictor gives alpha = 1)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                m.weight.uniform_(-bound, bound, generator=gen)
+                if m.bias is not None:
+                    m.bias.uniform_(-bound, bound, generator=gen)
+            elif isinstance(m, nn.MultiheadAttention):
+                rows, cols = m.in_proj_weight.shape
+                bound = math.sqrt(6.0 / (rows // 3 + cols))
+                m.in_proj_weight.uniform_(-bound, bound, generator=gen)
+                m.in_proj_bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        for p in (self.frame_pos, self.cell_pos):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        self.head.weight.zero_()
+        self.head.bias.zero_()
 
     def raw(self, latent: Tensor) -> Tensor:
         """latent -> s [B, F, 2] (pre-tanh scores)."""

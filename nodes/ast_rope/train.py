@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import OnStep, ShouldStop, log, report
-from ..host.protocol import WanCond, WanDiT
+from ..host.protocol import WanCond, WanDiT, training_context
 from .patch import VARIANTS, apply_ast_rope
 from .positions import AlphaHolder, RopeAlphas, check_latent
 from .predictor import AlphaPredictor, PredictorConfig
@@ -200,9 +200,8 @@ def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: Predi
     for s in samples:
         check_latent(s.source_latent, "source latent")
     gen = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
     if predictor is None:
-        predictor = AlphaPredictor(config)
+        predictor = AlphaPredictor(config, seed=settings.seed)
     device = samples[0].target.device
     predictor = predictor.to(device).train()
     holder = AlphaHolder()
@@ -220,7 +219,7 @@ def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: Predi
             a = replace(a, alpha_t=a.alpha_t.mean())
         return a
 
-    with torch.inference_mode(False), torch.enable_grad(), frozen(dit.module):
+    with torch.inference_mode(False), torch.enable_grad(), frozen(dit.module), training_context(hooked):
         for step in range(1, settings.steps + 1):
             s = samples[(step - 1) % len(samples)]
             x0 = s.target

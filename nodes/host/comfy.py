@@ -6,10 +6,15 @@ functions only, so this file imports in a plain Python process. Patches go on a 
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import copy
+import hashlib
 import inspect
+import logging
+import textwrap
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +33,109 @@ from .protocol import (
 )
 
 ROPE_OBJECT = "diffusion_model.rope_embedder"
+KINDS = ("i2v", "t2v", "fun_control")
+SUPPORTED = ("a Wan 2.1-architecture DiT with the 16-channel Wan 2.1 latent: I2V (36 input channels, e.g. "
+             "wan2.1_i2v_480p_14B or a Wan 2.2 I2V A14B expert), T2V (16) or Fun-Control (48)")
+LOAD_HINT = "Load e.g. wan2.1_i2v_480p_14B with 'Load Diffusion Model' and connect it here."
+FUSED_FORWARD = "80753dc06c2bc02f"
+"""Fingerprint (forward_fingerprint) of the WanSelfAttention.forward that `_fused_self_attention_forward` copies
+(ComfyUI 0.3.64); the fused path is used only where the host's forward is that code."""
+UNSUPPORTED_WAN = {
+    "VaceWanModel": "Wan VACE", "CameraWanModel": "Wan Fun-Camera", "WanModel_S2V": "Wan S2V",
+    "HumoWanModel": "Wan HuMo", "AnimateWanModel": "Wan 2.2 Animate", "CausalWanModel": "causal (AR) Wan",
+}
+_NO_BACKWARD = "no autograd formula was registered"
+
+
+def _wan_kind(dm) -> str | None:
+    """"i2v" / "t2v" / "fun_control" for a plain WanModel with the Wan 2.1 latent, None otherwise."""
+    if getattr(dm, "out_dim", None) != 16:
+        return None
+    return {36: "i2v", 16: "t2v", 48: "fun_control"}.get(dm.patch_embedding.weight.shape[1])
+
+
+def check_wan_model(model_patcher: Any, kinds: tuple[str, ...] = KINDS, node: str = "this node") -> str:
+    """The kind ("i2v", "t2v", "fun_control") of a ComfyUI MODEL, or ValueError naming what the model is and
+    what `node` supports. Runs no forward; for every node that takes a MODEL (e.g. the chunk sampler)."""
+    wan_cls = _wan_model_class()
+    dm = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    if dm is None or not hasattr(model_patcher, "clone"):
+        raise ValueError(
+            f"{node} needs a ComfyUI MODEL (ModelPatcher), got {type(model_patcher).__name__}. Connect the MODEL "
+            f"output of 'Load Diffusion Model' with {SUPPORTED}."
+        )
+    name = type(dm).__name__
+    if type(dm) is not wan_cls:
+        what = f"{UNSUPPORTED_WAN.get(name, 'a Wan variant')} ({name})" if isinstance(dm, wan_cls) else \
+            f"{name}, not a Wan DiT"
+        raise ValueError(f"this MODEL is {what}, which {node} does not support; it needs {SUPPORTED}. {LOAD_HINT}")
+    kind = _wan_kind(dm)
+    if kind is None:
+        ch, out = dm.patch_embedding.weight.shape[1], dm.out_dim
+        what = "Wan 2.2 TI2V-5B (48-channel Wan 2.2 latent)" if out == 48 else \
+            f"a Wan model with {ch} input / {out} output channels"
+        raise ValueError(f"this MODEL is {what}, which {node} does not support; it needs {SUPPORTED}. {LOAD_HINT}")
+    if kind not in kinds:
+        raise ValueError(f"this MODEL is a Wan {kind} model but {node} needs a Wan {' or '.join(kinds)} model. "
+                         f"{LOAD_HINT}")
+    return kind
+
+
+@contextlib.contextmanager
+def host_training() -> Iterator[bool]:
+    """ComfyUI's training contract around a training loop, wherever the host has one: 0.28+ exposes
+    `comfy.model_management.in_training` (core's TrainLoraNode sets it around its loop) and, while it is False,
+    runs RoPE through comfy_kitchen's inference-only kernel, which has no backward. Sets it True and restores the
+    previous value on success, error and Cancel. Yields whether the host has the switch (False: nothing to do,
+    e.g. 0.3.64, whose RoPE is plain torch). A backward that still meets a kernel without one is re-raised as
+    a RuntimeError saying so."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        mm = None
+    if mm is None or not hasattr(mm, "in_training"):
+        yield False
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield True
+    except RuntimeError as e:
+        if _NO_BACKWARD not in str(e):
+            raise
+        raise RuntimeError(f"a ComfyUI kernel without a backward sat on the training graph although "
+                           f"comfy.model_management.in_training was set ({e}). This ComfyUI is newer than FFProp "
+                           "knows; please report it with your ComfyUI version.") from e
+    finally:
+        mm.in_training = before
+
+
+def streams_weights(model_patcher: Any) -> bool:
+    """True when the host streams this MODEL's weights itself: ComfyUI 0.28's dynamic VRAM (comfy-aimdo,
+    `ModelPatcherDynamic.is_dynamic()`; weights stay in RAM and every layer faults its weight into a GPU
+    virtual buffer on use, evicted under pressure). Never on a CPU load device (ComfyUI builds a plain patcher)."""
+    is_dynamic = getattr(model_patcher, "is_dynamic", None)
+    return bool(is_dynamic()) if callable(is_dynamic) else False
+
+
+def forward_fingerprint(cls: type) -> str:
+    """sha256 prefix of cls.forward's code (its AST without the docstring): formatting and comments don't count."""
+    fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        fn.body = fn.body[1:]
+    return hashlib.sha256(ast.dump(fn).encode()).hexdigest()[:16]
+
+
+def fused_path_proven(attn: nn.Module) -> bool:
+    """Whether the fused self-attention may replace this host's: only when the host's forward is the code it
+    copies (FUSED_FORWARD), where the tests prove it equal. Any other forward (ComfyUI 0.28 added attn1_patch
+    and comfy_kitchen RoPE) keeps the host's own, fed by our position hook."""
+    stock = getattr(attn, "_ffp_stock", attn)
+    try:
+        return hasattr(stock, "norm_q") and forward_fingerprint(type(stock)) == FUSED_FORWARD
+    except (OSError, TypeError, SyntaxError):   # no source available
+        return False
 
 
 def _wan_model_class():
@@ -116,11 +224,7 @@ def fused_self_attention(attn: nn.Module, state: RopeState) -> nn.Module:
     """A shallow copy of a WanSelfAttention (same child modules, so weight keys and LoRA patches still resolve
     as `blocks.N.self_attn.q.weight`) whose forward routes RoPE through kernels/. The input stays untouched."""
     stock = getattr(attn, "_ffp_stock", attn)
-    params = list(inspect.signature(type(stock).forward).parameters)
-    if params[:3] != ["self", "x", "freqs"] or not hasattr(stock, "norm_q"):
-        log_once("comfy-fused-rope-signature", "FFP AST-RoPE: %s.forward%s is not the WanSelfAttention this pack "
-                 "knows (ComfyUI 0.3.64); RoPE stays on the host's own path there (positions are still remapped).",
-                 type(stock).__name__, params)
+    if not fused_path_proven(stock):
         return attn
     new = copy.copy(stock)
     new._modules = dict(stock._modules)
@@ -135,20 +239,8 @@ class ComfyWan:
     """`WanDiT` over a ComfyUI Wan MODEL; linear paths are relative to `model.diffusion_model`."""
 
     def __init__(self, model_patcher: Any):
-        wan_cls = _wan_model_class()
-        dm = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
-        if dm is None or not hasattr(model_patcher, "clone"):
-            raise ValueError(
-                f"ComfyWan needs a ComfyUI MODEL (ModelPatcher), got {type(model_patcher).__name__}. "
-                "Connect the MODEL output of 'Load Diffusion Model' with a Wan 2.1 checkpoint."
-            )
-        if type(dm) is not wan_cls:
-            kind = "a Wan variant this pack does not drive" if isinstance(dm, wan_cls) else "not a Wan DiT"
-            raise ValueError(
-                f"this MODEL's diffusion model is {type(dm).__name__} ({kind}); FFProp needs a plain Wan 2.1 DiT "
-                "(comfy.ldm.wan.model.WanModel: I2V 36 ch, T2V 16 ch or Fun-Control 48 ch). Load e.g. "
-                "wan2.1_i2v_480p_14B with 'Load Diffusion Model' and connect it here."
-            )
+        self.kind = check_wan_model(model_patcher, node="FFProp")
+        dm = model_patcher.model.diffusion_model
         self.patcher = model_patcher
         head_dim = dm.dim // dm.num_heads
         self._dims = WanDims(
@@ -177,6 +269,14 @@ class ComfyWan:
 
     def linear_names(self) -> dict[str, list[str]]:
         return names.block_linear_paths("comfy", self._dims.num_layers, self._dims.clip_dim is not None)
+
+    def training_contract(self) -> contextlib.AbstractContextManager:
+        """The host's training contract (`host_training`), entered by every trainer around its loop."""
+        return host_training()
+
+    def streams_weights(self) -> bool:
+        """Whether the host streams the weights itself (dynamic VRAM), so a trainer's own block swap must not."""
+        return streams_weights(self.patcher)
 
     def predict(self, x_t: Tensor, t: Tensor | float, cond: WanCond) -> Tensor:
         """x_t [B, 16, F, h, w], t [B] in 0..1 (1 = noise) -> velocity [B, 16, F, h, w] in x_t's dtype.
@@ -218,11 +318,20 @@ class ComfyWan:
     def with_fused_rope(self, backend: str = "auto") -> "ComfyWan":
         """A new adapter on a clone whose self-attentions apply RoPE through `kernels.rope_qk` (backend
         auto/triton/torch) at the positions the rope hooks produce. Object patches only: each block's
-        `self_attn` and `rope_embedder` (a `PositionRecorder` innermost, under any existing position hooks)."""
+        `self_attn` and `rope_embedder` (a `PositionRecorder` innermost, under any existing position hooks).
+        Where the host's self-attention is not the code the fused one copies (`fused_path_proven`), the clone
+        keeps the host's own: position hooks then reach RoPE through the host's table."""
         from ...kernels import resolve_backend
 
         resolve_backend(backend, "cpu")  # validates the name; the device is decided per call
         clone = self.patcher.clone()
+        attn = clone.get_model_object("diffusion_model.blocks.0.self_attn")
+        if not fused_path_proven(attn):
+            log_once("comfy-host-rope", "FFP AST-RoPE: this ComfyUI's %s.forward is not the one the fused RoPE path "
+                     "copies (ComfyUI 0.3.64); its own self-attention applies RoPE at the remapped positions "
+                     "(backend setting unused).", type(getattr(attn, "_ffp_stock", attn)).__name__,
+                     level=logging.INFO)
+            return ComfyWan(clone)
         state = RopeState(backend)
         chain = []
         rope = clone.get_model_object(ROPE_OBJECT)

@@ -6,6 +6,7 @@ Time is flow-matching time t in 0..1 (1 = pure noise); hosts feed the DiT `t * 1
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, runtime_checkable
 
@@ -79,6 +80,19 @@ class WanDiT(Protocol):
     def with_rope_positions(self, fn: RopePositionFn) -> "WanDiT":
         """A new adapter whose model builds RoPE from fn(ids); this adapter and its model stay unchanged."""
         ...
+
+
+def training_context(dit) -> contextlib.AbstractContextManager:
+    """The host's training contract for a loop that backpropagates through `dit` (ComfyUI: `host_training`,
+    the `in_training` switch); a no-op for adapters that have none (diffusers)."""
+    enter = getattr(dit, "training_contract", None)
+    return enter() if callable(enter) else contextlib.nullcontext()
+
+
+def host_streams_weights(dit) -> bool:
+    """Whether the host already streams `dit`'s weights to the device (ComfyUI dynamic VRAM)."""
+    check = getattr(dit, "streams_weights", None)
+    return bool(check()) if callable(check) else False
 
 
 def stock_rope_ids(frames: int, height: int, width: int, device=None, dtype=torch.float32) -> Tensor:

@@ -9,15 +9,16 @@ t ~ U(0, 1) with no shift (the model sees t * 1000). AdamW (0.9, 0.99), weight d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import OnStep, ShouldStop, log, report
-from ..host.protocol import WanCond
+from ..common import OnStep, ShouldStop, log, log_once, report
+from ..host.protocol import WanCond, host_streams_weights, training_context
 from ..video.frames import check_video, frames_to_latent
 from .conditioning import _edit_per_frame, masked_condition_video, masked_still, wan_cond
 from .lora import LoRA, attach_hooks, create_lora
@@ -182,11 +183,16 @@ def train_lora_edit(dit, stage1: list[TrainSample], settings: TrainSettings = Tr
     frozen = [p.requires_grad for p in base.parameters()]
     base.requires_grad_(False)
     detach = (attach or (lambda lo: attach_hooks(dit, lo)))(lora)
+    if memory.swap_fraction > 0 and host_streams_weights(dit):
+        log_once("lora-edit-host-streams", "FFP LoRA-Edit: the host streams this model's weights itself (ComfyUI "
+                 "dynamic VRAM); block swap (%.0f %%) is skipped, checkpointing and activation offload stay.",
+                 100 * memory.swap_fraction, level=logging.INFO)
+        memory = replace(memory, swap_fraction=0.0)
     runner = BlockRunner(dit.blocks(), device, memory.gradient_checkpointing,
                          memory.blocks_to_swap(len(dit.blocks())), should_stop, memory.offload_activations,
                          memory.split_blocks)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), training_context(dit):
             runner.install()
             for i, (stage, (kind, j)) in enumerate(plan, 1):
                 sample = stage1[j] if kind == "video" else stage2[j]
@@ -211,7 +217,9 @@ def train_lora_edit(dit, stage1: list[TrainSample], settings: TrainSettings = Tr
         runner.remove()
         detach()
         for p, r in zip(base.parameters(), frozen):
-            p.requires_grad_(r)
+            if p.requires_grad != r:
+                with torch.inference_mode(p.is_inference()):  # ComfyUI's weights may be inference tensors
+                    p.requires_grad_(r)
         lora.requires_grad_(False)
     if result.losses:
         log.info("FFP LoRA-Edit: %d steps, loss %.4f -> %.4f", total, result.losses[0], _tail_mean(result.losses))

@@ -13,9 +13,9 @@ from comfy.ldm.flux.math import apply_rope1  # noqa: E402
 from ffprop.kernels import apply_rope_reference, rope_cos_sin  # noqa: E402
 from ffprop.nodes.ast_rope.node import FFPASTRoPE  # noqa: E402
 from ffprop.nodes.ast_rope.patch import apply_ast_rope  # noqa: E402
-from ffprop.nodes.ast_rope.positions import RopeAlphas  # noqa: E402
+from ffprop.nodes.ast_rope.positions import RopeAlphas, position_fn  # noqa: E402
 from ffprop.nodes.ast_rope.predictor import AlphaPredictor, PredictorConfig  # noqa: E402
-from ffprop.nodes.host.comfy import ComfyWan  # noqa: E402
+from ffprop.nodes.host.comfy import ComfyWan, fused_path_proven  # noqa: E402
 from ffprop.nodes.host.protocol import WanCond, stock_rope_ids  # noqa: E402
 
 F, H, W = 3, 4, 6
@@ -74,13 +74,83 @@ def test_alpha_one_bit_identical_and_stock_model_untouched(wan):
 
 @torch.no_grad()
 def test_positions_in_the_model_follow_the_formula():
+    """The patched model equals the stock model handed the formula's positions directly (any host path)."""
     dit = ComfyWan(load_tiny_comfy_wan("i2v"))
+    x, c = noisy(), make_cond("i2v")
     patched = apply_ast_rope(dit, RopeAlphas(0.75, torch.tensor([0.5, 1.5])), "torch")
-    patched.predict(noisy(), 0.5, make_cond("i2v"))
-    attn = patched.patcher.get_model_object("diffusion_model.blocks.0.self_attn")
     ids = stock_rope_ids(F, H // 2, W // 2)
     expect = torch.stack([torch.tensor([0.0, 0.5, 2.0])[ids[:, 0].long()], 0.75 * ids[:, 1], 0.75 * ids[:, 2]], -1)
-    assert torch.equal(attn._ffp_rope_state.positions, expect)
+    direct = dit.with_rope_positions(lambda got: expect if torch.equal(got, ids) else got)
+    out = patched.predict(x, 0.5, c)
+    assert torch.equal(out, direct.predict(x, 0.5, c))
+    assert (out - dit.predict(x, 0.5, c)).abs().max() > 1e-5
+
+
+@torch.no_grad()
+def test_fused_path_only_where_proven_and_equal_to_the_host_forward(wan):
+    """Every Wan variant we claim (I2V, T2V, Fun-Control): AST-RoPE's model equals the host's own self-attention
+    fed the same positions by the position hook alone. The fused self-attention replaces the host's only where
+    the host's forward is the code it copies (0.3.64); elsewhere (0.28: attn1_patch, comfy_kitchen RoPE) the
+    host's own runs."""
+    kind, dit = wan
+    x, c = noisy(), make_cond(kind)
+    for alphas in (RopeAlphas(0.8, 0.5), RopeAlphas(1.25, torch.tensor([0.5, 1.5]))):
+        patched = apply_ast_rope(dit, alphas, "torch")
+        host_only = dit.with_rope_positions(position_fn(alphas))
+        assert torch.equal(patched.predict(x, 0.5, c), host_only.predict(x, 0.5, c))
+    proven = fused_path_proven(dit.module.blocks[0].self_attn)
+    attn = patched.patcher.get_model_object("diffusion_model.blocks.0.self_attn")
+    assert ("_ffp_rope_state" in vars(attn)) == proven
+    if not proven:
+        assert not any(k.endswith("self_attn") for k in patched.patcher.object_patches)
+
+
+def _scale_rope():
+    nodes_rope = pytest.importorskip("comfy_extras.nodes_rope", reason="this ComfyUI has no ScaleROPE node")
+    return nodes_rope.ScaleROPE
+
+
+def _scaled(model, t=1.0, y=1.0, x=1.0, shift_t=0.0):
+    return _scale_rope().execute(model, x, 0.0, y, 0.0, t, shift_t).args[0]
+
+
+def _ast(model, alpha_s, alpha_t):
+    return FFPASTRoPE.execute(model, "manual", "global", alpha_s, alpha_t, 2.0, 1.0, True, "auto", "none").args[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", sorted(TINY_KINDS))
+def test_global_alphas_equal_core_scale_rope(kind):
+    """A global alpha_T (alpha_S) gives ScaleROPE's output with scale_t (scale_x = scale_y) = alpha: bit-identical
+    at binary fractions, within float32 rounding of linspace elsewhere."""
+    model = load_tiny_comfy_wan(kind)
+    x, c = noisy(), make_cond(kind)
+
+    def out(m):
+        return ComfyWan(m).predict(x, 0.5, c)
+
+    assert torch.equal(out(_ast(model, 1.0, 0.5)), out(_scaled(model, t=0.5)))
+    assert torch.equal(out(_ast(model, 0.75, 1.0)), out(_scaled(model, y=0.75, x=0.75)))
+    assert torch.equal(out(_ast(model, 0.75, 2.0)), out(_scaled(model, t=2.0, y=0.75, x=0.75)))
+    torch.testing.assert_close(out(_ast(model, 0.7, 0.3)), out(_scaled(model, t=0.3, y=0.7, x=0.7)),
+                               rtol=1e-5, atol=1e-6)
+    assert (out(_ast(model, 1.0, 0.5)) - out(model)).abs().max() > 1e-5
+
+
+@torch.no_grad()
+def test_ast_rope_composes_with_a_scale_rope_already_on_the_model():
+    """ScaleROPE (scale_t 2, shift_t 1, scale_x/y 2) then AST-RoPE (alpha_T 0.5, alpha_S 0.75, anchor_first):
+    positions t = 1 + 0.5 * 2f, y = 0.75 * 2y, i.e. ScaleROPE(scale_t 1, shift_t 1, scale 1.5) alone."""
+    model = load_tiny_comfy_wan("i2v")
+    x, c = noisy(), make_cond("i2v")
+    first = _scaled(model, t=2.0, y=2.0, x=2.0, shift_t=1.0)
+    both = _ast(first, 0.75, 0.5)
+    assert both.model_options["transformer_options"]["rope_options"]["scale_t"] == 2.0   # ScaleROPE kept
+    want = ComfyWan(_scaled(model, t=1.0, y=1.5, x=1.5, shift_t=1.0)).predict(x, 0.5, c)
+    got = ComfyWan(both).predict(x, 0.5, c)
+    assert torch.equal(got, want)
+    assert (got - ComfyWan(first).predict(x, 0.5, c)).abs().max() > 1e-5
+    assert not model.object_patches and "rope_options" not in model.model_options.get("transformer_options", {})
 
 
 @torch.no_grad()
@@ -197,3 +267,55 @@ def test_source_video_of_the_wrong_length_is_rejected():
     _, text = FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
                                  source_images=torch.rand(9, 32, 32, 3), vae=StubVAE()).result
     assert "warped" in text
+
+
+def _predictor_run(dit, **kw):
+    from ffprop.nodes.ast_rope.train import PredictorSample, PredictorTrainSettings, train_predictor
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1, 16, F, H, W, generator=g)
+    settings = PredictorTrainSettings(steps=kw.pop("steps", 2), learning_rate=3e-2, backend="torch", seed=5)
+    return train_predictor(dit, [PredictorSample(src, src, make_cond("i2v"))], settings,
+                           config=PredictorConfig(width=32, depth=1, heads=2, grid=2), **kw)
+
+
+def test_predictor_trainer_follows_the_host_training_contract_and_restores_it():
+    """in_training (where the host has it) is on during every step and restored after success, error and Cancel;
+    the positions' gradients then reach the predictor through the host's own RoPE."""
+    import comfy.model_management as mm
+
+    dit = ComfyWan(load_tiny_comfy_wan("i2v"))
+    seen = []
+    res = _predictor_run(dit, on_step=lambda i, n, loss=None: seen.append(getattr(mm, "in_training", None)))
+    expect = None if getattr(mm, "in_training", None) is None else True
+    assert seen == [expect, expect] and getattr(mm, "in_training", False) is False
+    assert float((res.alphas.alpha_t - 1).abs().max()) > 0                 # gradients reached the predictor
+
+    def fail(i, n, loss=None):
+        raise RuntimeError("step callback failed")
+
+    with pytest.raises(RuntimeError, match="step callback failed"):
+        _predictor_run(dit, on_step=fail)
+    assert getattr(mm, "in_training", False) is False
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _predictor_run(dit, steps=5, should_stop=lambda: mm.throw_exception_if_processing_interrupted())
+    finally:
+        mm.interrupt_current_processing(False)
+    assert getattr(mm, "in_training", False) is False
+
+
+def test_predictor_trainer_leaves_the_global_rng_alone_and_repeats_itself():
+    """Local generators only (STYLE 5.5): the global torch RNG state is the same after training, and the same seed
+    gives the same predictor and losses."""
+    dit = ComfyWan(load_tiny_comfy_wan("i2v"))
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    first = _predictor_run(dit)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(99)                                                  # another global state: no effect
+    second = _predictor_run(dit)
+    assert first.losses == second.losses
+    assert all(torch.equal(a, b) for a, b in zip(first.predictor.state_dict().values(),
+                                                 second.predictor.state_dict().values()))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import TINY_KINDS, import_comfy, load_tiny_comfy_wan, tiny_wan_state_dict
+from comfy_support import (
+    TINY_KINDS,
+    UNSUPPORTED_KINDS,
+    import_comfy,
+    load_tiny_comfy_wan,
+    tiny_unsupported_state_dict,
+    tiny_wan_state_dict,
+)
 
 import_comfy()
 
@@ -12,7 +19,7 @@ import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 from ffprop.nodes.host import names  # noqa: E402
-from ffprop.nodes.host.comfy import ComfyWan  # noqa: E402
+from ffprop.nodes.host.comfy import ComfyWan, check_wan_model, host_training, streams_weights  # noqa: E402
 from ffprop.nodes.host.protocol import WanCond, WanDiT, stock_rope_ids  # noqa: E402
 
 F, H, W = 3, 4, 6
@@ -161,7 +168,102 @@ def test_non_wan_model_rejected():
 
     cpu = torch.device("cpu")
     patcher = comfy.model_patcher.ModelPatcher(NotWan(), load_device=cpu, offload_device=cpu)
-    with pytest.raises(ValueError, match="diffusion model is Linear .*not a Wan DiT.*Load Diffusion Model"):
+    with pytest.raises(ValueError, match="MODEL is Linear, not a Wan DiT.*I2V \\(36 input.*Load Diffusion Model"):
         ComfyWan(patcher)
     with pytest.raises(ValueError, match="needs a ComfyUI MODEL"):
         ComfyWan(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("kind", sorted(UNSUPPORTED_KINDS))
+def test_models_the_host_loads_but_ffprop_does_not_drive_get_a_clear_error(kind):
+    """Wan 2.2 TI2V-5B, VACE, Wan 2.2 Animate, Flux built from this ComfyUI's own classes: each MODEL node refuses
+    it with a ValueError naming the model and what is supported, before any other work (no traceback)."""
+    from ffprop.nodes.ast_rope.node import FFPASTRoPE, FFPASTRoPETrain
+    from ffprop.nodes.chunks.node import FFPChunkSample
+    from ffprop.nodes.lora_edit.node import FFPTrainLoRAEdit
+
+    sd = tiny_unsupported_state_dict(kind)
+    assert type(comfy.model_detection.model_config_from_unet(sd, "")).__name__ == UNSUPPORTED_KINDS[kind]
+    model = load_tiny_comfy_wan(kind)
+    names = {"ti2v_5b": "Wan 2.2 TI2V-5B", "vace": "Wan VACE", "animate": "Wan 2.2 Animate", "flux": "Flux, not a Wan"}
+    expect = f"MODEL is {names[kind]}.*does not support.*I2V \\(36 input channels.*T2V \\(16\\).*Fun-Control \\(48\\)"
+    clip, cond = torch.rand(5, 32, 32, 3), [[torch.zeros(1, 4, 4096), {}]]
+    calls = {
+        "trainer": lambda: FFPTrainLoRAEdit.execute(model, None, clip, cond, 1, 0, 1e-4, 4, "all_linears", 0, "24GB",
+                                                    "trim", "crop"),
+        "ast_rope": lambda: FFPASTRoPE.execute(model, "manual", "global", 1.0, 0.5, 2.0, 1.0, True, "auto", "none"),
+        "predictor_trainer": lambda: FFPASTRoPETrain.execute(model, None, cond, clip, 1, 1e-3, "warped", 2.0, 32, 1,
+                                                             False, 1.0, 1.0, 0, ""),
+        "chunk_sampler": lambda: FFPChunkSample.execute(model, None, cond, cond, None, clip[:1], None, "i2v", 0, 1,
+                                                        1.0, "euler", "simple", True, True, True, 1.0, "auto"),
+    }
+    for node, call in calls.items():
+        with pytest.raises(ValueError, match=expect):
+            call()
+            pytest.fail(f"{node} accepted a {kind} model")
+    assert not model.object_patches and not model.patches
+
+
+def test_check_wan_model_kinds():
+    assert [check_wan_model(load_tiny_comfy_wan(k)) for k in sorted(TINY_KINDS)] == sorted(TINY_KINDS)
+    with pytest.raises(ValueError, match="Wan t2v model but the chunk sampler needs a Wan i2v model"):
+        check_wan_model(load_tiny_comfy_wan("t2v"), ("i2v",), "the chunk sampler")
+
+
+def test_training_contract_is_set_inside_and_restored_after_success_and_error():
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        with host_training() as has:           # 0.3.64: no switch, nothing changes
+            assert has is False and not hasattr(mm, "in_training")
+        pytest.skip("this ComfyUI has no comfy.model_management.in_training (its RoPE is plain torch)")
+    assert mm.in_training is False
+    with host_training() as has:
+        assert has is True and mm.in_training is True
+    assert mm.in_training is False
+    with pytest.raises(KeyError), host_training():
+        raise KeyError("boom")
+    assert mm.in_training is False
+    mm.in_training = True                       # nested in a caller that set it: left as found
+    try:
+        with host_training():
+            pass
+        assert mm.in_training is True
+    finally:
+        mm.in_training = False
+
+
+def test_host_rope_kernel_has_no_backward_unless_training():
+    """Why the contract exists: on a host with in_training, a backward through its stock forward fails outside
+    host_training() (comfy_kitchen's inference RoPE) and works inside it, with gradients on q's weight."""
+    if not hasattr(comfy.model_management, "in_training"):
+        pytest.skip("this ComfyUI has no comfy.model_management.in_training (its RoPE is plain torch)")
+    adapter = ComfyWan(load_tiny_comfy_wan("i2v"))
+    x, cond = noisy(), make_cond("i2v")
+    weight = adapter.module.blocks[0].self_attn.q.weight
+
+    def backward():
+        weight.requires_grad_(True)
+        try:
+            adapter.predict(x, 0.5, cond).square().mean().backward()
+        finally:
+            weight.requires_grad_(False)
+
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        backward()
+    weight.grad = None
+    with host_training():
+        backward()
+    assert weight.grad is not None and float(weight.grad.abs().max()) > 0
+
+
+def test_cpu_models_are_never_streamed_by_the_host():
+    """Dynamic VRAM (comfy-aimdo) only exists for GPU load devices: on a CPU run ComfyUI builds a plain patcher
+    even through ModelPatcherDynamic, so the trainer's own block swap stays in charge."""
+    model = load_tiny_comfy_wan("i2v")
+    assert not streams_weights(model) and not ComfyWan(model).streams_weights()
+    dynamic = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    if dynamic is None:
+        pytest.skip("this ComfyUI has no dynamic VRAM (ModelPatcherDynamic)")
+    cpu = torch.device("cpu")
+    rerouted = dynamic(model.model, load_device=cpu, offload_device=cpu)
+    assert type(rerouted) is comfy.model_patcher.ModelPatcher and not streams_weights(rerouted)

@@ -119,19 +119,129 @@ def test_trainer_patches_a_clone_and_leaves_the_base_bit_identical(model):
     assert torch.equal(predict(model, x, cond), before)     # unloading the patched clone restores the base
 
 
-def test_saved_lora_loads_with_comfy_loader_and_matches(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(folder_paths, "get_folder_paths", lambda name: [str(tmp_path)])
+def core_lora_model_loader(model, lora_sd, bypass=False):
+    """Core's LoraModelLoader (a LORA_MODEL dict onto a MODEL): V3 node on 0.28 (with `bypass`), V1 on 0.3.64."""
+    import inspect
+
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    if hasattr(LoraModelLoader, "execute"):
+        if "bypass" not in inspect.signature(LoraModelLoader.execute).parameters:
+            pytest.skip("this ComfyUI's LoraModelLoader has no bypass mode")
+        return LoraModelLoader.execute(model, lora_sd, 1.0, bypass).args[0]
+    if bypass:
+        pytest.skip("this ComfyUI's LoraModelLoader has no bypass mode")
+    return LoraModelLoader().load_lora_model(model, lora_sd, 1.0)[0]
+
+
+def test_saved_lora_loads_with_core_loaders_and_matches(model, tmp_path, monkeypatch):
+    """The file FFPSaveLoRA writes, in core's LoraLoaderModelOnly (by name from models/loras) and LoraModelLoader
+    (as a LORA_MODEL dict): the same output as the trainer's own MODEL output, bit for bit."""
+    import nodes
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))
     patched, lora, _ = train(model, steps=2, seed=1)
     name = FFPSaveLoRA.execute(lora, "edits/clip1", False).args[0]
     assert name == "edits/clip1.safetensors" and (tmp_path / name).is_file()
     assert FFPSaveLoRA.execute(lora, "edits/clip1", False).args[0] == "edits/clip1_2.safetensors"
     with pytest.raises(ValueError, match="not allowed"):
         FFPSaveLoRA.execute(lora, "../escape", False)
-    sd = comfy.utils.load_torch_file(str(tmp_path / name), safe_load=True)
-    loaded, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
     x, cond = torch.randn(1, 16, 3, 4, 4), probe_cond()
-    a, b = predict(loaded, x, cond), predict(patched, x, cond)
-    assert torch.equal(a, b) and not torch.equal(a, predict(model, x, cond))
+    ours = predict(patched, x, cond)
+    assert not torch.equal(ours, predict(model, x, cond))
+    by_name = nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+    assert torch.equal(predict(by_name, x, cond), ours)
+    sd = comfy.utils.load_torch_file(str(tmp_path / name), safe_load=True)
+    assert torch.equal(predict(core_lora_model_loader(model, sd), x, cond), ours)
+
+
+def test_saved_lora_in_core_bypass_mode_matches(model, tmp_path, monkeypatch):
+    """0.28's LoraModelLoader bypass mode (LoRA as forward hooks, weights untouched): same output up to rounding."""
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], {".safetensors"}))
+    patched, lora, _ = train(model, steps=2, seed=1)
+    name = FFPSaveLoRA.execute(lora, "bypass", False).args[0]
+    sd = comfy.utils.load_torch_file(str(tmp_path / name), safe_load=True)
+    bypassed = core_lora_model_loader(model, sd, bypass=True)
+    x, cond = torch.randn(1, 16, 3, 4, 4), probe_cond()
+    torch.testing.assert_close(predict(bypassed, x, cond), predict(patched, x, cond), rtol=1e-4, atol=1e-5)
+
+
+def _in_training():
+    return getattr(comfy.model_management, "in_training", None)
+
+
+def test_trainer_follows_the_host_training_contract_and_restores_it(model):
+    """in_training (where the host has it) is on during every step and off again after success, error and
+    Cancel; 0.3.64 has no switch and nothing is added."""
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(_in_training())
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        train(model, steps=2)
+        expect = None if _in_training() is None else True
+        assert seen == [expect, expect] and _in_training() in (None, False)
+
+        def failing(value, total, preview, node_id=None):
+            raise RuntimeError("progress hook failed")
+
+        comfy.utils.set_progress_bar_global_hook(failing)
+        with pytest.raises(RuntimeError, match="progress hook failed"):
+            train(model, steps=2)
+        assert _in_training() in (None, False)
+        comfy.model_management.interrupt_current_processing(True)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                train(model, steps=5)
+        finally:
+            comfy.model_management.interrupt_current_processing(False)
+        assert _in_training() in (None, False)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+
+
+def test_block_swap_is_left_to_the_host_when_it_streams_weights(model, monkeypatch):
+    """ComfyUI's dynamic VRAM streams the weights itself; the trainer then swaps no block of its own (the
+    BlockRunner it builds, recorded by a subclass, is asked for none). A CPU run cannot build a streaming patcher
+    (ComfyUI falls back to a plain one), so the capability is stood in for here; training is otherwise the same."""
+    from ffprop.nodes.lora_edit import trainer
+    from ffprop.nodes.lora_edit.lora import attach_hooks, create_lora
+    from ffprop.nodes.lora_edit.lowvram import MemorySettings
+
+    swapped = []
+
+    class Recording(trainer.BlockRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            swapped.append(len(self.swapped))
+
+    class Streaming(ComfyWan):
+        def streams_weights(self):
+            return True
+
+    monkeypatch.setattr(trainer, "BlockRunner", Recording)
+    samples = [trainer.TrainSample(torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(4)),
+                                   probe_cond())]
+    loras = []
+
+    def clone():            # as the trainer node does: a compute dtype makes ComfyUI cast (copy) the weights
+        out = model.clone()
+        out.set_model_compute_dtype(torch.bfloat16)
+        return out
+
+    with torch.inference_mode(False):
+        for adapter in (ComfyWan(clone()), Streaming(clone())):
+            lora = create_lora(adapter, 2, "all_linears", 0)
+            trainer.train_lora_edit(adapter, samples, trainer.TrainSettings(steps=2, rank=2),
+                                    memory=MemorySettings(swap_fraction=1.0), lora=lora,
+                                    attach=lambda lo, a=adapter: attach_hooks(a, lo))
+            loras.append(lora)
+    assert swapped == [2, 0]
+    for (_, a), (_, b) in zip(loras[0].items(), loras[1].items()):
+        assert torch.equal(a.up, b.up) and float(a.up.abs().max()) > 0
 
 
 def test_memory_node_stage2_and_windows(model):
