@@ -286,6 +286,7 @@ def _pad_text(context: Tensor) -> Tensor:
 
 
 FP8 = torch.float8_e4m3fn
+UPCAST_ATTR = "ffp_upcast_dtype"   # on a block: its fp8 tensors compute in this dtype (the BlockRunner casts them)
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 
 
@@ -306,6 +307,13 @@ def store_blocks_fp8(model: nn.Module) -> nn.Module:
     for name, p in model.named_parameters():
         if is_fp8_target(name, p):
             p.data = to_fp8(p.data)
+    return mark_fp8_blocks(model)
+
+
+def mark_fp8_blocks(model: nn.Module, compute: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Tell the BlockRunner that these blocks' fp8 tensors compute in `compute` (it casts them per block)."""
+    for block in model.blocks:
+        setattr(block, UPCAST_ATTR, compute)
     return model
 
 
@@ -380,6 +388,7 @@ def load_streaming(cls, folder: Path, dtype: Optional[torch.dtype]) -> nn.Module
                     owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
                 else:
                     owner._buffers[leaf] = t
+    mark_fp8_blocks(model)
     rope = model.rope
     model.rope = WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)   # non-persistent
     missing = [k for k in slots if not k.startswith("rope.")]

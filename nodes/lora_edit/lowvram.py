@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -27,6 +28,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..common import Cancelled, log
+from ..host.diffusers import UPCAST_ATTR
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -141,10 +143,11 @@ class BlockRunner:
     non-reentrant checkpoints: backward re-runs the block, which saves only each sub-block's input, then re-runs one
     sub-block at a time; the FFN runs in chunks of `ffn_chunk_tokens` tokens, each its own checkpoint).
 
-    fp8 storage: a block tensor stored in an 8-bit float dtype (the loader's fp8 base weights) is cast to
-    `compute_dtype` (default bf16) on the device just before its block runs and back to its fp8 storage after
-    (at most two blocks at once, like the swap); tensors of modules that cast their own weights at use
-    (ComfyUI's cast ops: a `weight_function` attribute) are left to the host.
+    fp8 storage: in a block marked for it (`UPCAST_ATTR`, set by the diffusers loader's fp8 storage) or with
+    an explicit `compute_dtype`, each tensor stored in an 8-bit float dtype is cast to that dtype on the device
+    just before its block runs and goes back to its fp8 storage after (at most two blocks at once, like the
+    swap). Unmarked blocks (ComfyUI's, whose ops and modulation casts upcast fp8 themselves) are left as they
+    are, and so are modules that cast their own weights (a `weight_function` attribute).
 
     inference=True (the sampler): no gradients, no checkpointing; block swap and the fp8 upcast still run, and
     the last block prefetches block 0 for the next model call.
@@ -178,11 +181,13 @@ class BlockRunner:
         self.device = torch.device(device)
         self.checkpointing = checkpointing
         self.inference = inference
-        self.compute_dtype = compute_dtype or torch.bfloat16
+        self.compute_dtype = compute_dtype
+        self.upcast: dict[int, torch.dtype] = {}   # staged fp8 block -> the dtype it computes in
         self.swapped = set(range(min(blocks_to_swap, len(blocks))))
         self.should_stop = should_stop
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.slabs = HostSlabs(pin=self.cuda)    # the swapped blocks' pinned CPU copies
         self.home: dict[int, list[tuple[Tensor, Tensor]]] = {}  # staged block -> [(tensor, its home storage)]
         self.on_device: set[int] = set()
         self.pending: dict[int, object] = {}
@@ -196,13 +201,16 @@ class BlockRunner:
     def install(self) -> "BlockRunner":
         if self._installed or self._undo:
             raise RuntimeError("this BlockRunner is already installed; remove() it before installing it again.")
-        narrow = {i: _narrow_tensors(b) for i, b in enumerate(self.blocks)}
+        dtypes = {i: self.compute_dtype or getattr(b, UPCAST_ATTR, None) for i, b in enumerate(self.blocks)}
+        narrow = {i: _narrow_tensors(b) if dtypes[i] is not None else [] for i, b in enumerate(self.blocks)}
         if not (self.checkpointing or self.inference) and any(narrow.values()):
             raise ValueError("fp8 base weights are cast to the compute dtype per block at use, which training needs "
                              "gradient checkpointing for (backward re-runs each block); turn gradient_checkpointing "
                              "on or load the model in bf16.")
         try:
             for i, block in enumerate(self.blocks):
+                if narrow[i]:
+                    self.upcast[i] = dtypes[i]
                 if i in self.swapped:
                     self._stage(i, [*block.parameters(), *block.buffers()], copy=True)
                 elif narrow[i]:
@@ -230,7 +238,7 @@ class BlockRunner:
         wrappers off, every staged tensor back on its original device in its original dtype."""
         self._sync()
         if self.acts is not None:
-            self.acts.reset()
+            self.acts.release()
         self._rollback()
         self._installed = False
 
@@ -243,6 +251,7 @@ class BlockRunner:
             except BaseException as e:   # undo the rest anyway, report the first failure
                 first = first or e
         self.home.clear()
+        self.upcast.clear()
         self.on_device.clear()
         self.pending.clear()
         self.last = -1
@@ -279,11 +288,13 @@ class BlockRunner:
         self.remove()
 
     def _to_home(self, t: Tensor) -> Tensor:
-        if t.device.type == "cpu":
-            return t.pin_memory() if self.cuda and not t.is_pinned() else t
-        cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
-        cpu.copy_(t)
-        return cpu
+        if not self.cuda:
+            return t if t.device.type == "cpu" else t.to("cpu")
+        if t.device.type == "cpu" and t.is_pinned():
+            return t
+        home = self.slabs.empty(t.shape, t.dtype)   # pinned, packed (no power-of-two rounding per tensor)
+        home.copy_(t)
+        return home
 
     # -- running ----------------------------------------------------------------------------------------------
     def _wrap(self, i: int, forward: Callable) -> Callable:
@@ -374,7 +385,7 @@ class BlockRunner:
         with ctx:
             for t, home in self.home[i]:
                 x = home.to(self.device, non_blocking=self.cuda)    # fp8 travels as fp8 (half the bytes)
-                t.data = x.to(self.compute_dtype) if _is_narrow(x) else x
+                t.data = x.to(self.upcast[i]) if i in self.upcast and _is_narrow(x) else x
         if self.cuda and not wait:
             ev = torch.cuda.Event()
             ev.record(self.stream)
@@ -392,6 +403,52 @@ class BlockRunner:
         for ev in self.pending.values():
             ev.synchronize()
         self.pending.clear()
+
+
+SLAB_BYTES = 256 << 20
+
+
+class HostSlabs:
+    """CPU tensors carved out of 256 MiB slabs (pinned when `pin`). torch's pinned allocator rounds every
+    allocation up to a power of two (a 70.8 MB fp8 FFN weight of Wan-14B would take 128 MB, a 208 MB offloaded
+    block input 256 MB: +43 % pinned RAM for the 14B's swapped blocks); packed slabs waste only their unfilled
+    tails. Tensors larger than a slab get their own allocation. Memory lives as long as the tensors carved from
+    it (each is a view of its slab)."""
+
+    ALIGN = 64
+
+    def __init__(self, pin: bool, slab_bytes: int = SLAB_BYTES):
+        self.pin, self.slab_bytes = pin, slab_bytes
+        self._slab: Optional[Tensor] = None
+        self._used = 0
+        self.reserved = 0        # bytes allocated (slabs + large tensors)
+
+    def empty(self, shape, dtype: torch.dtype) -> Tensor:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if n > self.slab_bytes:
+            self.reserved += n
+            return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pin)
+        start = -(-self._used // self.ALIGN) * self.ALIGN
+        if self._slab is None or start + n > self.slab_bytes:
+            self._slab = torch.empty(self.slab_bytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+            self.reserved += self.slab_bytes
+            start = 0
+        self._used = start + n
+        return self._slab[start:start + n].view(dtype).view(shape)
+
+    @staticmethod
+    def footprint(sizes: list[int], slab_bytes: int = SLAB_BYTES) -> int:
+        """Bytes `empty` reserves for tensors of these byte sizes, in this order (for the memory estimate)."""
+        reserved, used, open_slab = 0, 0, False
+        for n in sizes:
+            if n > slab_bytes:
+                reserved += n
+                continue
+            start = -(-used // HostSlabs.ALIGN) * HostSlabs.ALIGN
+            if not open_slab or start + n > slab_bytes:
+                reserved, start, open_slab = reserved + slab_bytes, 0, True
+            used = start + n
+        return reserved
 
 
 class _CompactInput(torch.autograd.Function):
@@ -491,10 +548,22 @@ class ActivationOffload:
         self.host_bytes = 0      # bytes currently offloaded (this step)
         self.peak_host_bytes = 0
         self._by_block: dict[int, _Saved] = {}
+        self.slabs = HostSlabs(pin=self.cuda)
+        self._buffers: dict[tuple, Tensor] = {}
 
     def reset(self) -> None:
         self._by_block.clear()
         self.host_bytes = 0
+
+    def release(self) -> None:
+        """Drop the host buffers (after training: the sampler needs that CPU RAM) and hand torch's cached pinned
+        memory back to the OS."""
+        self.reset()
+        self._buffers.clear()
+        self.slabs = HostSlabs(pin=self.cuda)
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if self.cuda and empty is not None:
+            empty()
 
     def hooks(self, block: int, hidden: Optional[Tensor]):
         if block == 0:                   # a new forward: forget the previous step's prefetch table
@@ -530,7 +599,7 @@ class ActivationOffload:
     def _pack(self, block: int, t: Tensor) -> _Saved:
         if t.device.type == "cpu":
             return _Saved(block, t, t.device)
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        host = self._host_buffer(block, t)
         if not self.cuda:
             host.copy_(t)
             return _Saved(block, host, t.device)
@@ -542,6 +611,15 @@ class ActivationOffload:
             done.record(self.stream)
         t.record_stream(self.stream)               # its device memory is not reused before the copy ends
         return _Saved(block, host, t.device, done)
+
+    def _host_buffer(self, block: int, t: Tensor) -> Tensor:
+        """Block `block`'s host buffer for a tensor like t, made once and reused every step (the copies are
+        stream-ordered: this step's device -> host copy runs after last step's host -> device copy)."""
+        key = (block, tuple(t.shape), t.dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = self.slabs.empty(t.shape, t.dtype)
+        return buf
 
     def _fetch_ahead(self, saved: _Saved) -> None:
         if not self.cuda or saved.ahead is not None or saved.device.type != "cuda":

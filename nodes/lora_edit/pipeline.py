@@ -77,9 +77,8 @@ def sample_low_vram(dit, memory: MemorySettings, cond: WanCond, noise: Tensor, s
     each brought to the device as it runs, the next one prefetched) and the per-block fp8 upcast."""
     blocks = dit.blocks()
     device = dit.module.patch_embedding.weight.device
-    compute = dit.module.patch_embedding.weight.dtype
     runner = BlockRunner(blocks, device, checkpointing=False, blocks_to_swap=memory.blocks_to_swap(len(blocks)),
-                         should_stop=should_stop, compute_dtype=compute, inference=True)
+                         should_stop=should_stop, inference=True)
     with runner:
         return sample(dit, cond, noise, sampling.steps, sampling.shift, on_step, should_stop, negative,
                       sampling.cfg if negative is not None else 1.0)

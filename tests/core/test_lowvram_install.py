@@ -280,3 +280,19 @@ def test_norm_wrapper_leaves_fp32_values_computed_in_fp32_alone():
         ref = x16.detach().clone().requires_grad_(True)
         (norm(ref.float()) * w).sum().backward()
     assert torch.equal(x16.grad, ref.grad) and float(ref.grad.abs().max()) > 0
+
+
+def test_unmarked_fp8_blocks_are_left_to_the_host():
+    """fp8 tensors in blocks the fp8 loader did not mark (ComfyUI's: its ops and modulation casts upcast fp8
+    themselves) are not touched: nothing staged, nothing cast."""
+    from ffprop.nodes.host.diffusers import UPCAST_ATTR
+
+    dit = tiny()
+    for b in dit.blocks():
+        del b.__dict__[UPCAST_ATTR]
+    before = state(dit)
+    runner = BlockRunner(dit.blocks(), torch.device("cpu"), checkpointing=True)
+    with runner:
+        assert not runner.home and not runner.upcast
+        assert dit.blocks()[1].ffn.net[2].weight.dtype == torch.float8_e4m3fn
+    assert_untouched(dit, before)

@@ -17,7 +17,13 @@ try:
 except (ImportError, RuntimeError) as e:
     pytest.skip(f"diffusers is installed but WanTransformer3DModel does not import here: {e}", allow_module_level=True)
 
-from ffprop.nodes.host.diffusers import DiffusersWan, is_fp8_target, load_diffusers_wan, to_fp8  # noqa: E402
+from ffprop.nodes.host.diffusers import (  # noqa: E402
+    DiffusersWan,
+    is_fp8_target,
+    load_diffusers_wan,
+    mark_fp8_blocks,
+    to_fp8,
+)
 from ffprop.nodes.host.protocol import WanCond  # noqa: E402
 from ffprop.nodes.host.sampling import sample  # noqa: E402
 from ffprop.nodes.lora_edit.lora import attach_hooks  # noqa: E402
@@ -51,7 +57,7 @@ def twins() -> tuple[DiffusersWan, DiffusersWan]:
         if is_fp8_target(name, p):
             q.data = to_fp8(p.data)
             p.data = q.data.to(torch.bfloat16)
-    return DiffusersWan(fp8.eval()), DiffusersWan(model.eval())
+    return DiffusersWan(mark_fp8_blocks(fp8).eval()), DiffusersWan(model.eval())
 
 
 def inputs(dtype=torch.bfloat16):
@@ -171,3 +177,19 @@ def test_streaming_fp8_load_matches_in_memory_fp8(tmp_path):
     assert not any(t.is_meta for t in (*dit.module.parameters(), *dit.module.buffers()))
     with pytest.raises(ValueError, match="storage must be"):
         load_diffusers_wan(tmp_path, storage="int4")
+
+
+def test_host_slabs_pack_tensors_without_power_of_two_rounding():
+    from ffprop.nodes.lora_edit.lowvram import HostSlabs
+
+    slabs = HostSlabs(pin=False, slab_bytes=1000)
+    shapes = [((150,), torch.bfloat16), ((10, 15), torch.bfloat16), ((150,), torch.bfloat16), ((150,), FP8),
+              ((600,), torch.float32)]
+    ts = [slabs.empty(shape, dtype) for shape, dtype in shapes]
+    assert [(tuple(t.shape), t.dtype) for t in ts] == [(tuple(s), d) for s, d in shapes]
+    for i, t in enumerate(ts):      # distinct values in each: no two tensors share bytes
+        t.view(torch.uint8).fill_(i + 1)
+    assert [set(t.view(torch.uint8).unique().tolist()) for t in ts] == [{i + 1} for i in range(len(ts))]
+    # 3 x 300 B in slab 1 (64-byte aligned starts), 150 B opens slab 2, 2400 B gets its own allocation
+    assert slabs.reserved == 1000 + 1000 + 2400
+    assert HostSlabs.footprint([300, 300, 300, 150, 2400], 1000) == slabs.reserved
