@@ -3,6 +3,7 @@
   ffprop demo                      synthesise a clip + edit, propagate it, write videos and metrics
   ffprop propagate --video SRC --edited-first-frame IMG [--mask M] -o OUT.mp4
   ffprop eval --video SRC --edited-first-frame IMG --output OUT.mp4 [--mask M]
+  ffprop bench world [--json FILE] [--quick]     every engine vs ground truth on held-out world scenes
 
 Exit codes: 0 done, 2 bad input or arguments (nothing written), 1 any other failure, 130 cancelled (Ctrl-C).
 torch, OpenCV and PyAV are imported inside the commands: `--help`, `--version` and argument errors stay fast.
@@ -456,7 +457,26 @@ def build_parser(with_wan: bool = True) -> argparse.ArgumentParser:
                     help="px around the edit left out of background scores")
     ev.add_argument("--json", help="also write the metrics as JSON here")
     ev.set_defaults(func=cmd_eval, check=check_eval)
+
+    bench = sub.add_parser("bench", help="score every engine against ground truth on held-out world scenes",
+                           description="Run every engine on the held-out scenes of the procedural world "
+                                       "(nodes/world/scenes.py), per edit type; print one table, optionally "
+                                       "write JSON. Engines whose models are missing are reported as skipped.",
+                           **fmt)
+    bench.add_argument("suite", choices=["world"], help="world: the procedural world's held-out scenes")
+    bench.add_argument("--json", help="also write the results as JSON here")
+    bench.add_argument("--quick", action="store_true",
+                       help="one scene per edit type and short LoRA training (under 10 minutes on 2 cores)")
+    bench.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args) -> int:
+    """`ffprop bench world`: nodes/evaluate/bench.py does the work (imported here: it needs torch)."""
+    from .nodes.evaluate.bench import run_cli
+
+    return run_cli(args.quick, args.json, args.methods, Bar("benchmark"))
 
 
 def _command(argv: list[str]) -> str | None:

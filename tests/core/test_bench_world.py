@@ -1,0 +1,107 @@
+"""The world benchmark: exact JSON shape, scores that match a hand computation, and the flow engine keeping the
+background that repeating frame 1 loses. Two tiny scenes (32x32, 9 frames) keep it to seconds."""
+
+import json
+import math
+
+import pytest
+import torch
+from ffprop.__main__ import main
+from ffprop.nodes.evaluate.bench import (
+    PSNR_CAP,
+    SCORES,
+    BenchSettings,
+    engines,
+    run_bench,
+    weighted_psnr,
+    world_cases,
+)
+from ffprop.nodes.world.scenes import EDITS, HELDOUT_SEEDS, render_sample
+
+SETTINGS = BenchSettings(cases=((HELDOUT_SEEDS[0], "recolour"), (HELDOUT_SEEDS[1], "removal")), size=(32, 32),
+                         frames=9)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_bench(SETTINGS, engines(SETTINGS, ("repeat_first_frame", "flow")))
+
+
+def test_json_has_exactly_the_issues_shape(result):
+    json.loads(json.dumps(result, allow_nan=False))             # strict JSON: no NaN/Infinity
+    assert set(result) == {"scenes", "frames", "methods"}
+    assert result["scenes"] == 2 and result["frames"] == 9
+    assert list(result["methods"]) == ["repeat_first_frame", "flow"]
+    for m in result["methods"].values():
+        assert set(m) == {*SCORES, "by_edit"}
+        assert set(m["by_edit"]) == {"recolour", "removal"}
+        for row in (m, *m["by_edit"].values()):
+            assert {k for k in row if k != "by_edit"} == set(SCORES)
+            assert all(isinstance(row[k], float) and math.isfinite(row[k]) for k in SCORES)
+
+
+def _hand_psnr(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    se = ((a.double() - b.double()) ** 2).mean(-1)
+    w = torch.ones_like(se) if w is None else w.double()
+    return 10 * math.log10(1 / float((se * w).sum() / w.sum()))
+
+
+def test_repeat_first_frame_scores_equal_a_hand_computation(result):
+    psnr, edit, bg = [], [], []
+    for seed, e in SETTINGS.cases:
+        s = render_sample(seed, e, size=SETTINGS.size, frames=SETTINGS.frames)
+        frozen = s.edited_first[None].expand(SETTINGS.frames - 1, -1, -1, -1)
+        truth, m = s.target[1:], s.edit_mask[1:]
+        psnr.append(_hand_psnr(frozen, truth))
+        edit.append(_hand_psnr(frozen, truth, m))
+        bg.append(_hand_psnr(frozen, truth, 1 - m))
+    rep = result["methods"]["repeat_first_frame"]
+    assert rep["psnr"] == pytest.approx(sum(psnr) / 2, abs=1e-9)
+    assert rep["edit_psnr"] == pytest.approx(sum(edit) / 2, abs=1e-9)
+    assert rep["bg_psnr"] == pytest.approx(sum(bg) / 2, abs=1e-9)
+    assert rep["by_edit"]["removal"]["psnr"] == pytest.approx(psnr[1], abs=1e-9)
+
+
+def test_flow_keeps_the_background_that_repeating_frame_one_loses(result):
+    flow, rep = result["methods"]["flow"], result["methods"]["repeat_first_frame"]
+    assert flow["bg_psnr"] > rep["bg_psnr"] + 3
+    assert flow["psnr"] > rep["psnr"]
+    for edit in ("recolour", "removal"):
+        assert flow["by_edit"][edit]["bg_psnr"] > rep["by_edit"][edit]["bg_psnr"]
+    assert flow["warp_error"] < rep["warp_error"]               # it moves with the scene; a frozen clip does not
+
+
+def test_psnr_helper_caps_exact_matches_and_has_no_value_on_empty_weights():
+    a = torch.rand(2, 4, 4, 3)
+    assert weighted_psnr(a, a) == PSNR_CAP
+    assert weighted_psnr(a, a + 0.1, torch.zeros(2, 4, 4)) is None
+    assert weighted_psnr(a.clamp(0, 0.5), a.clamp(0, 0.5) + 0.1) == pytest.approx(20.0)
+
+
+def test_skipped_engines_are_reported_with_their_reason_and_null_scores():
+    out = run_bench(BenchSettings(cases=SETTINGS.cases[:1], size=(32, 32), frames=5),
+                    {"i2v": "no world models (test)"})
+    assert out["methods"]["i2v"] == {**{k: None for k in SCORES}, "by_edit": {}, "skipped": "no world models (test)"}
+    json.dumps(out, allow_nan=False)
+
+
+def test_cases_cover_every_edit_on_distinct_held_out_seeds():
+    cases = world_cases(2)
+    assert [e for _, e in cases] == list(EDITS) * 2
+    assert len({s for s, _ in cases}) == len(cases) and all(s in HELDOUT_SEEDS for s, _ in cases)
+    with pytest.raises(ValueError, match="per_edit must be 1..14"):
+        world_cases(15)
+    with pytest.raises(ValueError, match="unknown method 'sdedit'"):
+        engines(SETTINGS, ("sdedit",))
+
+
+def test_cli_prints_the_table_and_writes_strict_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "world", "--quick", "--methods", "repeat_first_frame", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["scenes"] == len(EDITS) and set(data["methods"]) == {"repeat_first_frame"}
+    assert set(data["methods"]["repeat_first_frame"]["by_edit"]) == set(EDITS)
+    assert data["methods"]["repeat_first_frame"]["by_edit"]["restyle"]["bg_psnr"] is None
+    out = capsys.readouterr().out
+    assert "repeat_first_frame" in out and "restyle" in out
+    assert main(["bench", "world", "--methods", "nope"]) == 2
