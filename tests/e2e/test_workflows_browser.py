@@ -5,6 +5,7 @@ Checked, on the live graph after the frontend's own sizing (titles and widgets w
 - no missing (red) node: every node type is registered;
 - no widget mismatch: every node serialises back to the widget values in the file (a widget the host added
   since, e.g. 0.28's CreateVideo bit_depth, is appended with its default);
+- no alert that the file fails the frontend's workflow schema (1.27 checks it with zod);
 - no two node rectangles overlap (`pos`/`size` plus the title bar above `pos`);
 - every link lands on an input that names it and whose type accepts it, in the file and in the loaded graph;
 - what the frontend would queue (`graphToPrompt`) is what the harness (comfy-cli, as `comfy run`) converts;
@@ -103,7 +104,8 @@ def file_graph(wf: dict) -> tuple[list[dict], list[dict]]:
 
 def drop_workflow(page, path: Path) -> None:
     """Open the file as a drop on the canvas does (app.handleFile), on an empty graph with no dialog open."""
-    page.js("document.querySelectorAll('.p-dialog-close-button').forEach((b) => b.click()); app.graph.clear();")
+    page.js("document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button').forEach((b) => b.click());"
+            "app.graph.clear();")
     page.js_async("await app.handleFile(new File([args[0]], args[1], {type: 'application/json'}));",
                   path.read_text(), path.name)
     n = len(json.loads(path.read_text())["nodes"])
@@ -155,18 +157,29 @@ def test_workflow_opens_cleanly_in_the_frontend(comfy_server, object_info, wf_pa
     problems += link_problems(*file_graph(wf), where=f"{path.name} (file)")
     problems += link_problems(live["nodes"], live["links"], where="loaded graph")
     problems += [f"console: {m[:300]}" for m in page.console() if "patched data" in m or "validat" in m.lower()]
+    problems += [f"frontend alert: {t}" for t in page.js(  # 1.27 checks the file against its zod schema
+        "return [...document.querySelectorAll('.p-toast-message')].map((t) => t.innerText.replace(/\\s+/g, ' '));")
+        if "invalid" in t.lower() or "schema" in t.lower()]
 
     if comfy_cli_converter()[0] is not None:  # the harness runs what the frontend would queue
         sent = page.js_async("return (await app.graphToPrompt()).output;")
         ours = ui_to_api(wf, object_info)
-        for nid in sorted(set(sent) | set(ours), key=int):
-            a, b = sent.get(nid), ours.get(nid)
-            if (a and {"class_type": a["class_type"], "inputs": a["inputs"]}) != (
-                    b and {"class_type": b["class_type"], "inputs": b["inputs"]}):
-                problems.append(f"node {nid}: the frontend queues {a}, comfy-cli converts {b}")
+        def declared(node: dict | None) -> dict | None:  # /prompt ignores inputs a node does not declare (1.27
+            if node is None:                               # sends PreviewAny's display widget 'preview')
+                return None
+            spec = object_info.get(node["class_type"], {}).get("input", {})
+            names = {k for section in ("required", "optional") for k in spec.get(section) or {}}
+            return {"class_type": node["class_type"], "inputs": {k: v for k, v in node["inputs"].items() if k in names}}
 
-    fit_view(page, live["nodes"])
+        for nid in sorted(set(sent) | set(ours), key=int):
+            if declared(sent.get(nid)) != declared(ours.get(nid)):
+                problems.append(f"node {nid}: the frontend queues {sent.get(nid)}, comfy-cli converts {ours.get(nid)}")
+
     SHOT_DIR.mkdir(parents=True, exist_ok=True)
+    if page.js("return !!document.querySelector('.p-dialog');"):  # 1.27 opens a Missing Models dialog
+        page.screenshot(SHOT_DIR / f"missing_models_dialog_{path.stem}.png")
+        page.js("document.querySelectorAll('.p-dialog-close-button').forEach((b) => b.click());")
+    fit_view(page, live["nodes"])
     page.screenshot(SHOT_DIR / f"layout_{path.stem}.png")
 
     panel = missing_models_panel(page)
