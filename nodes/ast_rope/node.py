@@ -272,8 +272,8 @@ class FFPASTRoPETrain(io.ComfyNode):
                                           lambda_mmd=lambda_mmd)
         config = PredictorConfig(width=width, depth=depth, heads=max(1, width // 64), alpha_max=alpha_max)
         on_step, should_stop = progress(steps)
-        torch.manual_seed(seed)
-        result = train_predictor(dit, samples, settings, AlphaPredictor(config), on_step=on_step, should_stop=should_stop)
+        result = train_predictor(dit, samples, settings, AlphaPredictor(config, seed=seed), on_step=on_step,
+                                 should_stop=should_stop)
         path = _predictor_path(filename)             # again: another run may have saved that name meanwhile
         if path is not None:
             save_predictor(result.predictor, path)

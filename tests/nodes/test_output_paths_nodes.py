@@ -101,7 +101,9 @@ def test_predictor_trainer_keeps_an_existing_file_and_reports_the_new_name(folde
     assert FFPASTRoPETrain.validate_inputs("") is True and FFPASTRoPETrain.validate_inputs("runs/p") is True
     (ast / "runs").mkdir()
     (ast / "runs" / "p.safetensors").write_bytes(b"a predictor the user keeps")
+    rng = torch.get_rng_state()
     predictor, path, _ = train(train_parts, "runs/p")
+    assert torch.equal(torch.get_rng_state(), rng), "the node seeds its own generators, never torch's global RNG"
     assert Path(path) == ast / "runs" / "p_2.safetensors"
     assert (ast / "runs" / "p.safetensors").read_bytes() == b"a predictor the user keeps"
     assert load_predictor(path).config == predictor.config
