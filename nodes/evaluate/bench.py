@@ -34,6 +34,7 @@ METHODS = ("repeat_first_frame", "flow", "i2v", "lora_edit", "lora_edit_ast_rope
 SCORES = ("psnr", "edit_psnr", "bg_psnr", "warp_error", "seconds")
 PSNR_CAP = 100.0
 WARP_QUALITY = "fast"
+LOOSE_BOX_MIN_AREA = 4     # px; LoRA-Edit drops mask specks below 50 px at 480p, a 64x64 world object is ~300
 
 Engine = Callable[[WorldSample], Tensor]
 """engine(sample) -> its edited clip IMAGE [T, H, W, 3] in 0..1."""
@@ -42,13 +43,14 @@ Engine = Callable[[WorldSample], Tensor]
 @dataclass(frozen=True)
 class BenchSettings:
     """cases: (held-out seed, edit) pairs; size, frames: the world's render size. Wan engines: LoRA training
-    steps and sampling steps."""
+    steps, sampling steps and the flow schedule's shift (no CFG: the world models ignore text)."""
 
     cases: tuple[tuple[int, str], ...]
     size: tuple[int, int] = (64, 64)
     frames: int = 17
     train_steps: int = 100
     sample_steps: int = 20
+    shift: float = 3.0
 
 
 def world_cases(per_edit: int, edits: tuple[str, ...] = EDITS) -> tuple[tuple[int, str], ...]:
@@ -158,6 +160,53 @@ def engines(settings: BenchSettings, names: tuple[str, ...] = METHODS) -> dict[s
                 wan = _wan_engines(settings)
             out[name] = wan if isinstance(wan, str) else wan[name]
     return out
+
+
+@dataclass(frozen=True)
+class WanWorld:
+    """A Wan 2.1 I2V DiT behind the host protocol and its VAE: encode(IMAGE [T, H, W, 3]) -> model-space
+    latent [1, 16, F, h, w], decode back; context: the text context [1, L, text_dim] every engine gets."""
+
+    dit: object
+    encode: Callable[[Tensor], Tensor]
+    decode: Callable[[Tensor], Tensor]
+    context: Tensor
+
+
+def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
+    """The generative engines on one Wan world (noise and LoRA seeded by the case's seed):
+    i2v: stock I2V from the edited first frame (frames 2..T grey, keep-mask on frame 1 only);
+    lora_edit: LoRA-Edit stage 1 (nodes/lora_edit) with the world's edit masks as LoRA-Edit's loose boxes
+    (+10 %; restyle: the global setting, no mask); lora_edit_ast_rope: the same on the DiT patched with
+    AST-RoPE's heuristic alphas from the source latent (nodes/ast_rope, torch backend)."""
+    from ..ast_rope.patch import apply_ast_rope, choose_alphas
+    from ..host.sampling import sample
+    from ..lora_edit.conditioning import masked_condition_video, wan_cond
+    from ..lora_edit.pipeline import SampleSettings, lora_edit_video
+    from ..lora_edit.trainer import TrainSettings
+    from ..masks.ops import loose_box
+
+    def i2v(s: WorldSample) -> Tensor:
+        v_cond, keep = masked_condition_video(s.source, None, s.edited_first)
+        cond = wan_cond(world.encode(v_cond), keep, world.context)
+        noise = torch.randn(cond.cond_latent.shape, generator=torch.Generator().manual_seed(s.seed))
+        return world.decode(sample(world.dit, cond, noise.to(cond.cond_latent), settings.sample_steps,
+                                   settings.shift))
+
+    def lora_edit(s: WorldSample, ast_rope: bool = False) -> Tensor:
+        dit = world.dit
+        if ast_rope:
+            dit = apply_ast_rope(dit, choose_alphas("heuristic", latent=world.encode(s.source)), backend="torch")
+        mask = None if s.edit == "restyle" else loose_box(s.edit_mask, min_area=LOOSE_BOX_MIN_AREA)
+        if mask is not None and not bool(mask.any()):
+            mask = None                                  # no edit pixel > 0.5 in any frame: the global setting
+        out = lora_edit_video(dit, world.encode, world.decode, s.source, mask, s.edited_first[None], world.context,
+                              train=TrainSettings(steps=settings.train_steps, seed=s.seed),
+                              sampling=SampleSettings(steps=settings.sample_steps, cfg=1.0, shift=settings.shift,
+                                                      seed=s.seed))
+        return out.frames
+
+    return {"i2v": i2v, "lora_edit": lora_edit, "lora_edit_ast_rope": lambda s: lora_edit(s, ast_rope=True)}
 
 
 def _wan_engines(settings: BenchSettings) -> dict[str, Engine] | str:

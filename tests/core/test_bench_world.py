@@ -105,3 +105,26 @@ def test_cli_prints_the_table_and_writes_strict_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "repeat_first_frame" in out and "restyle" in out
     assert main(["bench", "world", "--methods", "nope"]) == 2
+
+
+def test_generative_engines_run_end_to_end_on_a_tiny_random_wan():
+    """Plumbing only (random weights): i2v, lora_edit and lora_edit_ast_rope produce scorable clips."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from ffprop.nodes.evaluate.bench import WanWorld, wan_engines
+    from ffprop.nodes.host.diffusers import DiffusersWan
+    from ffprop.nodes.host.vae import DiffusersWanVAE
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = DiffusersWanVAE(AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                               attn_scales=[], temperal_downsample=[False, True, True]).eval())
+        dit = DiffusersWan(WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                                 in_channels=36, out_channels=16, text_dim=32, freq_dim=32,
+                                                 ffn_dim=48, num_layers=2).eval())
+    settings = BenchSettings(cases=((HELDOUT_SEEDS[0], "recolour"),), size=(32, 32), frames=5, train_steps=1,
+                             sample_steps=1)
+    out = run_bench(settings, wan_engines(WanWorld(dit, vae.encode, vae.decode, torch.zeros(1, 1, 32)), settings))
+    assert list(out["methods"]) == ["i2v", "lora_edit", "lora_edit_ast_rope"]
+    for m in out["methods"].values():
+        assert all(math.isfinite(m[k]) for k in SCORES) and set(m["by_edit"]) == {"recolour"}
+    assert out["methods"]["i2v"]["psnr"] != out["methods"]["lora_edit"]["psnr"]   # lora_edit conditions on the source
