@@ -210,12 +210,16 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
 
 
 def _wan_engines(settings: BenchSettings) -> dict[str, Engine] | str:
-    """The generative engines on the small trained world models, or why they cannot run."""
+    """The generative engines on the small trained world models (nodes/world/model.py), or why they cannot run."""
     try:
-        from ..world.model import load_world_models  # noqa: F401
+        from ..world.model import load_world_models
     except ImportError as e:
-        return f"the trained world models are not in this checkout yet (nodes/world/model.py: {e})"
-    return "the world models' loader exists but the bench does not drive it yet"
+        return f"the trained world models are not in this checkout (nodes/world/model.py: {e})"
+    try:
+        world = load_world_models()
+    except (RuntimeError, ValueError, ImportError) as e:
+        return f"the world models did not load: {e}"
+    return wan_engines(WanWorld(world.dit, world.vae.encode, world.vae.decode, world.context()), settings)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
