@@ -17,6 +17,8 @@ from ..common import atomic_write
 from .formats import IMAGE_SUFFIXES, VIDEO_FORMATS, VIDEO_SUFFIXES
 from .frames import check_video, from_uint8, to_uint8
 
+# Muxers write no dates, random segment ids or library versions: the same frames give the same file bytes.
+BITEXACT = {"fflags": "+bitexact"}
 STILL_IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "jpegls_pipe")
 
 
@@ -119,7 +121,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
         data = np.pad(data, ((0, 0), (0, eh - h), (0, ew - w), (0, 0)), mode="edge")
     rate = Fraction(fps).limit_denominator(1001)
     has_audio = audio_from is not None and audio_codec(audio_from) is not None
-    with atomic_write(path) as tmp, av.open(str(tmp), mode="w", format=fmt) as container, \
+    with atomic_write(path) as tmp, av.open(str(tmp), mode="w", format=fmt, options=BITEXACT) as container, \
             (av.open(str(audio_from)) if has_audio else contextlib.nullcontext()) as src:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = ew, eh
