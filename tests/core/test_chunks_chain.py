@@ -48,8 +48,34 @@ def test_handoff_frame_is_last_frame_of_previous_chunk(clip, overlap):
         assert torch.equal(got, frames[c.overlap:c.stop - c.start])
         assert torch.equal(job.source, clip.source[source_indices(plan, c)])
     assert res.video.shape == clip.source.shape and res.seams == plan.seams
-    assert len(res.seam_jumps) == len(plan) - 1 and all(j > 0 for j in res.seam_jumps)
+    assert len(res.seam_jumps) == len(plan) - 1
     assert "seam at frame" in res.report and "chunk 4" in res.report
+
+
+def test_seam_jump_measures_an_injected_discontinuity():
+    """A clip that brightens by exactly 0.001 a frame; chunk c's new frames come back c * `offset` brighter than
+    the source inside a known region, so every seam holds a known extra step of `offset` there: the seam jump is
+    (ordinary step + offset) / ordinary step in the region, and diluted by the region's area over the frame."""
+    t, h, w, step, offset = 41, 16, 20, 0.001, 0.03
+    ramp = 0.3 + step * torch.arange(t, dtype=torch.float32)
+    source = ramp[:, None, None, None].expand(t, h, w, 3).clone()
+    region = torch.zeros(t, h, w)
+    region[:, 4:12, 5:15] = 1                                              # 80 of 320 pixels: a quarter
+    plan = plan_chunks(t, 9, 1)                                            # 5 chunks; new frames from 10, 18, ...
+
+    def generate(job):
+        frames = job.source.clone()
+        frames[:job.head.shape[0]] = job.head
+        frames[job.head.shape[0]:] += (job.chunk.index + 1) * offset * region[0, ..., None]   # new frames only
+        return ChunkResult(frames, region[:job.chunk.length])
+
+    res = chain_chunks(plan, source, source[0], generate, drift=NO_DRIFT_CONTROL)
+    assert res.seams == (9, 17, 25, 33) and len(res.seam_jumps) == 4
+    assert res.region_seam_jumps == pytest.approx([(step + offset) / step] * 4, rel=1e-3)      # 31
+    assert res.seam_jumps == pytest.approx([(step + offset / 4) / step] * 4, rel=1e-3)         # 8.5
+    smooth = chain_chunks(plan, source, source[0], lambda job: ChunkResult(job.source.clone()),
+                          drift=NO_DRIFT_CONTROL)
+    assert smooth.seam_jumps == pytest.approx([1.0] * 4, rel=1e-3), "no discontinuity: an ordinary step"
 
 
 def test_progress_spans_chunks_and_cancel_stops(clip):

@@ -176,16 +176,44 @@ def test_save_load_reproduces_output_in_comfy_key_format(dit, samples, tmp_path)
         load_lora(tmp_path / "bad.safetensors")
 
 
-def test_stage2_keyframes_as_masked_stills(dit, samples):
+def masked_keyframe_error(dit, lora, still, region, seeds=range(8)) -> float:
+    """Mean squared velocity error of `dit` + `lora` on a stage-2 still, over the latent positions of the edit
+    region (region: bool [h, w]) only: how well the model reproduces the edited keyframe where it is masked."""
+    detach = attach_hooks(dit, lora)
+    try:
+        errs = []
+        with torch.no_grad():
+            for s in seeds:
+                g = torch.Generator().manual_seed(s)
+                x1 = still.target
+                noise = torch.randn(x1.shape, generator=g)
+                t = (s + 0.5) / len(seeds)                                 # t spread over (0, 1)
+                v = dit.predict((1 - t) * x1 + t * noise, torch.tensor([t]), still.cond)
+                errs.append(((v - (noise - x1)) ** 2)[..., region].mean())
+    finally:
+        detach()
+    return float(torch.stack(errs).mean())
+
+
+def test_stage2_keyframes_as_masked_stills_move_the_model_to_the_keyframe(dit, samples):
     src = moving_clip()
     edited = src[[4, 8]].clone()
     edited[:, 8:24, 0:24] = torch.tensor([1.0, 0.2, 0.2])
     stills = build_keyframe_samples(src, edit_mask(), edited, parse_indices("5, 9", 2, T), ToyVAE(), CTX)
     assert stills[0].target.shape == (1, 16, 1, 4, 4)
-    assert float(stills[0].cond.keep_mask[0, :, 0, 1:3, 0:3].max()) == 0.0   # edit region masked in the still
-    res = train_lora_edit(dit, samples, TrainSettings(steps=4, steps_stage2=6, learning_rate=1e-3, rank=4),
-                          stage2=stills)
-    assert res.stages == [1] * 4 + [2] * 6 and all(v == v for v in res.losses)
+    region = stills[0].cond.keep_mask[0, 0, 0] == 0                       # latent positions of the edit region
+    assert bool(region[1:3, 0:3].all()) and not bool(region.all())        # edit region masked in the still
+    settings = TrainSettings(steps=10, steps_stage2=40, learning_rate=1e-2, rank=4, seed=1)
+    both = train_lora_edit(dit, samples, settings, stage2=stills)
+    assert both.stages == [1] * 10 + [2] * 40
+    same_steps = train_lora_edit(dit, samples, dataclasses.replace(settings, steps=50))   # stage 1 only, 50 steps
+    for still in stills:
+        with_stage2 = masked_keyframe_error(dit, both.lora, still, region)
+        stage1_only = masked_keyframe_error(dit, same_steps.lora, still, region)
+        untrained = masked_keyframe_error(dit, create_lora(dit, rank=4), still, region)
+        # stage 2 teaches the keyframe's edited appearance where the still hides it; stage 1 never sees it
+        # (measured: 2.52 with stage 2 vs 3.26 stage 1 only and 3.12 untrained)
+        assert with_stage2 < 0.9 * min(stage1_only, untrained), (with_stage2, stage1_only, untrained)
     with pytest.raises(ValueError, match="outside the clip"):
         parse_indices("5, 10", 2, T)
     with pytest.raises(ValueError, match="one 1-based"):
