@@ -4,7 +4,11 @@ GET /ffprop/frame?filename=clip.mp4&type=input&subfolder=&frame=N
     -> image/png of frame N (0-based) of a video or image in ComfyUI's input (or output/temp) folder, so the editor
        can show the frame before the graph has run. Headers: X-FFP-Frame, X-FFP-Width, X-FFP-Height and, when the
        container states it, X-FFP-Frame-Count. Errors are 4xx with a JSON body {"error": "<what, numbers, fix>"}:
-       400 bad parameter or frame out of range, 403 a path escaping the folder, 404 no such file, 415 not decodable.
+       400 bad parameter or frame out of range, 403 a path escaping the folder, 404 no such file, 415 not decodable,
+       503 (with Retry-After) when MAX_DECODES frames are being decoded already. Messages name only what the
+       request gave (file name, folder type), never a server path.
+    A video frame is decoded from the nearest keyframe before it (a seek), not from frame 0, where the stream's
+    timestamps give exact frame numbers (constant frame rate); otherwise from the start.
 
 The path and decode logic below is plain Python (PIL/PyAV, no ComfyUI) and is tested in tests/core; only
 `register_routes()` touches ComfyUI, and only when ComfyUI's server module is already loaded with a running
@@ -18,6 +22,7 @@ import inspect
 import io
 import os
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -33,20 +38,24 @@ from ..video.io import IMAGE_SUFFIXES
 ROUTE_FRAME = "/ffprop/frame"
 FOLDER_TYPES = ("input", "output", "temp")
 ANIMATED_SUFFIXES = {".gif", ".webp", ".apng", ".png"}
+MAX_DECODES = 2             # frame decodes at once; more requests wait up to BUSY_WAIT_S, then get a 503
+BUSY_WAIT_S = 2.0
+_DECODE_SLOTS = threading.BoundedSemaphore(MAX_DECODES)
 
 
 class FrameRequestError(ValueError):
-    """A request the route answers with a 4xx status and this message."""
+    """A request the route answers with a 4xx/5xx status, this message and these extra headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
 
 
-def resolve_media_path(base_dir: str | os.PathLike, filename: str, subfolder: str = "") -> Path:
+def resolve_media_path(base_dir: str | os.PathLike, filename: str, subfolder: str = "", folder: str = "input") -> Path:
     """`base_dir/subfolder/filename` as a real path that must stay inside base_dir (symlinks resolved).
 
-    filename may carry a sub-path ("clips/a.mp4", as some loaders list files). Raises FrameRequestError 400 for an
+    filename may carry a sub-path ("clips/a.mp4", as some loaders list files); folder: the folder's type as the
+    request named it (messages say "the input folder", never base_dir). Raises FrameRequestError 400 for an
     empty or malformed name, 403 when the result escapes base_dir, 404 when it is not a file."""
     if not filename or "\x00" in filename or "\x00" in subfolder:
         raise FrameRequestError(400, "filename is empty or malformed; pass the file name the loader node shows.")
@@ -56,42 +65,83 @@ def resolve_media_path(base_dir: str | os.PathLike, filename: str, subfolder: st
     base = Path(base_dir).resolve()
     target = (base / subfolder / filename).resolve()
     if os.path.commonpath([str(base), str(target)]) != str(base):
-        raise FrameRequestError(403, f"'{os.path.join(subfolder, filename)}' points outside the {base.name} folder; "
+        raise FrameRequestError(403, f"'{os.path.join(subfolder, filename)}' points outside the {folder} folder; "
                                      "only files inside it are served.")
     if not target.is_file():
-        raise FrameRequestError(404, f"no file '{os.path.join(subfolder, filename)}' in the {base.name} folder "
-                                     f"({base}). Upload or copy it there, or pick another file in the loader node.")
+        raise FrameRequestError(404, f"no file '{os.path.join(subfolder, filename)}' in ComfyUI's {folder} folder. "
+                                     "Upload or copy it there, or pick another file in the loader node.")
     return target
+
+
+def _why(error: Exception, path: Path) -> str:
+    """A decoder's reason without the server path it may quote (FFmpeg and PIL name the file)."""
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return str(text).replace(str(path), path.name)
 
 
 def read_frame(path: str | os.PathLike, index: int) -> tuple[np.ndarray, int | None]:
     """Frame `index` (0-based) of a video or image file -> (uint8 RGB [H, W, 3], frame count or None if unknown).
 
-    Videos are decoded with PyAV up to the frame asked for, holding one frame at a time (bounded memory); images
-    (and animated GIF/WebP/APNG) with PIL. Raises FrameRequestError 400 when index is out of range (giving the
-    count), 415 when the file cannot be decoded."""
+    Videos are decoded with PyAV from the nearest keyframe before the frame asked for (from the start where the
+    timestamps do not give exact frame numbers), holding one frame at a time (bounded memory); images (and
+    animated GIF/WebP/APNG) with PIL. Raises FrameRequestError 400 when index is out of range (giving the count),
+    415 when the file cannot be decoded."""
     path = Path(path)
     if index < 0:
         raise FrameRequestError(400, f"frame must be >= 0, got {index}.")
     if path.suffix.lower() in IMAGE_SUFFIXES | ANIMATED_SUFFIXES:
         return _read_image_frame(path, index)
+    frame, stated, _ = video_frame(path, index)
+    return frame, stated
+
+
+def video_frame(path: Path, index: int) -> tuple[np.ndarray, int | None, int]:
+    """Frame `index` of a video -> (uint8 RGB [H, W, 3], stated frame count or None, frames decoded for it)."""
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise FrameRequestError(415, f"'{path.name}' has no video stream.")
-            stream = container.streams.video[0]
-            stated = int(stream.frames or 0) or None  # container metadata; may be absent (0) or approximate
-            count = 0
-            for frame in container.decode(stream):
-                if count == index:
-                    return _frame_rgb(path, frame, stream), stated
-                count += 1
+        for seek in (True, False) if index > 0 else (False,):   # no exact timestamps: again from the start
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise FrameRequestError(415, f"'{path.name}' has no video stream.")
+                stream = container.streams.video[0]
+                stated = int(stream.frames or 0) or None  # container metadata; may be absent (0) or approximate
+                found = _seek_decode(container, stream, index) if seek else None
+                if found is not None:
+                    return _frame_rgb(path, found[0], stream), stated, found[1]
+                if seek:
+                    continue
+                count = 0
+                for frame in container.decode(stream):
+                    if count == index:
+                        return _frame_rgb(path, frame, stream), stated, count + 1
+                    count += 1
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise FrameRequestError(415, f"cannot decode '{path.name}' ({e}); use a video (mp4, webm, mov, mkv) "
-                                     "or an image (png, jpg, webp).") from e
+        raise FrameRequestError(415, f"cannot decode '{path.name}' ({_why(e, path)}); use a video (mp4, webm, "
+                                     "mov, mkv) or an image (png, jpg, webp).") from e
     if count == 0:
         raise FrameRequestError(415, f"'{path.name}' has no decodable frames.")
     raise FrameRequestError(400, _out_of_range(path, index, count))
+
+
+def _seek_decode(container, stream, index: int) -> tuple["av.VideoFrame", int] | None:
+    """(frame `index`, frames decoded) after a seek to the keyframe at or before it, numbering frames by their
+    timestamps (frame k at start + k / fps). None (nothing returned) where that numbering is not exact: no
+    frame rate or time base, a timestamp between two frame slots, or the seek landing after the frame."""
+    rate, base = stream.average_rate, stream.time_base
+    if not rate or not base:
+        return None
+    start, decoded = stream.start_time or 0, 0
+    try:
+        container.seek(start + int(Fraction(index) / (rate * base)), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            decoded += 1
+            k = None if frame.pts is None else (frame.pts - start) * base * rate
+            if k is None or abs(k - round(k)) > Fraction(1, 4) or round(k) > index:
+                return None
+            if round(k) == index:
+                return frame, decoded
+    except av.error.FFmpegError:                      # a stream that cannot seek: the caller decodes from the start
+        return None
+    return None
 
 
 # Set by register_routes() inside ComfyUI: the host's own decode of one video frame (see host_frame_decoder).
@@ -144,7 +194,7 @@ def _read_image_frame(path: Path, index: int) -> tuple[np.ndarray, int]:
                 if i == index:
                     return np.asarray(frame.convert("RGB")), count
     except (OSError, Image.DecompressionBombError) as e:
-        raise FrameRequestError(415, f"cannot read image '{path.name}' ({e}); use PNG/JPEG/WebP.") from e
+        raise FrameRequestError(415, f"cannot read image '{path.name}' ({_why(e, path)}); use PNG/JPEG/WebP.") from e
     raise FrameRequestError(400, _out_of_range(path, index, count))
 
 
@@ -177,13 +227,20 @@ def frame_response(query: dict[str, str], folders: dict[str, str]) -> tuple[byte
         index = int(query.get("frame", "0") or 0)
     except ValueError:
         raise FrameRequestError(400, f"frame must be an integer, got '{query.get('frame')}'.") from None
-    path = resolve_media_path(folders[kind], filename, query.get("subfolder", "") or "")
-    frame, count = read_frame(path, index)
+    path = resolve_media_path(folders[kind], filename, query.get("subfolder", "") or "", kind)
+    if not _DECODE_SLOTS.acquire(timeout=BUSY_WAIT_S):
+        raise FrameRequestError(503, f"busy: {MAX_DECODES} frames are being decoded already; the editor asks again "
+                                     "in a moment (or reload the frame).", {"Retry-After": "1"})
+    try:
+        frame, count = read_frame(path, index)
+        body = encode_png(frame)
+    finally:
+        _DECODE_SLOTS.release()
     headers = {"X-FFP-Frame": str(index), "X-FFP-Width": str(frame.shape[1]), "X-FFP-Height": str(frame.shape[0]),
                "Cache-Control": "no-store"}
     if count is not None:
         headers["X-FFP-Frame-Count"] = str(count)
-    return encode_png(frame), headers
+    return body, headers
 
 
 def register_routes() -> bool:
@@ -210,7 +267,7 @@ def register_routes() -> bool:
             body, headers = await asyncio.get_running_loop().run_in_executor(
                 None, frame_response, dict(request.rel_url.query), folders)
         except FrameRequestError as e:
-            return web.json_response({"error": str(e)}, status=e.status)
+            return web.json_response({"error": str(e)}, status=e.status, headers=e.headers)
         return web.Response(body=body, content_type="image/png", headers=headers)
 
     instance._ffp_routes_registered = True

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ffprop.nodes.masks import routes
-from ffprop.nodes.masks.routes import FrameRequestError, frame_response, read_frame, resolve_media_path
+from ffprop.nodes.masks.routes import FrameRequestError, frame_response, read_frame, resolve_media_path, video_frame
 from ffprop.nodes.video.frames import to_uint8
 from ffprop.nodes.video.io import read_video, write_image, write_video
 from PIL import Image
@@ -31,8 +31,22 @@ def folders(tmp_path_factory):
     write_image(dirs["input"] / "still.png", clip[2])
     write_image(dirs["output"] / "out.png", clip[4])
     (dirs["input"] / "garbage.mp4").write_bytes(b"not a video at all" * 10)
+    (dirs["input"] / "garbage.png").write_bytes(b"not an image either" * 10)
+    write_gop_video(dirs["input"] / "gop4.mp4", clip.repeat(4, 1, 1, 1)[:26], gop=4)
     (root / "secret.mp4").write_bytes(b"outside")
     return {k: str(v) for k, v in dirs.items()}
+
+
+def write_gop_video(path, frames: torch.Tensor, gop: int) -> None:
+    """H.264 with a keyframe every `gop` frames and B-frames (what seeking is for)."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=8, options={"g": str(gop), "keyint_min": str(gop), "bf": "2"})
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in to_uint8(frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
 
 
 def status_of(fn, *args) -> tuple[int, str]:
@@ -115,3 +129,64 @@ def test_frame_response_png_headers_and_folder_types(folders):
 
 def test_no_routes_outside_comfyui():
     assert routes.register_routes() is False
+
+
+def test_seek_from_the_nearest_keyframe_gives_the_same_frames(folders):
+    """Every frame equals the sequential decode's, and is reached from its keyframe (at most 4 frames decoded
+    with a keyframe every 4), not from frame 0."""
+    path = os.path.join(folders["input"], "gop4.mp4")
+    expected = to_uint8(read_video(path)[0])
+    assert expected.shape[0] == 26
+    decoded = []
+    for k in range(26):
+        frame, count, n = video_frame(routes.Path(path), k)
+        np.testing.assert_array_equal(frame, expected[k])
+        decoded.append(n)
+    assert max(decoded) <= 4 and decoded[25] < 26, decoded
+    assert status_of(read_frame, path, 26)[0] == 400                  # past the end: still the count
+
+
+def test_seek_on_a_real_clip_matches_the_full_decode(shared_data):
+    """loraedit 017 (one keyframe: the seek lands on frame 0 and decodes up to the frame, as before)."""
+    path = shared_data / "loraedit_page" / "input" / "017.mp4"
+    expected = to_uint8(read_video(path)[0])
+    for k in (0, 1, 24, 48):
+        frame, count, _ = video_frame(path, k)
+        np.testing.assert_array_equal(frame, expected[k])
+        assert count == 49
+
+
+@pytest.mark.parametrize("query", [{"filename": "nope.mp4"}, {"filename": "../secret.mp4"},
+                                   {"filename": "garbage.mp4"}, {"filename": "garbage.png"},
+                                   {"filename": "nope.mp4", "subfolder": "sub"}, {"filename": "clip.mp4", "frame": "99"}])
+def test_errors_name_only_what_the_request_gave(folders, query):
+    status, msg = status_of(frame_response, query, folders)
+    root = os.path.dirname(folders["input"])
+    assert status in (400, 403, 404, 415)
+    assert root not in msg and folders["input"] not in msg and os.path.realpath(root) not in msg, msg
+    assert query["filename"].split("/")[-1] in msg
+    if status == 404:
+        assert "input folder" in msg
+
+
+def test_busy_decoder_answers_503_and_frees_its_slots(folders, monkeypatch):
+    monkeypatch.setattr(routes, "BUSY_WAIT_S", 0.05)
+    held = [routes._DECODE_SLOTS.acquire(blocking=False) for _ in range(routes.MAX_DECODES)]
+    try:
+        assert all(held)
+        with pytest.raises(FrameRequestError) as e:
+            frame_response({"filename": "clip.mp4", "frame": "1"}, folders)
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and "busy" in str(e.value)
+    finally:
+        for _ in held:
+            routes._DECODE_SLOTS.release()
+    for query in ({"filename": "clip.mp4", "frame": "9"}, {"filename": "garbage.mp4"}, {"filename": "clip.mp4"}):
+        try:                                                            # errors and answers alike give back the slot
+            frame_response(query, folders)
+        except FrameRequestError:
+            pass
+    free = [routes._DECODE_SLOTS.acquire(blocking=False) for _ in range(routes.MAX_DECODES)]
+    for ok in free:
+        if ok:
+            routes._DECODE_SLOTS.release()
+    assert all(free)
