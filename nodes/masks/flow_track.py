@@ -19,10 +19,14 @@ A keyframe mask is carried frame to frame. Per frame t (tracking order, previous
   patch-checked against it) bounds the mask, and is re-used when the tracker has lost the object.
 - Clean-up: 1-pixel specks removed, 1-pixel holes closed.
 
+Several objects keyed on the same frame share every flow: the flows above and the anchor's depend on the frames
+only, so they are computed once per frame (`Motion`) and each object's tracker reads them.
+
 Large frames are tracked at most `max_side` pixels on the long side and the masks scaled back."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import cv2
@@ -57,9 +61,36 @@ def _disk(r: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
+@dataclass(frozen=True)
+class Motion:
+    """One frame in tracking order and its flow to the previous one: what every object's tracker reads.
+    gray uint8 [H, W]; rgb float32 [H, W, 3] in 0..1; back: DIS flow t -> p [H, W, 2]; trusted: bool [H, W],
+    the forward-backward check of back against the flow p -> t."""
+
+    gray: np.ndarray
+    rgb: np.ndarray
+    back: np.ndarray
+    trusted: np.ndarray
+
+
+class MotionStream:
+    """Motion of each next frame (tracking order) after `key_frame` uint8 RGB [H, W, 3]: two DIS flows per frame."""
+
+    def __init__(self, key_frame: np.ndarray, quality: str = "medium"):
+        self.dis, self.prev_gray = DenseFlow(quality), to_gray(key_frame)
+
+    def next(self, frame: np.ndarray) -> Motion:
+        gray, rgb = to_gray(frame), frame.astype(np.float32) / 255
+        back = self.dis.flow(gray, self.prev_gray)      # t -> p
+        trusted = consistent(self.dis.flow(self.prev_gray, gray), back)
+        self.prev_gray = gray
+        return Motion(gray, rgb, back, trusted)
+
+
 class MaskTracker:
     """Carries `key_mask` (bool [H, W], on `key_frame` uint8 RGB [H, W, 3]) frame by frame: call `step(frame)`
-    with the next frame in tracking order; it returns the visible mask (bool [H, W]).
+    with the next frame's Motion in tracking order; it returns the visible mask (bool [H, W]). The trackers of
+    several objects on one keyframe share one MotionStream: `step(stream.next(frame))`.
 
     tolerance: 0..1 patch colour difference; a pixel the object's motion claims counts as occluded when its
     error exceeds tolerance / 2 and the background's motion explains it better by `occlusion_margin`; a hidden
@@ -69,10 +100,9 @@ class MaskTracker:
     SEEN = 0.3              # below this visible share of the amodal extent, the object keeps its last DIS motion
     TEMPLATE_FROM_SEEN = 0.3  # template = last frame's visible pixels when they cover this share of the extent
 
-    def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray, quality: str = "medium",
-                 tolerance: float = 0.12, occlusion_margin: float = 0.03):
+    def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray, tolerance: float = 0.12,
+                 occlusion_margin: float = 0.03):
         h, w = key_mask.shape
-        self.dis = DenseFlow(quality)
         self.grid = identity_grid(h, w)
         self.tolerance, self.margin = tolerance, occlusion_margin
         self.sigma = max(3.0, 0.012 * max(h, w))
@@ -84,11 +114,10 @@ class MaskTracker:
         self.memory = self.key_rgb.copy()               # the object's last seen colours, carried along its motion
         self.last_motion: np.ndarray | None = None      # DIS object motion of the last well-seen frame
 
-    def step(self, frame: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
-        """allowed: optional bool [H, W]; the visible mask is limited to it (and so is what is carried on)."""
-        gray, rgb = to_gray(frame), frame.astype(np.float32) / 255
-        back = self.dis.flow(gray, self.prev_gray)      # t -> p
-        trusted = consistent(self.dis.flow(self.prev_gray, gray), back)
+    def step(self, motion: Motion, allowed: np.ndarray | None = None) -> np.ndarray:
+        """motion: the next frame's Motion (MotionStream.next). allowed: optional bool [H, W]; the visible mask
+        is limited to it (and so is what is carried on)."""
+        gray, rgb, back, trusted = motion.gray, motion.rgb, motion.back, motion.trusted
         raw = sample(self.visible, self.grid + back)
         core = _erode_keep(((raw > 0.99) & trusted), self.CORE_ERODE)
         bg = cv2.erode((raw < 0.01).astype(np.uint8), _disk(2)) > 0
@@ -200,8 +229,19 @@ class _Resized:
 def track_mask(frames: np.ndarray, key_mask: np.ndarray, quality: str = "medium", tolerance: float = 0.12,
                max_side: int = MAX_SIDE, anchor: bool = True,
                should_stop: ShouldStop | None = None) -> Iterator[np.ndarray]:
-    """frames: uint8 [T, H, W, 3] in tracking order, frames[0] the keyframe; key_mask bool [H, W].
-    Yields bool [H, W] masks, frame 0 (the key mask itself) first.
+    """One object: track_masks with a single key mask; yields bool [H, W] masks, frame 0 first."""
+    for masks in track_masks(frames, [key_mask], quality, tolerance, max_side, anchor, should_stop):
+        yield masks[0]
+
+
+def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = "medium", tolerance: float = 0.12,
+                max_side: int = MAX_SIDE, anchor: bool = True,
+                should_stop: ShouldStop | None = None) -> Iterator[list[np.ndarray]]:
+    """frames: uint8 [T, H, W, 3] in tracking order, frames[0] the keyframe; key_masks: one bool [H, W] per
+    object, all on that keyframe. Yields per frame the list of the objects' bool [H, W] masks, frame 0 (the key
+    masks themselves) first. The flows (4 DIS flows per frame: 2 for the frame-to-frame motion, 2 for the
+    keyframe anchor) are computed once per frame and shared by the objects; each object's result is the same
+    as tracking it alone.
 
     anchor: also track every pixel back to the keyframe (nodes/flow's track_to_first: chained flow re-anchored
     to the keyframe, patch-checked against it) and keep the mask within that keyframe-anchored mask grown by
@@ -212,27 +252,33 @@ def track_mask(frames: np.ndarray, key_mask: np.ndarray, quality: str = "medium"
     scale = min(1.0, max_side / max(h, w))
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     small = _Resized(frames, size)
-    key = key_mask.astype(bool)
-    yield key
-    key_small = cv2.resize(key.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5 if scale < 1 else key
-    tracker = MaskTracker(small[0], key_small, quality, tolerance)
+    keys = [k.astype(bool) for k in key_masks]
+    yield keys
+    if scale < 1:
+        keys = [cv2.resize(k.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5 for k in keys]
+    stream = MotionStream(small[0], quality)
+    trackers = [MaskTracker(small[0], k, tolerance) for k in keys]
     anchored = track_to_first(small, quality, True, tolerance) if anchor else None
     if anchored is not None:
         next(anchored)
-    grow, key_area = _disk(max(2, round(0.02 * max(size)))), float(key_small.sum())
+    grow, key_areas = _disk(max(2, round(0.02 * max(size)))), [float(k.sum()) for k in keys]
     for t in range(1, t_len):
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled at frame {t} of {t_len}")
-        allowed = held = None
-        if anchored is not None:
-            track = next(anchored)
-            held = (sample(key_small.astype(np.float32), track.coords) >= 0.5) & track.valid
-            if held.sum() >= 0.3 * key_area:
-                allowed = cv2.dilate(held.astype(np.uint8), grow) > 0
-        m = tracker.step(small[t], allowed)
-        if allowed is not None and m.sum() < LOST * key_area:
-            m = m | (cv2.morphologyEx(held.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)) > 0)
-            tracker.adopt(m)
-        if scale < 1:
-            m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
-        yield m
+        track = next(anchored) if anchored is not None else None
+        motion = stream.next(small[t])
+        masks = []
+        for tracker, key, key_area in zip(trackers, keys, key_areas):
+            allowed = held = None
+            if track is not None:
+                held = (sample(key.astype(np.float32), track.coords) >= 0.5) & track.valid
+                if held.sum() >= 0.3 * key_area:
+                    allowed = cv2.dilate(held.astype(np.uint8), grow) > 0
+            m = tracker.step(motion, allowed)
+            if allowed is not None and m.sum() < LOST * key_area:
+                m = m | (cv2.morphologyEx(held.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)) > 0)
+                tracker.adopt(m)
+            if scale < 1:
+                m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+            masks.append(m)
+        yield masks

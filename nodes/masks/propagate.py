@@ -193,29 +193,33 @@ def _flow_masks(images: torch.Tensor, obj_keys: dict[int, dict[int, torch.Tensor
                 tolerance: float, on_step: OnStep | None, should_stop: ShouldStop | None) -> torch.Tensor:
     """Flow engine: each object's keyframe masks carried forward to the next keyframe and backward to the
     previous one (before the first keyframe only for direction 'both') by the optical-flow mask tracker
-    (flow_track.py). -> [N, T, H, W] float {0, 1}."""
+    (flow_track.py). Objects keyed on the same frame are tracked together in one pass over the union of their
+    spans, so each frame's flows are computed once for all of them. -> [N, T, H, W] float {0, 1}."""
     from ..video.frames import to_uint8
-    from .flow_track import track_mask
+    from .flow_track import track_masks
 
     t_len, h, w = images.shape[:3]
     out = torch.zeros(len(obj_keys), t_len, h, w)
-    jobs = []
+    groups: dict[tuple[int, bool], list[tuple[int, int, int]]] = {}   # (keyframe, backward) -> [(n, start, stop)]
     for n, keys in enumerate(obj_keys.values()):
         ks = sorted(keys)
         for i, k in enumerate(ks):
             if direction in ("both", "forward"):
-                jobs.append((n, k, k, ks[i + 1] if i + 1 < len(ks) else t_len, False))
+                groups.setdefault((k, False), []).append((n, k, ks[i + 1] if i + 1 < len(ks) else t_len))
             if direction == "backward" or (direction == "both" and i == 0):
-                jobs.append((n, k, ks[i - 1] + 1 if i > 0 else 0, k + 1, True))
-    total = sum(stop - start for _, _, start, stop, _ in jobs)
-    done = 0
-    for n, k, start, stop, backward in jobs:
-        mask = obj_keys[list(obj_keys)[n]][k].bool().numpy()
+                groups.setdefault((k, True), []).append((n, ks[i - 1] + 1 if i > 0 else 0, k + 1))
+    spans = {g: (min(m[1] for m in ms), max(m[2] for m in ms)) for g, ms in groups.items()}
+    total, done, ids = sum(stop - start for start, stop in spans.values()), 0, list(obj_keys)
+    for (k, backward), members in groups.items():
+        start, stop = spans[(k, backward)]
         frames = to_uint8(images[start:stop])
         order = range(stop - 1, start - 1, -1) if backward else range(start, stop)
-        for t, m in zip(order, track_mask(frames[::-1] if backward else frames, mask, quality, tolerance,
-                                          should_stop=should_stop)):
-            out[n, t] = torch.from_numpy(m).float()
+        keys = [obj_keys[ids[n]][k].bool().numpy() for n, _, _ in members]
+        tracked = track_masks(frames[::-1] if backward else frames, keys, quality, tolerance, should_stop=should_stop)
+        for t, masks in zip(order, tracked):
+            for (n, first, end), m in zip(members, masks):
+                if first <= t < end:                      # a shorter span is a prefix of the group's pass
+                    out[n, t] = torch.from_numpy(m).float()
             done += 1
             report(on_step, should_stop, done, total)
     return out

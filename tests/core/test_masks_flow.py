@@ -93,3 +93,29 @@ def test_flow_fallback_bedroom_stays_on_the_boy(shared_data):
     # the girl passes in front of the boy from ~frame 15, so the visible area shrinks
     assert (area / area[0]).min() > 0.45                # measured 0.54 (old engine 0.66): the mask does not collapse
     assert left.min() > 0.93                            # measured 0.962 (old engine 0.987): it does not jump to the girl
+
+
+def test_objects_share_each_frames_flows(shared_data, monkeypatch):
+    """Several objects: the same masks as tracking each alone (bit for bit), and the DIS flows counted on the
+    real DenseFlow are per frame (4: motion fwd + back, keyframe anchor chain + direct), not per object."""
+    from ffprop.nodes.flow.dis import DenseFlow
+    from ffprop.nodes.masks.propagate import _flow_masks
+
+    images, gt = read_bmx(shared_data)
+    images, gt = images[:12], gt[:12]
+    box = torch.zeros(gt.shape[1:])
+    box[20:90, 300:400] = 1
+    objects = {1: {0: gt[0]}, 2: {0: box}, 3: {0: gt[0].flip(1), 6: gt[6].flip(1)}}   # 3: keyed on frames 0 and 6
+    calls, real = [], DenseFlow.flow
+    monkeypatch.setattr(DenseFlow, "flow", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    together = _flow_masks(images, objects, "both", "medium", 0.12, None, None)
+    shared = len(calls)
+    alone = []
+    for oid, keys in objects.items():
+        alone.append(_flow_masks(images, {oid: keys}, "both", "medium", 0.12, None, None)[0])
+    # key 0 forward over frames 0-11 (11 steps, all three objects), key 6 forward over 6-11 (5 steps)
+    assert shared == 4 * (11 + 5)
+    assert len(calls) - shared == 4 * (11 + 11 + 5 + 5)                   # alone: the same flows per object
+    for n, mask in enumerate(alone):
+        assert torch.equal(together[n], mask), f"object {n + 1} differs when tracked with the others"
+    assert together[0].sum() > 0 and not torch.equal(together[0], together[2])
