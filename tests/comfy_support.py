@@ -149,8 +149,13 @@ def load_tiny_comfy_wan(kind: str = "i2v", **kwargs):
     import_comfy()
     import comfy.sd
 
-    sd = tiny_unsupported_state_dict(kind, **kwargs) if kind in UNSUPPORTED_KINDS else tiny_wan_state_dict(kind, **kwargs)
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+    if kind not in UNSUPPORTED_KINDS:
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(tiny_wan_state_dict(kind, **kwargs)))
+    else:
+        try:
+            patcher = comfy.sd.load_diffusion_model_state_dict(dict(tiny_unsupported_state_dict(kind, **kwargs)))
+        except RuntimeError as e:   # e.g. 0.3.64 builds Flux with a fixed hidden size 3072, whatever the weights
+            pytest.skip(f"this ComfyUI cannot load a tiny {kind} model: {str(e).splitlines()[0][:160]}")
     if patcher is None:
         raise RuntimeError(f"ComfyUI did not detect the tiny '{kind}' state dict as any model")
     return patcher
