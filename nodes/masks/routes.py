@@ -7,8 +7,9 @@ GET /ffprop/frame?filename=clip.mp4&type=input&subfolder=&frame=N
        400 bad parameter or frame out of range, 403 a path escaping the folder, 404 no such file, 415 not decodable,
        503 (with Retry-After) when MAX_DECODES frames are being decoded already. Messages name only what the
        request gave (file name, folder type), never a server path.
-    A video frame is decoded from the nearest keyframe before it (a seek), not from frame 0, where the stream's
-    timestamps give exact frame numbers (constant frame rate); otherwise from the start.
+    A video frame is decoded onward from where the previous request of the same file stopped (its decoder is
+    kept open, 2 files at most) when it lies ahead; else from the nearest keyframe before it (a seek) where the
+    stream's timestamps give exact frame numbers (constant frame rate); else from the start.
 
 The path and decode logic below is plain Python (PIL/PyAV, no ComfyUI) and is tested in tests/core; only
 `register_routes()` touches ComfyUI, and only when ComfyUI's server module is already loaded with a running
@@ -23,6 +24,7 @@ import io
 import os
 import sys
 import threading
+from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -82,10 +84,9 @@ def _why(error: Exception, path: Path) -> str:
 def read_frame(path: str | os.PathLike, index: int) -> tuple[np.ndarray, int | None]:
     """Frame `index` (0-based) of a video or image file -> (uint8 RGB [H, W, 3], frame count or None if unknown).
 
-    Videos are decoded with PyAV from the nearest keyframe before the frame asked for (from the start where the
-    timestamps do not give exact frame numbers), holding one frame at a time (bounded memory); images (and
-    animated GIF/WebP/APNG) with PIL. Raises FrameRequestError 400 when index is out of range (giving the count),
-    415 when the file cannot be decoded."""
+    Videos are decoded with PyAV by video_frame (onward from the last request, or from the keyframe before the
+    frame), holding one frame at a time (bounded memory); images (and animated GIF/WebP/APNG) with PIL. Raises
+    FrameRequestError 400 when index is out of range (giving the count), 415 when the file cannot be decoded."""
     path = Path(path)
     if index < 0:
         raise FrameRequestError(400, f"frame must be >= 0, got {index}.")
@@ -95,26 +96,79 @@ def read_frame(path: str | os.PathLike, index: int) -> tuple[np.ndarray, int | N
     return frame, stated
 
 
+class _Decoder:
+    """An open video: `frames` yields its frames in order, `next_index` is the number of the one it yields next."""
+
+    def __init__(self, path: Path):
+        self.container = av.open(str(path))
+        if not self.container.streams.video:
+            self.container.close()
+            raise FrameRequestError(415, f"'{path.name}' has no video stream.")
+        self.stream = self.container.streams.video[0]
+        self.stated = int(self.stream.frames or 0) or None  # container metadata; may be absent (0) or approximate
+        self.frames, self.next_index = self.container.decode(self.stream), 0
+
+    def close(self) -> None:
+        self.container.close()
+
+
+_OPEN: OrderedDict[tuple, _Decoder] = OrderedDict()   # (path, mtime, size) -> decoder left after the last frame
+_OPEN_KEEP = 2
+_OPEN_LOCK = threading.Lock()
+
+
+def _take(key: tuple) -> _Decoder | None:
+    with _OPEN_LOCK:
+        return _OPEN.pop(key, None)
+
+
+def _keep(key: tuple, decoder: _Decoder) -> None:
+    """Keep decoder for the next request of the same file (the editor steps through frames); at most _OPEN_KEEP."""
+    with _OPEN_LOCK:
+        old = _OPEN.pop(key, None)
+        _OPEN[key] = decoder
+        dropped = [old] if old is not None else []
+        while len(_OPEN) > _OPEN_KEEP:
+            dropped.append(_OPEN.popitem(last=False)[1])
+    for d in dropped:
+        d.close()
+
+
 def video_frame(path: Path, index: int) -> tuple[np.ndarray, int | None, int]:
-    """Frame `index` of a video -> (uint8 RGB [H, W, 3], stated frame count or None, frames decoded for it)."""
+    """Frame `index` of a video -> (uint8 RGB [H, W, 3], stated frame count or None, frames decoded for it).
+
+    Continues the decoder the previous request of this file left open when the frame lies ahead of it; else
+    seeks to the keyframe before the frame (timestamp-exact streams); else decodes from the start."""
     try:
-        for seek in (True, False) if index > 0 else (False,):   # no exact timestamps: again from the start
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise FrameRequestError(415, f"'{path.name}' has no video stream.")
-                stream = container.streams.video[0]
-                stated = int(stream.frames or 0) or None  # container metadata; may be absent (0) or approximate
-                found = _seek_decode(container, stream, index) if seek else None
-                if found is not None:
-                    return _frame_rgb(path, found[0], stream), stated, found[1]
-                if seek:
-                    continue
-                count = 0
-                for frame in container.decode(stream):
-                    if count == index:
-                        return _frame_rgb(path, frame, stream), stated, count + 1
-                    count += 1
+        st = path.stat()
+    except OSError:
+        raise FrameRequestError(404, f"no file '{path.name}'.") from None
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    decoder = _take(key)
+    try:
+        if decoder is not None and decoder.next_index > index:
+            decoder.close()
+            decoder = None
+        if decoder is None and index > 0:
+            decoder = _Decoder(path)
+            found = _seek_decode(decoder, index)
+            if found is not None:
+                _keep(key, decoder)
+                return _frame_rgb(path, found[0], decoder.stream), decoder.stated, found[1]
+            decoder.close()                           # no exact timestamps: from the start, counting frames
+            decoder = None
+        decoder = decoder or _Decoder(path)
+        decoded = 0
+        for frame in decoder.frames:
+            k, decoder.next_index, decoded = decoder.next_index, decoder.next_index + 1, decoded + 1
+            if k == index:
+                _keep(key, decoder)
+                return _frame_rgb(path, frame, decoder.stream), decoder.stated, decoded
+        count = decoder.next_index
+        decoder.close()
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        if decoder is not None:
+            decoder.close()
         raise FrameRequestError(415, f"cannot decode '{path.name}' ({_why(e, path)}); use a video (mp4, webm, "
                                      "mov, mkv) or an image (png, jpg, webp).") from e
     if count == 0:
@@ -122,22 +176,26 @@ def video_frame(path: Path, index: int) -> tuple[np.ndarray, int | None, int]:
     raise FrameRequestError(400, _out_of_range(path, index, count))
 
 
-def _seek_decode(container, stream, index: int) -> tuple["av.VideoFrame", int] | None:
+def _seek_decode(decoder: _Decoder, index: int) -> tuple["av.VideoFrame", int] | None:
     """(frame `index`, frames decoded) after a seek to the keyframe at or before it, numbering frames by their
-    timestamps (frame k at start + k / fps). None (nothing returned) where that numbering is not exact: no
-    frame rate or time base, a timestamp between two frame slots, or the seek landing after the frame."""
+    timestamps (frame k at start + k / fps). None where that numbering is not exact: no frame rate or time
+    base, a timestamp between two frame slots, or the seek landing after the frame."""
+    stream = decoder.stream
     rate, base = stream.average_rate, stream.time_base
     if not rate or not base:
         return None
     start, decoded = stream.start_time or 0, 0
     try:
-        container.seek(start + int(Fraction(index) / (rate * base)), stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
+        decoder.container.seek(start + int(Fraction(index) / (rate * base)), stream=stream, backward=True,
+                               any_frame=False)
+        decoder.frames = decoder.container.decode(stream)
+        for frame in decoder.frames:
             decoded += 1
             k = None if frame.pts is None else (frame.pts - start) * base * rate
             if k is None or abs(k - round(k)) > Fraction(1, 4) or round(k) > index:
                 return None
             if round(k) == index:
+                decoder.next_index = index + 1
                 return frame, decoded
     except av.error.FFmpegError:                      # a stream that cannot seek: the caller decodes from the start
         return None

@@ -133,27 +133,43 @@ def test_no_routes_outside_comfyui():
 
 def test_seek_from_the_nearest_keyframe_gives_the_same_frames(folders):
     """Every frame equals the sequential decode's, and is reached from its keyframe (at most 4 frames decoded
-    with a keyframe every 4), not from frame 0."""
+    with a keyframe every 4 or fewer), not from frame 0."""
     path = os.path.join(folders["input"], "gop4.mp4")
     expected = to_uint8(read_video(path)[0])
     assert expected.shape[0] == 26
     decoded = []
-    for k in range(26):
+    for k in reversed(range(26)):                                        # backwards: no decoder to continue
         frame, count, n = video_frame(routes.Path(path), k)
         np.testing.assert_array_equal(frame, expected[k])
         decoded.append(n)
-    assert max(decoded) <= 4 and decoded[25] < 26, decoded
+    assert max(decoded) <= 4 and decoded[0] < 26, decoded
     assert status_of(read_frame, path, 26)[0] == 400                  # past the end: still the count
 
 
-def test_seek_on_a_real_clip_matches_the_full_decode(shared_data):
-    """loraedit 017 (one keyframe: the seek lands on frame 0 and decodes up to the frame, as before)."""
+def test_real_clip_frames_match_the_full_decode_and_stepping_decodes_one_frame(shared_data):
+    """loraedit 017 has one keyframe: a seek lands on frame 0, but stepping forward continues the decoder the
+    previous request left open (1 frame decoded per step); stepping back starts again, with the same frames."""
     path = shared_data / "loraedit_page" / "input" / "017.mp4"
     expected = to_uint8(read_video(path)[0])
-    for k in (0, 1, 24, 48):
-        frame, count, _ = video_frame(path, k)
+    decoded = []
+    for k in (20, 21, 22, 30, 48, 5, 6):
+        frame, count, n = video_frame(path, k)
         np.testing.assert_array_equal(frame, expected[k])
         assert count == 49
+        decoded.append(n)
+    assert decoded == [21, 1, 1, 8, 18, 6, 1]
+
+
+def test_a_replaced_file_is_decoded_afresh(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 6, 32, 48, 3, generator=g)
+    path = tmp_path / "v.mp4"
+    write_video(path, a, fps=8)
+    first = video_frame(path, 2)[0]
+    write_video(path, b, fps=8)                                          # same name, new content
+    os.utime(path, ns=(1, 1))                                            # even with a clock that did not move on
+    np.testing.assert_array_equal(video_frame(path, 3)[0], to_uint8(read_video(path)[0])[3])
+    assert not np.array_equal(first, video_frame(path, 2)[0])
 
 
 @pytest.mark.parametrize("query", [{"filename": "nope.mp4"}, {"filename": "../secret.mp4"},
