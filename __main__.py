@@ -468,8 +468,12 @@ def build_parser(with_wan: bool = True) -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="one scene per edit type and short LoRA training (under 10 minutes on 2 cores)")
     bench.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=cmd_bench, check=check_bench)
     return parser
+
+
+def check_bench(args) -> None:
+    check_outputs({"--json": args.json}, {})
 
 
 def cmd_bench(args) -> int:

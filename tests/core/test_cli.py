@@ -184,6 +184,13 @@ def test_eval_json_in_a_missing_folder_fails_before_computing(work):
     assert "torch" not in imported(run)
 
 
+def test_bench_json_in_a_missing_folder_fails_before_computing(work):
+    before = snapshot(work)
+    run = ffprop("bench", "world", "--quick", "--json", "missing_dir/b.json", cwd=work)
+    assert_refused(run, before, work, r"folder of --json 'missing_dir/b\.json' does not exist")
+    assert "torch" not in imported(run)
+
+
 def test_still_image_as_video_is_refused(work):
     before = snapshot(work)
     run = ffprop("propagate", "--video", "still.png", "--edited-first-frame", "edit.png", "-o", "out.mp4", cwd=work)
