@@ -11,8 +11,9 @@ import comfy.samplers
 from comfy_extras.nodes_wan import WanFunControlToVideo, WanImageToVideo
 
 from .._comfy import io, pack_video, progress, ui, unpack_video
+from ..host.comfy import check_wan_model
 from ..video.frames import FIT_POLICIES
-from .chain import KINDS, ChunkJob, ChunkResult, chain_chunks, flow_generator
+from .chain import DEFAULT_KIND, KINDS, ChunkJob, ChunkResult, chain_chunks, flow_generator
 from .drift import DriftSettings
 from .plan import POLICIES, check_chunk_settings, plan_chunks
 
@@ -131,6 +132,20 @@ def comfy_generator(model, vae, positive, negative, kind: str, clip_vision_outpu
     return generate
 
 
+def conditioning_note(kind: str, has_mask: bool, has_weight_patches: bool) -> str:
+    """The report's first line: what of the source each chunk was conditioned on."""
+    if kind == "fun_control":
+        return "conditioning: fun_control (every chunk's source slice as control video)"
+    if kind == "i2v":
+        return "conditioning: i2v (later chunks continue from the hand-off frame; the source is not seen)"
+    if not has_mask:
+        return ("conditioning: lora_edit without edit_mask: no source frames kept (the same as i2v); connect "
+                "edit_mask to condition every chunk on its source outside the edit region")
+    return ("conditioning: lora_edit (every chunk keeps its source slice outside edit_mask)"
+            + ("" if has_weight_patches else "; note: no LoRA patch is loaded on this MODEL, and the stock model "
+               "fills a masked region poorly: load the clip's LoRA from Train LoRA-Edit"))
+
+
 class FFPChunkSample(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -138,10 +153,12 @@ class FFPChunkSample(io.ComfyNode):
             node_id="FFPChunkSample",
             display_name="Sample Long Video in Chunks · FFP",
             category="FFP/video",
-            description="Generates a clip longer than one Wan window chunk by chunk: each chunk is conditioned on "
-                        "its slice of the source (and masks) and starts from the last generated frame(s) of the "
-                        "previous one (chunk 1: your edited first frame), sampled like KSampler, decoded and kept on "
-                        "the CPU. Colour drift is held to the edited first frame; seams and drift are reported.",
+            description="Generates a clip longer than one Wan window chunk by chunk: each chunk starts from the "
+                        "last generated frame(s) of the previous one (chunk 1: your edited first frame), sampled "
+                        "like KSampler, decoded and kept on the CPU. With conditioning lora_edit (default) and an "
+                        "edit_mask, every chunk is also conditioned on its own slice of the source outside the mask; "
+                        "with i2v, later chunks are free continuations of the hand-off frame that do not see the "
+                        "source. Colour drift is held to the edited first frame; seams and drift are reported.",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan 2.1 I2V (or Fun-Control) model; for LoRA-Edit, the model with "
                                                 "the clip's LoRA applied (one LoRA trained on windows of the whole clip)."),
@@ -153,9 +170,12 @@ class FFPChunkSample(io.ComfyNode):
                 io.Image.Input("edited_first_frame", tooltip="Frame 1 after your edit; another size is fitted by "
                                                              "size_policy."),
                 ChunkPlanType.Input("plan", tooltip="From Plan Video Chunks."),
-                io.Combo.Input("conditioning", options=list(KINDS), default="i2v",
-                               tooltip="i2v: stock Wan image-to-video from the hand-off frame(s). lora_edit: the "
-                                       "source chunk with the edit region grey + hand-off frames (LoRA-Edit). "
+                io.Combo.Input("conditioning", options=list(KINDS), default=DEFAULT_KIND,
+                               tooltip="lora_edit: the hand-off frame(s), then this chunk's source frames with the "
+                                       "edit region grey; the source outside edit_mask is kept (LoRA-Edit; best with "
+                                       "a LoRA from Train LoRA-Edit: the stock model fills a masked region poorly). "
+                                       "Without edit_mask nothing of the source is kept (= i2v). i2v: stock Wan "
+                                       "image-to-video from the hand-off frame(s) only: the source is not seen. "
                                        "fun_control: the source chunk as control video (Wan Fun-Control model)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of chunk 1; chunk k uses seed + k - 1."),
@@ -171,7 +191,8 @@ class FFPChunkSample(io.ComfyNode):
                                tooltip="How an edited frame of another size is fitted to the clip."),
                 io.Mask.Input("edit_mask", optional=True,
                               tooltip="Edit region (white = edit): one mask for every frame (e.g. a loose box) or one "
-                                      "per frame (e.g. from SAM2). Needed by lora_edit and by match_background."),
+                                      "per frame (e.g. from SAM2). lora_edit keeps the source outside it in every "
+                                      "chunk; match_background needs it."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True,
                                           tooltip="CLIP Vision Encode of the edited first frame (Wan I2V 14B uses it)."),
             ],
@@ -186,6 +207,7 @@ class FFPChunkSample(io.ComfyNode):
     def execute(cls, model, vae, positive, negative, source_video, edited_first_frame, plan, conditioning, seed,
                 steps, cfg, sampler_name, scheduler, match_background, match_edit, crossfade, drift_strength,
                 size_policy, edit_mask=None, clip_vision_output=None) -> io.NodeOutput:
+        check_wan_model(model, ("fun_control",) if conditioning == "fun_control" else ("i2v",), "the chunk sampler")
         frames, fps, audio = unpack_video(source_video)
         if len(negative) not in (1, len(positive)):
             raise ValueError(f"negative has {len(negative)} entries and positive {len(positive)}; give one negative "
@@ -196,7 +218,9 @@ class FFPChunkSample(io.ComfyNode):
         res = chain_chunks(plan, frames, edited_first_frame.cpu(), gen, edit_mask,
                            _drift(match_background, match_edit, crossfade, drift_strength), len(positive), seed,
                            steps, size_policy, on_step, should_stop)
-        return io.NodeOutput(pack_video(res.video, fps, audio), res.video, res.report, ui=ui.PreviewText(res.report))
+        note = conditioning_note(conditioning, edit_mask is not None, bool(getattr(model, "patches", None)))
+        report = note + "\n" + res.report
+        return io.NodeOutput(pack_video(res.video, fps, audio), res.video, report, ui=ui.PreviewText(report))
 
 
 class FFPChunkFlowPropagate(io.ComfyNode):

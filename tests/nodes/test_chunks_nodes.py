@@ -109,3 +109,55 @@ def test_chunk_sample_fun_control_and_lora_edit(clip, vae):
     frames = FFPChunkSample.execute(i2v, vae, cond(1), cond(2), src, clip.edited[:1], plan, "lora_edit", 0, 1, 1.0,
                                     "euler", "simple", **DRIFT, size_policy="auto", edit_mask=clip.mask).args[1]
     assert frames.shape == clip.source.shape
+
+
+class SpyVAE:
+    """The real ComfyUI VAE, recording every batch of frames it encodes (the conditioning videos)."""
+
+    def __init__(self, vae):
+        self.vae, self.encoded = vae, []
+
+    def encode(self, frames):
+        self.encoded.append(frames.clone())
+        return self.vae.encode(frames)
+
+    def decode(self, latent):
+        return self.vae.decode(latent)
+
+
+def test_default_conditioning_keeps_each_chunks_source_outside_the_mask(vae, monkeypatch):
+    from ffprop.nodes.chunks.node import conditioning_note
+    from ffprop.nodes.lora_edit.conditioning import comfy_concat_mask
+
+    clip = synthetic_clip(num_frames=13, height=32, width=32, seed=4)
+
+    default = next(i for i in FFPChunkSample.define_schema().inputs if i.id == "conditioning").default
+    model = load_tiny_comfy_wan("i2v")
+    plan = plan_chunks(13, 9, 1, "shorten")                               # chunk 2 = frames 9-13 (5 frames)
+    real_sample, sampled = comfy.sample.sample, []
+
+    def recording_sample(model, noise, steps, cfg, sampler, scheduler, positive, *a, **k):
+        sampled.append(positive[0][1])
+        return real_sample(model, noise, steps, cfg, sampler, scheduler, positive, *a, **k)
+
+    monkeypatch.setattr(comfy.sample, "sample", recording_sample)
+    spy = SpyVAE(vae)
+    mask = torch.zeros(13, 32, 32)
+    mask[:, 8:24, 10:26] = 1
+    video, frames, report = FFPChunkSample.execute(model, spy, cond(1), cond(2), pack_video(clip.source, 12.0),
+                                                   clip.edited[:1], plan, default, 0, 1, 1.0, "euler", "simple",
+                                                   **DRIFT, size_policy="auto", edit_mask=mask).args
+    assert len(spy.encoded) == len(sampled) == 2
+    c2 = plan.chunks[1]
+    v_cond, src, m = spy.encoded[1], clip.source[c2.start:c2.stop], mask[c2.start:c2.stop] > 0.5
+    assert torch.equal(v_cond[0], frames[c2.start]), "chunk 2 starts from chunk 1's last frame"
+    assert torch.equal(v_cond[1:][~m[1:]], src[1:][~m[1:]]), "chunk 2 sees its own source outside the mask"
+    assert bool((v_cond[1:][m[1:]] == 0.5).all())
+    keep = (~m).float()
+    keep[0] = 1
+    assert torch.equal(sampled[1]["concat_mask"], comfy_concat_mask(keep).to(sampled[1]["concat_mask"]))
+    assert sampled[1]["concat_latent_image"].shape == (1, 16, 2, 4, 4)
+    assert report.splitlines()[0].startswith("conditioning: lora_edit (every chunk keeps its source slice")
+    assert "no LoRA patch" in report.splitlines()[0], "a stock model is told it needs the clip's LoRA"
+    assert "without edit_mask: no source frames kept" in conditioning_note(default, False, True)
+    assert "no LoRA" not in conditioning_note(default, True, True)
