@@ -24,9 +24,9 @@ def drift_inputs(colour_default: bool = True) -> list:
     """The drift switches; the flow engine has no VAE round trip, so its colour matches default to off there."""
     return [
         io.Boolean.Input("match_background", default=colour_default,
-                         tooltip="Match the colour statistics of the unedited region of every frame to the source "
-                                 "clip (needs edit_mask; stops background colour drift at the joins). Off keeps "
-                                 "the flow engine's background bit-exact."),
+                         tooltip="Match the colour statistics (per-channel mean/std) of the unedited region of "
+                                 "every frame to the source clip (needs edit_mask), so background colour drift "
+                                 "does not carry over the joins. Off keeps the flow engine's background bit-exact."),
         io.Boolean.Input("match_edit", default=colour_default,
                          tooltip="Match the colour statistics of the edit region (whole frame without a mask) in "
                                  "every later chunk to chunk 1, which was generated from your edited first frame. "
