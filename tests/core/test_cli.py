@@ -184,6 +184,13 @@ def test_eval_json_in_a_missing_folder_fails_before_computing(work):
     assert "torch" not in imported(run)
 
 
+def test_demo_output_that_is_a_file_is_refused(work):
+    before = snapshot(work)
+    run = ffprop("demo", "-o", "src.mp4", "--frames", "3", cwd=work)
+    assert_refused(run, before, work, r"-o 'src\.mp4' is a file; the demo writes a folder")
+    assert "torch" not in imported(run)
+
+
 def test_bench_json_in_a_missing_folder_fails_before_computing(work):
     before = snapshot(work)
     run = ffprop("bench", "world", "--quick", "--json", "missing_dir/b.json", cwd=work)
