@@ -17,6 +17,7 @@ score has no value, e.g. bg_psnr of restyle, left out), overall and per edit. JS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -43,7 +44,8 @@ Engine = Callable[[WorldSample], Tensor]
 @dataclass(frozen=True)
 class BenchSettings:
     """cases: (held-out seed, edit) pairs; size, frames: the world's render size. Wan engines: LoRA training
-    steps, sampling steps and the flow schedule's shift (no CFG: the world models ignore text)."""
+    steps, sampling steps, the flow schedule's shift (no CFG: the world models ignore text), LoRA rate and rank
+    (LoRA-Edit's 1e-4, 16)."""
 
     cases: tuple[tuple[int, str], ...]
     size: tuple[int, int] = (64, 64)
@@ -51,6 +53,8 @@ class BenchSettings:
     train_steps: int = 100
     sample_steps: int = 20
     shift: float = 3.0
+    lora_lr: float = 1e-4
+    lora_rank: int = 16
 
 
 def world_cases(per_edit: int, edits: tuple[str, ...] = EDITS) -> tuple[tuple[int, str], ...]:
@@ -173,6 +177,23 @@ class WanWorld:
     context: Tensor
 
 
+def memo_encode(encode: Callable[[Tensor], Tensor], keep: int = 8) -> Callable[[Tensor], Tensor]:
+    """encode with a small cache keyed by the frames' bytes: the engines of one case encode the same clips
+    (the source, the masked conditioning videos), and the VAE costs more than the tiny DiT."""
+    cache: dict[bytes, Tensor] = {}
+
+    def cached(frames: Tensor) -> Tensor:
+        key = hashlib.blake2b(np.ascontiguousarray(frames.detach().float().cpu().numpy()).data,
+                              digest_size=16).digest() + repr(tuple(frames.shape)).encode()
+        if key not in cache:
+            if len(cache) >= keep:
+                cache.pop(next(iter(cache)))
+            cache[key] = encode(frames)
+        return cache[key]
+
+    return cached
+
+
 def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
     """The generative engines on one Wan world (noise and LoRA seeded by the case's seed):
     i2v: stock I2V from the edited first frame (frames 2..T grey, keep-mask on frame 1 only);
@@ -186,9 +207,11 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
     from ..lora_edit.trainer import TrainSettings
     from ..masks.ops import loose_box
 
+    encode = memo_encode(world.encode)
+
     def i2v(s: WorldSample) -> Tensor:
         v_cond, keep = masked_condition_video(s.source, None, s.edited_first)
-        cond = wan_cond(world.encode(v_cond), keep, world.context)
+        cond = wan_cond(encode(v_cond), keep, world.context)
         noise = torch.randn(cond.cond_latent.shape, generator=torch.Generator().manual_seed(s.seed))
         return world.decode(sample(world.dit, cond, noise.to(cond.cond_latent), settings.sample_steps,
                                    settings.shift))
@@ -196,12 +219,13 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
     def lora_edit(s: WorldSample, ast_rope: bool = False) -> Tensor:
         dit = world.dit
         if ast_rope:
-            dit = apply_ast_rope(dit, choose_alphas("heuristic", latent=world.encode(s.source)), backend="torch")
+            dit = apply_ast_rope(dit, choose_alphas("heuristic", latent=encode(s.source)), backend="torch")
         mask = None if s.edit == "restyle" else loose_box(s.edit_mask, min_area=LOOSE_BOX_MIN_AREA)
         if mask is not None and not bool(mask.any()):
             mask = None                                  # no edit pixel > 0.5 in any frame: the global setting
-        out = lora_edit_video(dit, world.encode, world.decode, s.source, mask, s.edited_first[None], world.context,
-                              train=TrainSettings(steps=settings.train_steps, seed=s.seed),
+        out = lora_edit_video(dit, encode, world.decode, s.source, mask, s.edited_first[None], world.context,
+                              train=TrainSettings(steps=settings.train_steps, learning_rate=settings.lora_lr,
+                                                  rank=settings.lora_rank, seed=s.seed),
                               sampling=SampleSettings(steps=settings.sample_steps, cfg=1.0, shift=settings.shift,
                                                       seed=s.seed))
         return out.frames

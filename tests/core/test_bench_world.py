@@ -128,3 +128,14 @@ def test_generative_engines_run_end_to_end_on_a_tiny_random_wan():
     for m in out["methods"].values():
         assert all(math.isfinite(m[k]) for k in SCORES) and set(m["by_edit"]) == {"recolour"}
     assert out["methods"]["i2v"]["psnr"] != out["methods"]["lora_edit"]["psnr"]   # lora_edit conditions on the source
+
+
+def test_memo_encode_encodes_each_clip_once():
+    from ffprop.nodes.evaluate.bench import memo_encode
+
+    calls = []
+    enc = memo_encode(lambda x: calls.append(1) or x.sum(), keep=2)
+    a, b, c = torch.zeros(2, 16, 16, 3), torch.ones(2, 16, 16, 3), torch.full((2, 16, 16, 3), 0.5)
+    assert enc(a) == 0 and enc(a.clone()) == 0 and len(calls) == 1
+    enc(b), enc(c), enc(a)                                       # a was evicted (keep=2): encoded again
+    assert len(calls) == 4
