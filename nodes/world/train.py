@@ -1,0 +1,405 @@
+"""Train the small Wan world models on the procedural world (CPU, deterministic, local generators).
+
+    python -m ffprop.nodes.world.train vae --steps N --seed S --out DIR [--clips K]
+    python -m ffprop.nodes.world.train dit --steps N --seed S --out DIR [--vae DIR_WITH_vae.safetensors]
+    python -m ffprop.nodes.world.train eval --out DIR --clips K    # held-out quality (K scenes)
+
+VAE: diffusers `AutoencoderKLWan` trained as a deterministic autoencoder (the posterior mean, no sampling, no
+KL) on random 5-frame, 32x32 windows of world clips (a causal conv net: windows train every weight the
+17-frame, 64x64 clips use), with an UNCLAMPED decode (diffusers' `decode` clamps to [-1, 1], which zeroes the
+gradient of every saturated pixel). Afterwards the log-variance half of `quant_conv` is set to a constant
+-30 (posterior std ~ 3e-7, so `sample()` equals `mode()`), and `latents_mean`/`latents_std` are measured on
+the training clips, so the model-space latent (ComfyUI's `process_in`) is ~N(0, 1) per channel.
+
+DiT: diffusers `WanTransformer3DModel`, I2V with 36 input channels (16 noisy latent + 4 keep-mask + 16
+condition latent of [first frame, grey 0.5 after it], exactly `lora_edit.conditioning`'s stock I2V input),
+no CLIP image embedder. Flow matching as `host.sampling` integrates it: x_t = (1 - t) x_0 + t noise, target
+v = noise - x_0, t ~ logit-normal. Text: the cross-attention output projections are zero and frozen, so any
+context (zeros [1, L, 4096] in FFProp's tests, a real UMT5 embedding in ComfyUI) gives the same output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FRAMES = 17
+SIZE = 64
+GREY = 0.5
+VAE_WINDOW = (5, 32)        # frames, pixels of one VAE training window
+LOGVAR_OFF = -30.0
+
+VAE_CONFIG = {"base_dim": 12, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+              "temperal_downsample": [False, True, True]}
+DIT_CONFIG = {"patch_size": [1, 2, 2], "num_attention_heads": 1, "attention_head_dim": 128, "in_channels": 36,
+              "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 512, "num_layers": 4,
+              "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
+              "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+TEXT_TOKENS = 1             # the context used in training: zeros [B, 1, 4096] (the output ignores it anyway)
+
+
+# ---------------------------------------------------------------- data
+def render_pool(seeds, cache: Path | None = None) -> Tensor:
+    """uint8 [N, T, H, W, 3] world clips for `seeds`, cached in `cache` (a .pt of {'seeds', 'clips'})."""
+    from .scenes import render_clip
+
+    seeds = [int(s) for s in seeds]
+    if cache is not None and cache.is_file():
+        data = torch.load(cache, weights_only=True)
+        if list(data["seeds"]) == seeds:
+            return data["clips"]
+    clips = torch.stack([(render_clip(s, size=(SIZE, SIZE), frames=FRAMES) * 255).round().to(torch.uint8)
+                         for s in seeds])
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"seeds": seeds, "clips": clips}, tmp)
+        os.replace(tmp, cache)
+    return clips
+
+
+def to_vae_space(clips: Tensor) -> Tensor:
+    """uint8 or 0..1 [N, T, H, W, 3] -> float [N, 3, T, H, W] in [-1, 1]."""
+    x = clips.float() / 255 if clips.dtype == torch.uint8 else clips.float()
+    return x.permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+# ---------------------------------------------------------------- VAE
+def vae_encode_mean(vae, x: Tensor) -> Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> posterior mean [B, 16, F, H/8, W/8] (raw VAE space), differentiable.
+    Same chunking as `AutoencoderKLWan._encode` (frame 0, then 4 at a time, causal cache cleared per call)."""
+    vae.clear_cache()
+    outs = []
+    for i in range(1 + (x.shape[2] - 1) // 4):
+        vae._enc_conv_idx = [0]
+        chunk = x[:, :, :1] if i == 0 else x[:, :, 1 + 4 * (i - 1):1 + 4 * i]
+        outs.append(vae.encoder(chunk, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+    h = vae.quant_conv(torch.cat(outs, 2))
+    vae.clear_cache()
+    return h[:, :vae.config.z_dim]
+
+
+def vae_decode_raw(vae, z: Tensor) -> Tensor:
+    """Raw latent [B, 16, F, h, w] -> [B, 3, T, 8h, 8w], UNCLAMPED (as `_decode` minus its clamp)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    outs = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(outs, 2)
+
+
+def new_vae(config: dict | None = None):
+    """A fresh AutoencoderKLWan with `init_vae`'s initialisation (draws from the global RNG: seed it first)."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(**(config or VAE_CONFIG))
+    init_vae(vae)
+    return vae
+
+
+@torch.no_grad()
+def init_vae(vae) -> None:
+    """Kaiming-normal conv weights (ReLU gain), zero biases. THE plateau fix: with PyTorch's default conv init
+    each layer shrinks the signal (~1/sqrt(3) per layer) while its uniform bias adds a constant, so after the
+    encoder's ~20 convs and RMS norms the latent hardly depends on the input (std across inputs 0.02 vs 0.16
+    overall at init, measured on world crops); the decoder then learns the data mean and training sits at
+    MSE ~ data variance. With this init the latent varies with the input (0.35 vs 0.64) and the loss drops
+    below the variance within ~25 steps. (A 2-clip overfit cannot show the bug: the decoder can memorise two
+    clips without any information from the encoder.)"""
+    for m in vae.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+
+
+def vae_windows(pool: Tensor, batch: int, gen: torch.Generator) -> Tensor:
+    """A batch of random windows [B, 3, VAE_WINDOW frames, crop, crop] in [-1, 1] from the uint8 pool."""
+    frames, crop = VAE_WINDOW
+    n, t, h, w, _ = pool.shape
+    out = []
+    for _ in range(batch):
+        i = int(torch.randint(n, (1,), generator=gen))
+        t0 = int(torch.randint(t - frames + 1, (1,), generator=gen))
+        y0 = int(torch.randint(h - crop + 1, (1,), generator=gen))
+        x0 = int(torch.randint(w - crop + 1, (1,), generator=gen))
+        out.append(pool[i, t0:t0 + frames, y0:y0 + crop, x0:x0 + crop])
+    return to_vae_space(torch.stack(out))
+
+
+def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1e-3, log=print):
+    """Train a fresh VAE on `pool`; returns (vae, losses)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)              # module init draws from the global RNG: pin it, restored after
+        vae = new_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    losses = []
+    t0 = time.time()
+    for i in range(steps):
+        x = vae_windows(pool, batch, gen)
+        rec = vae_decode_raw(vae, vae_encode_mean(vae, x))
+        loss = F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if i % 25 == 0 or i == steps - 1:
+            log(f"vae step {i} mse {losses[-1]:.5f} ({10 * math.log10(4 / max(losses[-1], 1e-12)):.1f} dB) "
+                f"{time.time() - t0:.0f}s")
+    return vae.eval(), losses
+
+
+@torch.no_grad()
+def finish_vae(vae, pool: Tensor) -> None:
+    """Constant log-variance (sample() == mode()) and latents_mean/std measured on `pool` (full clips)."""
+    zd = vae.config.z_dim
+    vae.quant_conv.weight[zd:] = 0
+    vae.quant_conv.bias[zd:] = LOGVAR_OFF
+    zs = torch.cat([vae_encode_mean(vae, to_vae_space(pool[i:i + 4])) for i in range(0, len(pool), 4)])
+    mean = zs.mean(dim=(0, 2, 3, 4))
+    std = zs.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                           latents_std=[round(float(v), 5) for v in std])
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB of two 0..1 tensors."""
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------- DiT
+def new_dit(config: dict | None = None):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(**(config or DIT_CONFIG))
+    mute_text(model)
+    return model
+
+
+@torch.no_grad()
+def mute_text(model) -> None:
+    """Zero and freeze every cross-attention output projection: the DiT ignores its text context."""
+    for block in model.blocks:
+        out = block.attn2.to_out[0]
+        out.weight.zero_()
+        out.bias.zero_()
+        out.weight.requires_grad_(False)
+        out.bias.requires_grad_(False)
+
+
+def i2v_inputs(latents: Tensor, first_latents: Tensor) -> tuple[Tensor, Tensor]:
+    """Stock I2V conditioning for clips whose model-space latents are `latents` [B, 16, F, h, w]:
+    first_latents [B, 16, F, h, w] = model-space latent of [frame 1, grey 0.5 x (T-1)];
+    returns (keep-mask [B, 4, F, h, w]: latent frame 0 kept, cond latent)."""
+    b, _, f, h, w = latents.shape
+    keep = torch.zeros(b, 4, f, h, w)
+    keep[:, :, 0] = 1
+    return keep, first_latents
+
+
+def cond_clips(clips: Tensor) -> Tensor:
+    """uint8 [N, T, H, W, 3] -> 0..1 [N, T, H, W, 3]: frame 1 then grey 0.5 (lora_edit's stock I2V V_cond)."""
+    x = clips.float() / 255
+    out = torch.full_like(x, GREY)
+    out[:, 0] = x[:, 0]
+    return out
+
+
+@torch.no_grad()
+def encode_model_space(vae, clips: Tensor, batch: int = 4) -> Tensor:
+    """0..1 or uint8 [N, T, H, W, 3] -> model-space latents [N, 16, F, h, w] (posterior mean, normalised)."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    zs = [vae_encode_mean(vae, to_vae_space(clips[i:i + batch])) for i in range(0, len(clips), batch)]
+    return (torch.cat(zs) - mean) / std
+
+
+def dit_loss(model, x0: Tensor, keep: Tensor, cond: Tensor, gen: torch.Generator) -> Tensor:
+    """Flow-matching loss (host.sampling's convention): x_t = (1-t) x0 + t n, predict v = n - x0."""
+    b = x0.shape[0]
+    t = torch.sigmoid(torch.randn(b, generator=gen))          # logit-normal t in (0, 1)
+    noise = torch.randn(x0.shape, generator=gen)
+    tt = t.view(b, 1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * noise
+    inp = torch.cat([x_t, keep, cond], 1)
+    ctx = torch.zeros(b, TEXT_TOKENS, model.config.text_dim)
+    v = model(hidden_states=inp, timestep=t * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
+    return F.mse_loss(v, noise - x0)
+
+
+def train_dit(latents: Tensor, first_latents: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
+              log=print):
+    """Train a fresh I2V DiT on model-space latents [N, 16, F, h, w]; returns (model, losses)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = new_dit()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    losses = []
+    t0 = time.time()
+    model.train()
+    for i in range(steps):
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        keep, cond = i2v_inputs(latents[idx], first_latents[idx])
+        loss = dit_loss(model, latents[idx], keep, cond, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if i % 25 == 0 or i == steps - 1:
+            log(f"dit step {i} loss {losses[-1]:.4f} {time.time() - t0:.0f}s")
+    return model.eval(), losses
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate(folder: Path, seeds, steps: int = 20, shift: float = 3.0, log=print) -> dict:
+    """Held-out quality of the models in `folder`: VAE round-trip PSNR; I2V from each clip's own first frame vs
+    repeating frame 1 (PSNR over frames 2..T and bench.warp_error along the true motion)."""
+    from ..evaluate.bench import true_motion, warp_error, weighted_psnr
+    from .model import generate_i2v, load_world_models
+    from .scenes import render_clip
+
+    world = load_world_models(folder=folder)
+    rows = []
+    for s in seeds:
+        clip = render_clip(int(s), size=(SIZE, SIZE), frames=FRAMES)
+        rec = world.vae.decode(world.vae.encode(clip))
+        gen = generate_i2v(world, clip[0], FRAMES, steps, shift, seed=int(s))
+        rep = clip[:1].expand_as(clip)
+        motion = true_motion(clip)
+        row = {"seed": int(s), "vae_psnr": weighted_psnr(rec, clip),
+               "i2v_psnr": weighted_psnr(gen[1:], clip[1:]), "repeat_psnr": weighted_psnr(rep[1:], clip[1:]),
+               "i2v_warp": warp_error(gen, motion), "repeat_warp": warp_error(rep, motion),
+               "truth_warp": warp_error(clip, motion)}
+        log(" ".join(f"{k} {v:.4g}" for k, v in row.items()))
+        rows.append(row)
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "seed"} | {"scenes": len(rows)}
+
+
+# ---------------------------------------------------------------- output
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_model(model, path: Path) -> None:
+    """state_dict -> safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_entry(out: Path, name: str, file: str, config: dict, args, seconds: float, extra: dict) -> None:
+    """Add/replace manifest.json's entry `name` (sha256, config, command, seed, wall time, git commit)."""
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
+    manifest["models"][name] = {
+        "file": file, "sha256": sha256(out / file), "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        "command": "python -m ffprop.nodes.world.train " + " ".join(sys.argv[1:]),
+        "seed": args.seed, "steps": args.steps, "wall_seconds": round(seconds, 1), "git_commit": git_commit(),
+        "torch": torch.__version__, **extra,
+    }
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+
+
+def write_reference(out: Path) -> None:
+    """reference.safetensors: model.reference_forward of the models in `out` (the tests reproduce it)."""
+    from safetensors.torch import save_file
+
+    from .model import load_world_models, reference_forward
+
+    ref = reference_forward(load_world_models(folder=out))
+    tmp = out / "reference.tmp"
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp))
+    os.replace(tmp, out / "reference.safetensors")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ffprop.nodes.world.train", description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["vae", "dit", "eval"], help="eval: held-out quality of the models in --out")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for the .safetensors and manifest.json")
+    p.add_argument("--clips", type=int, default=160, help="training clips (world seeds 0..clips-1)")
+    p.add_argument("--batch", type=int, default=0, help="0 = default (vae 4, dit 16)")
+    p.add_argument("--lr", type=float, default=0.0, help="0 = default (vae 1e-3, dit 1e-3)")
+    p.add_argument("--vae", type=Path, default=None, help="dit: folder holding vae.safetensors (default --out)")
+    p.add_argument("--cache", type=Path, default=None, help="folder to cache rendered clips (default: none)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a shared CPU)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.what == "eval":
+        from .scenes import HELDOUT_SEEDS
+
+        summary = evaluate(args.out, HELDOUT_SEEDS[:args.clips], log=log)
+        print(json.dumps(summary, indent=2))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = None if args.cache is None else args.cache / f"world_train_{args.clips}.pt"
+    t0 = time.time()
+    pool = render_pool(range(args.clips), cache)
+    print(f"{len(pool)} clips ready in {time.time() - t0:.0f}s", flush=True)
+    if args.what == "vae":
+        vae, losses = train_vae(pool, args.steps, args.seed, args.batch or 4, args.lr or 1e-3, log)
+        finish_vae(vae, pool)
+        save_model(vae, args.out / "vae.safetensors")
+        write_entry(args.out, "vae", "vae.safetensors", dict(vae.config), args, time.time() - t0,
+                    {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:])})
+    else:
+        from .model import load_vae_file
+
+        vae = load_vae_file(args.vae or args.out)
+        lat = encode_model_space(vae, pool)
+        first = encode_model_space(vae, cond_clips(pool))
+        print(f"latents {tuple(lat.shape)} std {float(lat.std()):.3f} in {time.time() - t0:.0f}s", flush=True)
+        model, losses = train_dit(lat, first, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log)
+        save_model(model, args.out / "dit_i2v.safetensors")
+        write_entry(args.out, "dit_i2v", "dit_i2v.safetensors", dict(model.config), args, time.time() - t0,
+                    {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+                     "text_context": f"ignored (cross-attention outputs zeroed); trained with zeros [B, {TEXT_TOKENS}, 4096]"})
+        write_reference(args.out)
+    print(f"done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
