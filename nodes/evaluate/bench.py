@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -311,3 +311,26 @@ def run_cli(quick: bool, json_path: Optional[str], methods: Optional[str], on_st
         write_json(result, json_path)
         print(f"wrote {json_path}")
     return 0
+
+
+def world_demo(seed: int = 0, edit: str = "recolour", engine: str = "lora_edit",
+               on_step: Optional[OnStep] = None) -> tuple[WorldSample, Tensor, dict]:
+    """`ffprop demo --engine wan`: one engine (default LoRA-Edit) with the bundled world models on held-out
+    scene HELDOUT_SEEDS[seed mod 100] and `edit`, at the world's size (FULL settings). Returns (the sample,
+    the engine's clip [T, H, W, 3], {method: scores vs the ground truth} for it, flow and repeat_first_frame).
+    RuntimeError (the loader's: which file, and the fix) when the world models are missing."""
+    settings = replace(FULL, cases=((HELDOUT_SEEDS[seed % len(HELDOUT_SEEDS)], edit),))
+    wan = _wan_engines(settings)
+    if isinstance(wan, str):
+        raise RuntimeError(f"--engine wan needs the bundled world models: {wan}")
+    s = render_sample(*settings.cases[0], size=settings.size, frames=settings.frames)
+    motion = true_motion(s.target)
+    scores, out = {}, None
+    methods = {engine: wan[engine], "flow": flow_engine, "repeat_first_frame": repeat_first_frame}
+    for i, (name, run) in enumerate(methods.items()):
+        t0 = time.perf_counter()
+        video = run(s)
+        scores[name] = {**score(video, s, motion), "seconds": time.perf_counter() - t0}
+        out = video if out is None else out
+        report(on_step, None, i + 1, len(methods))
+    return s, out, scores
