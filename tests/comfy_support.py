@@ -5,6 +5,7 @@ Usage: `from comfy_support import import_comfy, load_tiny_comfy_wan` (tests/ is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -159,3 +160,17 @@ def load_tiny_comfy_wan(kind: str = "i2v", **kwargs):
     if patcher is None:
         raise RuntimeError(f"ComfyUI did not detect the tiny '{kind}' state dict as any model")
     return patcher
+
+
+@contextlib.contextmanager
+def cancelled():
+    """Run the block with ComfyUI's Cancel flag set (what POST /interrupt sets) and expect it to stop with
+    InterruptProcessingException; the flag is cleared afterwards."""
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            yield
+    finally:
+        mm.interrupt_current_processing(False)

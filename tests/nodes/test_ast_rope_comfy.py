@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import TINY_KINDS, import_comfy, load_tiny_comfy_wan
+from comfy_support import TINY_KINDS, cancelled, import_comfy, load_tiny_comfy_wan
 
 import_comfy()
 
@@ -297,12 +297,8 @@ def test_predictor_trainer_follows_the_host_training_contract_and_restores_it():
     with pytest.raises(RuntimeError, match="step callback failed"):
         _predictor_run(dit, on_step=fail)
     assert getattr(mm, "in_training", False) is False
-    mm.interrupt_current_processing(True)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            _predictor_run(dit, steps=5, should_stop=lambda: mm.throw_exception_if_processing_interrupted())
-    finally:
-        mm.interrupt_current_processing(False)
+    with cancelled():
+        _predictor_run(dit, steps=5, should_stop=lambda: mm.throw_exception_if_processing_interrupted())
     assert getattr(mm, "in_training", False) is False
 
 

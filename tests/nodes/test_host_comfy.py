@@ -204,6 +204,25 @@ def test_models_the_host_loads_but_ffprop_does_not_drive_get_a_clear_error(kind)
     assert not model.object_patches and not model.patches
 
 
+@torch.no_grad()
+def test_wan22_i2v_expert_layout_is_driven_as_i2v():
+    """Wan 2.2 I2V A14B experts are Wan 2.1 blocks with 36 input channels and no CLIP image embedder: ComfyUI
+    detects them as WAN21_T2V (concat_cond still builds mask + image); FFProp drives them as I2V."""
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.wan.model import WanModel
+    from comfy_support import random_state_dict
+
+    sd = random_state_dict(WanModel(model_type="t2v", in_dim=36, dim=128, ffn_dim=256, num_heads=1, num_layers=2,
+                                    text_dim=4096, out_dim=16, device="cpu", dtype=torch.float32,
+                                    operations=comfy.ops.disable_weight_init))
+    adapter = ComfyWan(comfy.sd.load_diffusion_model_state_dict(sd))
+    assert adapter.kind == "i2v" and adapter.dims.clip_dim is None
+    x, cond = noisy(), make_cond("i2v", clip=False)
+    ref = adapter.module(direct_input("i2v", x, cond), torch.tensor([500.0]), cond.context, transformer_options={})
+    assert torch.equal(adapter.predict(x, 0.5, cond), ref)
+
+
 def test_check_wan_model_kinds():
     assert [check_wan_model(load_tiny_comfy_wan(k)) for k in sorted(TINY_KINDS)] == sorted(TINY_KINDS)
     with pytest.raises(ValueError, match="Wan t2v model but the chunk sampler needs a Wan i2v model"):
@@ -222,6 +241,10 @@ def test_training_contract_is_set_inside_and_restored_after_success_and_error():
     assert mm.in_training is False
     with pytest.raises(KeyError), host_training():
         raise KeyError("boom")
+    assert mm.in_training is False
+    with pytest.raises(RuntimeError, match="kernel without a backward sat on the training graph.*report it"), \
+            host_training():
+        raise RuntimeError("Trying to backward through comfy_kitchen.x but no autograd formula was registered")
     assert mm.in_training is False
     mm.in_training = True                       # nested in a caller that set it: left as found
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import import_comfy, load_tiny_comfy_wan
+from comfy_support import cancelled, import_comfy, load_tiny_comfy_wan
 
 import_comfy()
 
@@ -192,12 +192,8 @@ def test_trainer_follows_the_host_training_contract_and_restores_it(model):
         with pytest.raises(RuntimeError, match="progress hook failed"):
             train(model, steps=2)
         assert _in_training() in (None, False)
-        comfy.model_management.interrupt_current_processing(True)
-        try:
-            with pytest.raises(comfy.model_management.InterruptProcessingException):
-                train(model, steps=5)
-        finally:
-            comfy.model_management.interrupt_current_processing(False)
+        with cancelled():
+            train(model, steps=5)
         assert _in_training() in (None, False)
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
@@ -295,12 +291,8 @@ def test_memory_node_split_blocks_trains_comfy_blocks_like_plain(model):
 
 
 def test_cancel_and_bad_input(model):
-    comfy.model_management.interrupt_current_processing(True)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train(model, steps=50)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
+    with cancelled():
+        train(model, steps=50)
     with torch.inference_mode():
         t2v = load_tiny_comfy_wan("t2v")
     with pytest.raises(ValueError, match="text-to-video"):
