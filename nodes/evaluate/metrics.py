@@ -59,8 +59,9 @@ def _rgb_mean(x: np.ndarray) -> np.ndarray:
 
 
 def _total(x: np.ndarray, weight: np.ndarray | None = None) -> float:
-    """Sum of float32 [H, W] (times weight [H, W]), accumulated in float64."""
-    return cv2.sumElems(x if weight is None else cv2.multiply(x, weight))[0]
+    """Sum of float32 [H, W] (times weight [H, W], any real or bool dtype), accumulated in float64."""
+    x = np.asarray(x, np.float32)
+    return cv2.sumElems(x if weight is None else cv2.multiply(x, np.asarray(weight, np.float32)))[0]
 
 
 def _squared_error(a: np.ndarray, b: np.ndarray, weight: np.ndarray | None) -> tuple[float, float]:

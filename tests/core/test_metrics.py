@@ -1,6 +1,7 @@
 """Metrics: identities, what they detect, strict JSON, the streamed scores against the whole-clip ones, errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def test_background_damage_and_seam_jumps_are_detected(clip):
     r = evaluate(clip.source, jumpy, clip.edited[0], clip.mask, seams=(5,))
     assert r["seam_jump_max"] > 3 and r["seam_jump_max"] == r["max_frame_jump"]
     assert "bg PSNR" in format_table({"x": r})
+
+
+def test_psnr_weights_of_any_dtype_and_whole_clips(clip):
+    out, src, m = clip.edited.numpy(), clip.source.numpy(), clip.mask.numpy()
+    inside = metrics.psnr(out[3], src[3], m[3] > 0.5)                         # bool weight
+    assert inside == pytest.approx(metrics.psnr(out[3], src[3], (m[3] > 0.5).astype("float64")))
+    assert inside < 30 and metrics.psnr(out[3], src[3], m[3] < 0.01) == math.inf
+    se = ((out.astype("float64") - src) ** 2).mean()                          # [T, H, W, 3] at once
+    assert metrics.psnr(out, src) == pytest.approx(10 * math.log10(1 / se), rel=1e-6)
 
 
 def test_metric_errors(clip):
