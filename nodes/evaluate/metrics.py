@@ -101,6 +101,22 @@ def background_weight(mask: np.ndarray, margin: int) -> np.ndarray:
     return 1.0 - cv2.dilate((mask > 0.01).astype(np.uint8), kernel).astype(np.float32)
 
 
+def frame_step(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |a - b| over the pixels and channels of two float frames [H, W, 3] (float64 sum)."""
+    return _total(_rgb_mean(cv2.absdiff(np.asarray(a, np.float32), np.asarray(b, np.float32)))) / (a.size // 3)
+
+
+def relative_jumps(steps: list[float] | np.ndarray) -> np.ndarray:
+    """Frame steps relative to their median (1 = an ordinary step)."""
+    steps = np.asarray(steps, np.float64)
+    return steps / max(float(np.median(steps)), 1e-8) if len(steps) else steps
+
+
+def frame_jumps(frames: np.ndarray) -> np.ndarray:
+    """[T-1] mean |frame_t - frame_{t-1}| of frames [T, H, W, 3] relative to the median of all consecutive steps."""
+    return relative_jumps([frame_step(b, a) for a, b in zip(frames[:-1], frames[1:])])
+
+
 class WarpError:
     """Flow-warping error, fed one uint8 frame [H, W, 3] at a time: per consecutive pair, the mean |frame_t -
     frame_{t+1} warped back| (0..1) over forward-backward consistent pixels. `pairs` holds one value per
@@ -202,7 +218,7 @@ def evaluate(source: torch.Tensor, output: torch.Tensor, edited_first: torch.Ten
         area = _total(m)
         strength.append(_total(_rgb_mean(cv2.absdiff(out, src)), m) / area if area > 0 else math.nan)
         if prev is not None:
-            steps.append(_total(_rgb_mean(cv2.absdiff(out, prev))) / m.size)
+            steps.append(frame_step(out, prev))
         prev = out
         out_warp.add(to_uint8(output[t]))
         if src_warp is not None:
@@ -215,7 +231,7 @@ def evaluate(source: torch.Tensor, output: torch.Tensor, edited_first: torch.Ten
     _SOURCE_WARP.move_to_end(key)
     source_warp = float(np.mean(cached)) if cached else 0.0
     persistence = np.array(strength) / ref if ref > 0 else np.full(t_len, math.nan)
-    jumps = np.array(steps) / max(float(np.median(steps)), 1e-8) if steps else np.zeros(0)
+    jumps = relative_jumps(steps)
     finite = np.isfinite(persistence).any()
     raw = {
         "frames": t_len,
@@ -258,7 +274,8 @@ def _reasons(ref: float, strength: list[float], bg_total: float) -> dict[str, st
 
 def json_ready(metrics: dict, reasons: dict[str, str] | None = None) -> dict:
     """metrics with every inf/NaN float replaced by None (strict JSON: JSON.parse rejects Infinity/NaN) and a
-    "notes" entry {key: why it is null} for each; reasons gives the words (default: "not finite")."""
+    "notes" entry {key: why it is null} for each; reasons gives the words (default: "not finite (value)").
+    Nested dicts (and lists of them) are made ready the same way, each with its own notes."""
     out, notes = {}, dict(metrics.get("notes") or {})
     for k, v in metrics.items():
         if k == "notes":
@@ -266,6 +283,11 @@ def json_ready(metrics: dict, reasons: dict[str, str] | None = None) -> dict:
         if isinstance(v, float) and not math.isfinite(v):
             out[k] = None
             notes[k] = (reasons or {}).get(k) or f"not finite ({v})"
+        elif isinstance(v, dict):
+            out[k] = json_ready(v)
+        elif isinstance(v, (list, tuple)):
+            out[k] = [json_ready(x) if isinstance(x, dict) else None if isinstance(x, float) and not math.isfinite(x)
+                      else x for x in v]
         else:
             out[k] = v
     if notes:

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from ffprop.nodes.common import Cancelled
@@ -75,6 +76,21 @@ def test_report_is_strict_json_with_reasons_for_nulls(clip):
     json.loads(json.dumps(r, allow_nan=False), parse_constant=_no_constants)
     assert r["warp_error_ratio"] is None and "source" in r["notes"]["warp_error_ratio"]
     assert r["edit_persistence_mean"] is None and "changes nothing" in r["notes"]["edit_persistence_mean"]
+
+
+def test_json_ready_reaches_nested_scores():
+    r = metrics.json_ready({"a": 1.0, "b": math.inf, "truth": {"psnr": math.nan, "rows": [{"x": -math.inf}, 2.0]}})
+    json.loads(json.dumps(r, allow_nan=False), parse_constant=_no_constants)
+    assert r["b"] is None and "inf" in r["notes"]["b"] and r["truth"]["psnr"] is None
+    assert r["truth"]["rows"][0] == {"x": None, "notes": {"x": "not finite (-inf)"}} and r["truth"]["rows"][1] == 2.0
+
+
+def test_frame_jumps_is_the_reports_max_jump(clip):
+    jumpy = clip.edited.clone()
+    jumpy[5:] = (jumpy[5:] + 0.2).clamp(0, 1)
+    jumps = metrics.frame_jumps(jumpy.numpy())
+    assert jumps.shape == (8,) and jumps.argmax() == 4 and float(np.median(jumps)) == pytest.approx(1.0)
+    assert float(jumps.max()) == pytest.approx(evaluate(clip.source, jumpy, clip.edited[0], clip.mask)["max_frame_jump"])
 
 
 def test_table_explains_every_column(clip):
