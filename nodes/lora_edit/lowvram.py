@@ -68,17 +68,19 @@ class MemorySettings:
         return min(num_layers, int(round(self.swap_fraction * num_layers)))
 
 
-# Sized for Wan2.1-I2V-14B (bf16) at 832x480, 49 frames (20,280 tokens) from a fake-tensor estimate of the
-# training step's peak (`python tests/benchmarks/bench_lora_edit.py --estimate`; not a GPU measurement):
-# 24GB ~18.8 GB, 16GB ~12.6, 12GB ~8.7, 8GB ~7.4, incl. 0.5 GB CUDA context, excl. fragmentation (LoRA delta in
-# bf16). Full 49 frames with the 8GB settings: 13.9 GB; + split_blocks 9.8 GB; + split_blocks and all 40 blocks
-# swapped 8.2 GB (+4 % margin on 8 GiB: too thin, so 8GB keeps 9-frame windows, split as well for margin). With split_blocks the 12GB and
-# 16GB presets train all 49 frames (est. 9.8 / 13.1 GB, +24 % margin each), as the paper trains.
+# Sized for Wan2.1-I2V-14B at 832x480, 49 frames (20,280 tokens), base weights as the CLI stores them (block
+# linears fp8, computed in bf16 one block at a time), from a fake-tensor estimate of the training step's and the
+# sampling pass's peaks (`python tests/benchmarks/bench_lora_edit.py --estimate`; not a GPU measurement), GPU incl.
+# 0.5 GB CUDA context, excl. fragmentation; CPU RAM = the tensors the presets keep there (pinned swapped blocks
+# + offloaded activations + the clip), excl. the process itself. Every preset keeps CPU RAM under 24 GB: the
+# 16GB and 12GB presets swap fewer blocks than their VRAM alone would allow (each swapped block is 0.4 GB of
+# pinned CPU RAM; 49 frames of offloaded activations are 8.6 GB). 8GB keeps 9-frame windows (the full clip with
+# 8GB's settings: 8.2 GB with bf16 weights, +4 % margin on 8 GiB: too thin).
 PRESETS: dict[str, MemorySettings] = {
     "unlimited": MemorySettings(gradient_checkpointing=False),
     "24GB": MemorySettings(swap_fraction=0.8, compute_dtype="bf16", offload_activations=True),
-    "16GB": MemorySettings(swap_fraction=0.85, compute_dtype="bf16", offload_activations=True, split_blocks=True),
-    "12GB": MemorySettings(swap_fraction=0.95, compute_dtype="bf16", offload_activations=True, split_blocks=True),
+    "16GB": MemorySettings(swap_fraction=0.75, compute_dtype="bf16", offload_activations=True, split_blocks=True),
+    "12GB": MemorySettings(swap_fraction=0.85, compute_dtype="bf16", offload_activations=True, split_blocks=True),
     "8GB": MemorySettings(swap_fraction=0.95, window_frames=9, compute_dtype="bf16", offload_activations=True,
                           split_blocks=True),
 }
@@ -96,7 +98,13 @@ def _thrift(s: MemorySettings) -> tuple:
 
 
 def smaller_preset(settings: MemorySettings) -> Optional[str]:
-    """The first preset that saves more memory than `settings` (for the out-of-memory message)."""
+    """The preset to try after `settings` ran out of memory: the next one in PRESET_ORDER when `settings` is a
+    preset (their order is by estimated VRAM), else the first that saves more by swap / offload / split /
+    windows (for the out-of-memory message)."""
+    names = [n for n in PRESET_ORDER if PRESETS[n] == settings]
+    if names:
+        i = PRESET_ORDER.index(names[-1])
+        return PRESET_ORDER[i + 1] if i + 1 < len(PRESET_ORDER) else None
     for name in PRESET_ORDER[1:]:
         if _thrift(PRESETS[name]) > _thrift(settings):
             return name
@@ -405,50 +413,62 @@ class BlockRunner:
         self.pending.clear()
 
 
-SLAB_BYTES = 256 << 20
+SLAB_BYTES = 512 << 20      # swapped blocks' tensors (Wan-14B fp8: 26.2 and 70.8 MB): ~4 % gaps (256 MiB: 8 %)
+ACT_SLAB_BYTES = 1 << 30    # offloaded block inputs (Wan-14B, 49 frames: 207.6 MB each, 5 per slab)
 
 
 class HostSlabs:
-    """CPU tensors carved out of 256 MiB slabs (pinned when `pin`). torch's pinned allocator rounds every
-    allocation up to a power of two (a 70.8 MB fp8 FFN weight of Wan-14B would take 128 MB, a 208 MB offloaded
-    block input 256 MB: +43 % pinned RAM for the 14B's swapped blocks); packed slabs waste only their unfilled
-    tails. Tensors larger than a slab get their own allocation. Memory lives as long as the tensors carved from
-    it (each is a view of its slab)."""
+    """CPU tensors carved out of slabs of `slab_bytes` (a power of two; pinned when `pin`), first fit over the
+    open slabs. torch's pinned allocator rounds every allocation up to a power of two (a 70.8 MB fp8 FFN weight
+    of Wan-14B would take 128 MB: +50 % pinned RAM for the 14B's swapped blocks); packed slabs waste only small
+    gaps. Tensors larger than a slab get their own allocation. Memory lives as long as the tensors carved from it
+    (each is a view of its slab)."""
 
     ALIGN = 64
 
     def __init__(self, pin: bool, slab_bytes: int = SLAB_BYTES):
         self.pin, self.slab_bytes = pin, slab_bytes
-        self._slab: Optional[Tensor] = None
-        self._used = 0
-        self.reserved = 0        # bytes allocated (slabs + large tensors)
+        self._slabs: list[list] = []   # [slab tensor, bytes used]
+        self.reserved = 0              # bytes allocated (slabs + large tensors)
 
     def empty(self, shape, dtype: torch.dtype) -> Tensor:
         n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if n > self.slab_bytes:
             self.reserved += n
             return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pin)
-        start = -(-self._used // self.ALIGN) * self.ALIGN
-        if self._slab is None or start + n > self.slab_bytes:
-            self._slab = torch.empty(self.slab_bytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+        slab, start = _first_fit(self._slabs, n, self.slab_bytes)
+        if slab is None:
+            slab = [torch.empty(self.slab_bytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin), 0]
+            self._slabs.append(slab)
             self.reserved += self.slab_bytes
             start = 0
-        self._used = start + n
-        return self._slab[start:start + n].view(dtype).view(shape)
+        slab[1] = start + n
+        return slab[0][start:start + n].view(dtype).view(shape)
 
     @staticmethod
     def footprint(sizes: list[int], slab_bytes: int = SLAB_BYTES) -> int:
         """Bytes `empty` reserves for tensors of these byte sizes, in this order (for the memory estimate)."""
-        reserved, used, open_slab = 0, 0, False
+        slabs: list[list] = []
+        reserved = 0
         for n in sizes:
             if n > slab_bytes:
                 reserved += n
                 continue
-            start = -(-used // HostSlabs.ALIGN) * HostSlabs.ALIGN
-            if not open_slab or start + n > slab_bytes:
-                reserved, start, open_slab = reserved + slab_bytes, 0, True
-            used = start + n
+            slab, start = _first_fit(slabs, n, slab_bytes)
+            if slab is None:
+                slab, start = [None, 0], 0
+                slabs.append(slab)
+                reserved += slab_bytes
+            slab[1] = start + n
         return reserved
+
+
+def _first_fit(slabs: list[list], n: int, slab_bytes: int):
+    for slab in slabs:
+        start = -(-slab[1] // HostSlabs.ALIGN) * HostSlabs.ALIGN
+        if start + n <= slab_bytes:
+            return slab, start
+    return None, 0
 
 
 class _CompactInput(torch.autograd.Function):
@@ -548,7 +568,7 @@ class ActivationOffload:
         self.host_bytes = 0      # bytes currently offloaded (this step)
         self.peak_host_bytes = 0
         self._by_block: dict[int, _Saved] = {}
-        self.slabs = HostSlabs(pin=self.cuda)
+        self.slabs = HostSlabs(pin=self.cuda, slab_bytes=ACT_SLAB_BYTES)   # 5 Wan-14B 49-frame block inputs each
         self._buffers: dict[tuple, Tensor] = {}
 
     def reset(self) -> None:
@@ -560,7 +580,7 @@ class ActivationOffload:
         memory back to the OS."""
         self.reset()
         self._buffers.clear()
-        self.slabs = HostSlabs(pin=self.cuda)
+        self.slabs = HostSlabs(pin=self.cuda, slab_bytes=ACT_SLAB_BYTES)
         empty = getattr(torch._C, "_host_emptyCache", None)
         if self.cuda and empty is not None:
             empty()

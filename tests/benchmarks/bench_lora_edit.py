@@ -3,13 +3,15 @@
     python tests/benchmarks/bench_lora_edit.py            # CUDA: Wan2.1-I2V-14B shape, random bf16, 49 f 832x480
                                                           # CPU:  a scaled shape (says so), fp32
     python tests/benchmarks/bench_lora_edit.py --presets 24GB,8GB --steps 3
-    python tests/benchmarks/bench_lora_edit.py --estimate  # no GPU: 14B-shape peak per preset, fake tensors
+    python tests/benchmarks/bench_lora_edit.py --estimate --jobs 2  # no GPU: 14B shape, fake tensors: per preset
+                                    # training + sampling VRAM and CPU RAM (pinned + pageable), fp8 base weights
 
 Each preset runs in a fresh subprocess (weights built there, random values, the diffusers WanTransformer3DModel
 with the 14B config: 40 blocks, 40 heads x 128, ffn 13824, text 4096, CLIP 1280). Inputs are random latents in
 place of VAE outputs (the VAE is not part of the step). CUDA: peak = torch.cuda.max_memory_allocated over the
-timed steps (after the first, warm-up step); the frozen blocks a preset swaps start in pinned CPU memory,
-everything else on the GPU. CPU: peak = growth of the process's peak RSS during the steps (block swap is a
+timed steps (after the first, warm-up step); block linears stored in fp8 as the CLI does (presets with
+checkpointing); the frozen blocks a preset swaps start in CPU memory (pinned by the runner), everything else on
+the GPU. CPU: peak = growth of the process's peak RSS during the steps (block swap is a
 no-op on CPU, so only checkpointing and windows change it) and s/step is process CPU seconds per step (all
 threads), steadier than wall time on a shared machine. The reference for the 24 GB goal is `ckpt`
 (gradient checkpointing, nothing swapped): without checkpointing a 49-frame 14B step does not fit 139 GB.
@@ -63,20 +65,6 @@ def build(shape: dict, device, dtype):
     return DiffusersWan(model.eval()), model
 
 
-def place(model, swapped: int, device) -> None:
-    """Everything on `device` except the first `swapped` blocks (those stay on the CPU; the runner pins them)."""
-    for name, child in model.named_children():
-        if name != "blocks":
-            child.to(device)
-    for i, block in enumerate(model.blocks):
-        if i >= swapped:
-            block.to(device)
-    for _, p in model.named_parameters(recurse=False):
-        p.data = p.data.to(device)
-    for _, b in model.named_buffers(recurse=False):
-        b.data = b.data.to(device)
-
-
 def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     import torch
     from ffprop.nodes.host.protocol import WanCond
@@ -87,9 +75,14 @@ def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     mem = _estimate_settings(preset_name)   # a preset or 'ckpt', with the same ':wN', ':sF', ':split'... modifiers
     mem = replace(mem, compute_dtype="bf16" if cuda else "fp32")
+    from ffprop.nodes.host.diffusers import store_blocks_fp8
+    from ffprop.nodes.lora_edit.lowvram import place_for_swap
+
     dit, model = build(shape, device, dtype)
+    if cuda and mem.gradient_checkpointing:
+        store_blocks_fp8(model)            # as the CLI stores the base weights on CUDA
     swapped = mem.blocks_to_swap(shape["layers"])
-    place(model, swapped, device)
+    place_for_swap(model, dit.blocks(), swapped, device)   # the swapped blocks stay on the CPU (the runner pins them)
     frames = mem.window_frames if 0 < mem.window_frames < shape["frames"] else shape["frames"]
     f, h, w = (frames - 1) // 4 + 1, shape["height"] // 8, shape["width"] // 8
     g = torch.Generator().manual_seed(1)
@@ -134,8 +127,7 @@ def run_one(preset_name: str, shape: dict, steps: int) -> dict:
     return out
 
 
-ESTIMATE_PRESETS = ("unlimited,ckpt,24GB,16GB,12GB,8GB,8GB:w0+lora-fp32,8GB:w0,8GB:w0:split,8GB:w0:split:s1.0,"
-                    "12GB:w0:split,16GB:w0:split")
+ESTIMATE_PRESETS = "24GB,16GB,12GB,8GB"
 GB = 1e9
 CUDA_CONTEXT_GB = 0.5   # the CUDA context + cuBLAS/cuDNN handles: outside max_memory_allocated, typical, not measured
 
@@ -217,19 +209,25 @@ class PeakBytes:
 
 
 def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
-    """Peak memory of `steps` training steps with fake tensors (no data, no allocation): the compute device is
-    the `meta` device, the host is the CPU. PeakBytes counts live storages per device through the dispatcher,
-    so this is the memory the tensors of this code path need, as CUDA would see it
-    through max_memory_allocated, without the CUDA context, allocator rounding/fragmentation and kernel
-    workspaces."""
+    """Peak memory of `steps` training steps, then of `SAMPLE_STEPS` sampling steps (CFG: two model calls each),
+    with fake tensors (no data, no allocation): the compute device is the `meta` device, the host is the CPU.
+    PeakBytes counts live storages per device through the dispatcher, so this is the memory the tensors of this
+    code path need, as CUDA would see it through max_memory_allocated, without the CUDA context, allocator
+    rounding/fragmentation and kernel workspaces. The base weights are stored as the CLI stores them: block
+    linears in fp8 (float8_e4m3fn) for presets with checkpointing (':bf16' keeps bf16), fp32-kept modules in
+    fp32, the rest bf16; the BlockRunner casts each block's fp8 weights to bf16 as it runs (counted)."""
     import torch
+    from ffprop.nodes.host.diffusers import store_blocks_fp8
     from ffprop.nodes.host.protocol import WanCond
     from ffprop.nodes.lora_edit.lora import LoRA, LoRALayer, attach_hooks, target_paths
-    from ffprop.nodes.lora_edit.lowvram import BlockRunner
+    from ffprop.nodes.lora_edit.lowvram import BlockRunner, HostSlabs
     from ffprop.nodes.lora_edit.trainer import TrainSample
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mem = _estimate_settings(preset_name.replace("+lora-fp32", ""))
+    name = preset_name.replace("+lora-fp32", "")
+    bf16_base = name.endswith(":bf16")
+    mem = _estimate_settings(name.removesuffix(":bf16"))
+    fp8 = mem.gradient_checkpointing and not bf16_base
     dev, dtype = torch.device("meta"), torch.bfloat16
     if preset_name.endswith("+lora-fp32"):
         # the pre-change LoRA compute: each LoRA input cast to fp32 (an fp32 copy of every targeted linear's input
@@ -265,6 +263,12 @@ def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
                 model = WanTransformer3DModel(**_config(shape)).eval()   # fake tensors: nothing allocated
         finally:
             torch.set_default_dtype(default)
+        keep = model._keep_in_fp32_modules
+        for pname, p in model.named_parameters():
+            if any(k in pname for k in keep):
+                p.data = p.data.float()
+        if fp8:
+            store_blocks_fp8(model)
         dit = DiffusersWan(model)
         keep = torch.ones(1, 4, f, h, w, device=dev, dtype=dtype)
         cond = WanCond(keep, torch.empty(1, 16, f, h, w, device=dev, dtype=dtype),
@@ -272,17 +276,18 @@ def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
                        torch.empty(1, 257, 1280, device=dev, dtype=dtype))
         sample = TrainSample(torch.empty(1, 16, f, h, w, device=dev, dtype=dtype), cond)
         model.requires_grad_(False)
-        layers = {}   # create_lora's LoRA (rank 16, fp32), built on the device directly (fake params cannot .to())
+        layers_ = {}   # create_lora's LoRA (rank 16, fp32), built on the device directly (fake params cannot .to())
         for path, host_path in target_paths(dit, "all_linears").items():
             out_f, in_f = model.get_submodule(host_path).weight.shape
-            layers[path] = LoRALayer(torch.empty(16, in_f, device=dev), torch.zeros(out_f, 16, device=dev), 16)
-        lora = LoRA(layers)
+            layers_[path] = LoRALayer(torch.empty(16, in_f, device=dev), torch.zeros(out_f, 16, device=dev), 16)
+        lora = LoRA(layers_)
         lora.requires_grad_(True)
         params = list(lora.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
         detach = attach_hooks(dit, lora)
         # Fake parameters cannot change device through `.data =` (the runner's swap), so the runner swaps
-        # nothing here and the swapped blocks' weights are subtracted below (at most 2 are on the device at once).
+        # nothing here (it does cast the fp8 blocks up, on the device, one or two at a time) and the swapped
+        # blocks' stored weights are subtracted below and counted in CPU RAM.
         runner = BlockRunner(dit.blocks(), dev, mem.gradient_checkpointing, 0,
                              offload_activations=mem.offload_activations, split_blocks=mem.split_blocks)
         tracker = PeakBytes()
@@ -302,19 +307,55 @@ def estimate_one(preset_name: str, shape: dict, steps: int = 2) -> dict:
                 del v, loss, noise
                 if i == 0:
                     tracker.reset_peak()
+            acts_host = runner.acts.slabs.reserved if runner.acts else 0   # (released again by remove())
+        packed = runner.acts.packed if runner.acts else 0
+        del opt
+        for prm in params:
+            prm.grad = None
+        # sampling (pipeline.sample_low_vram): the full clip (windows are a training setting), no gradients,
+        # an inference BlockRunner, the trained LoRA attached; Euler steps with CFG as host.sampling.sample does
+        fs = (shape["frames"] - 1) // 4 + 1
+        scond = WanCond(torch.ones(1, 4, fs, h, w, device=dev, dtype=dtype),
+                        torch.empty(1, 16, fs, h, w, device=dev, dtype=dtype), cond.context, cond.clip_tokens)
+        neg = WanCond(scond.keep_mask, scond.cond_latent, torch.empty_like(cond.context), cond.clip_tokens)
+        srunner = BlockRunner(dit.blocks(), dev, False, 0, inference=True)
+        stracker = PeakBytes()
+        x = torch.empty(1, 16, fs, h, w, device=dev, dtype=torch.float32)
+        for t in [*model.parameters(), *model.buffers(), *params, x, *vars(scond).values(), neg.context]:
+            if isinstance(t, torch.Tensor):
+                stracker.track(t)
+        with torch.no_grad(), srunner, stracker:
+            for _ in range(SAMPLE_STEPS):
+                v = dit.predict(x, 0.5, scond).float()
+                v_neg = dit.predict(x, 0.5, neg).float()
+                v = v_neg + 5.0 * (v - v_neg)
+                x = x + (-0.1) * v
+                del v, v_neg
         detach()
-    on = sum(n for d, n in tracker.peak.items() if d.type == "meta")
-    host = sum(n for d, n in tracker.peak.items() if d.type == "cpu")
-    block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
-    away = max(swapped - 2, 0) * block_bytes if swapped else 0
+
+    def on_device(tr):
+        return sum(n for d, n in tr.peak.items() if d.type == "meta")
+
+    block_tensors = [*model.blocks[0].parameters(), *model.blocks[0].buffers()]
+    block_bytes = sum(t.numel() * t.element_size() for t in block_tensors)
+    away = swapped * block_bytes                      # the swapped blocks' stored (fp8) copies live on the CPU
+    pinned_blocks = HostSlabs.footprint([t.numel() * t.element_size() for t in block_tensors] * swapped)
+    pow2 = swapped * sum(1 << max(0, (t.numel() * t.element_size() - 1).bit_length()) for t in block_tensors)
+    frames_bytes = shape["frames"] * shape["height"] * shape["width"] * 4
+    pageable = 3 * frames_bytes + shape["frames"] * shape["height"] * shape["width"] * 4   # clip, cond, out, mask
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return {"preset": preset_name, "frames": frames, "tokens": f * (h // 2) * (w // 2), "swapped": swapped,
-            "offload": mem.offload_activations, "split": mem.split_blocks,
+            "offload": mem.offload_activations, "split": mem.split_blocks, "fp8": fp8,
             "checkpointing": mem.gradient_checkpointing,
-            "device_peak_gb": (on - away) / GB, "measured_all_on_device_gb": on / GB,
-            "block_gb": block_bytes / GB, "host_peak_gb": (host + away) / GB,
-            "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
-            "lora_params": sum(p.numel() for p in params),
-            "acts_packed": runner.acts.packed if runner.acts else 0}
+            "device_peak_gb": (on_device(tracker) - away) / GB, "measured_all_on_device_gb": on_device(tracker) / GB,
+            "sample_device_peak_gb": (on_device(stracker) - away) / GB,
+            "sample_tokens": fs * (h // 2) * (w // 2),
+            "block_gb": block_bytes / GB, "pinned_blocks_gb": pinned_blocks / GB,
+            "pinned_blocks_pow2_gb": pow2 / GB, "pinned_acts_gb": acts_host / GB, "pageable_gb": pageable / GB,
+            "weights_gb": weights / GB, "lora_params": sum(p.numel() for p in params), "acts_packed": packed}
+
+
+SAMPLE_STEPS = 2   # the peak of one sampling step repeats every step (no state grows)
 
 
 DEFAULT_PRESETS = "ckpt,24GB,16GB,12GB,8GB"
@@ -330,48 +371,69 @@ def _subprocess(args: list[str]) -> dict:
         return {"status": f"failed: {p.stderr.strip()[-400:]}"}
 
 
-def estimate_table(presets: str) -> None:
-    print("Peak memory of a LoRA-Edit training step (rank 16, all_linears, AdamW; 2 steps, peak of the 2nd) for a "
-          f"Wan2.1-I2V-14B-shaped model, bf16, {FULL['frames']} frames at {FULL['width']}x{FULL['height']}.\n"
-          "Fake tensors (FakeTensorMode + a dispatcher storage tracker): the trainer's own code path (BlockRunner checkpointing + "
-          "activation offload, LoRA hooks, diffusers WanTransformer3DModel), nothing allocated. SDPA is routed to "
-          "a flash-attention kernel (O(S) memory, like CUDA bf16). Block swap is applied by subtracting the "
-          "swapped blocks' weights (fake parameters cannot change device; the runner keeps <= 2 swapped blocks "
-          "on the device).")
-    rows = []
-    for name in presets.split(","):
-        r = _subprocess(["--one", name, "--estimate"])
+CPU_RAM_GB = 24 * 2**30 / GB   # the CPU RAM goal: 24 GiB
+
+
+def estimate_table(presets: str, jobs: int = 1) -> None:
+    print("LoRA-Edit memory per preset for a Wan2.1-I2V-14B-shaped model, "
+          f"{FULL['frames']} frames at {FULL['width']}x{FULL['height']}: the training step (rank 16, all_linears, "
+          "AdamW; 2 steps, peak of the 2nd) and the sampling pass (CFG: 2 model calls per step, LoRA attached).\n"
+          "Fake tensors (FakeTensorMode + a dispatcher storage tracker): the shipped code path (BlockRunner "
+          "checkpointing, activation offload, fp8 -> bf16 upcast per block, LoRA hooks, diffusers "
+          "WanTransformer3DModel), nothing allocated. Base weights as the CLI stores them: block linears fp8 "
+          "(presets with checkpointing), the rest bf16/fp32. SDPA is routed to a flash-attention kernel (O(S) "
+          "memory, like CUDA bf16). Block swap is applied by moving the swapped blocks' stored bytes from the "
+          "device column to CPU RAM (fake parameters cannot change device).")
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = presets.split(",")
+    with ThreadPoolExecutor(jobs) as pool:        # each preset in its own subprocess
+        rows = list(pool.map(lambda n: _subprocess(["--one", n, "--estimate"]), names))
+    for name, r in zip(names, rows):
         r.setdefault("preset", name)
-        rows.append(r)
         print(f"  {name}: {r.get('status', 'ok')}", flush=True)
     dim = FULL["heads"] * FULL["head_dim"]
-    print(f"\n{'preset':<18}{'frames':>7}{'tokens':>8}{'swap':>6}{'offload':>8}{'tensors GB':>12}{'+extra':>8}"
-          f"{'VRAM GB':>9}{'host GB':>9}")
+    print(f"\n{'preset':<22}{'frames':>7}{'swap':>5}{'fp8':>5}{'train VRAM':>11}{'sample VRAM':>12}"
+          f"{'pinned blk':>11}{'pinned act':>11}{'pageable':>9}{'train RAM':>10}{'sample RAM':>11}")
     for r in rows:
         if "device_peak_gb" not in r:
-            print(f"{r['preset']:<18}{r.get('status')}")
+            print(f"{r['preset']:<22}{r.get('status')}")
             continue
-        extra = attention_scratch_gb(r["tokens"], dim) + CUDA_CONTEXT_GB
-        total = r["device_peak_gb"] + extra
-        r["vram_gb"] = total
-        print(f"{r['preset']:<18}{r['frames']:>7}{r['tokens']:>8}{r['swapped']:>6}{str(r['offload']):>8}"
-              f"{r['device_peak_gb']:>12.2f}{extra:>8.2f}{total:>9.2f}{r['host_peak_gb']:>9.2f}")
+        r["vram_gb"] = r["device_peak_gb"] + attention_scratch_gb(r["tokens"], dim) + CUDA_CONTEXT_GB
+        r["sample_vram_gb"] = r["sample_device_peak_gb"] + CUDA_CONTEXT_GB
+        r["train_ram_gb"] = r["pinned_blocks_gb"] + r["pinned_acts_gb"] + r["pageable_gb"]
+        r["sample_ram_gb"] = r["pinned_blocks_gb"] + r["pageable_gb"]
+        print(f"{r['preset']:<22}{r['frames']:>7}{r['swapped']:>5}{'yes' if r['fp8'] else 'no':>5}"
+              f"{r['vram_gb']:>11.2f}{r['sample_vram_gb']:>12.2f}{r['pinned_blocks_gb']:>11.2f}"
+              f"{r['pinned_acts_gb']:>11.2f}{r['pageable_gb']:>9.2f}{r['train_ram_gb']:>10.2f}{r['sample_ram_gb']:>11.2f}")
     card = {"24GB": 24, "16GB": 16, "12GB": 12, "8GB": 8}
     for r in rows:
         gib = card.get(r["preset"].split(":")[0].split("+")[0])
         if gib and "vram_gb" in r:
             cap = gib * 2**30 / GB
-            verdict = "fits" if r["vram_gb"] <= cap else "does NOT fit"
+            worst = max(r["vram_gb"], r["sample_vram_gb"])
+            ram = max(r["train_ram_gb"], r["sample_ram_gb"])
             full = " (the full clip)" if r["frames"] == FULL["frames"] else ""
-            print(f"{r['preset']}: {r['frames']} frames per step{full}"
-                  f", {r['vram_gb']:.2f} GB -> {verdict} a {gib} GiB card ({cap:.2f} GB), margin "
-                  f"{(cap - r['vram_gb']) / cap:+.0%}")
-    print("tensors GB = peak of live tensors on the compute device (what torch.cuda.max_memory_allocated reports); "
-          f"+extra = FlashAttention-2 backward fp32 dq scratch + {CUDA_CONTEXT_GB} GB CUDA context (typical). Not "
-          "counted: caching-allocator rounding and fragmentation (often +5-15 %), cuBLAS/cuDNN workspaces, the "
-          "VAE encode (runs before training; the trainer frees nothing for it), other programs on the GPU. host GB "
-          "= pinned CPU memory for swapped blocks and offloaded activations (the model's CPU copy in ComfyUI is "
-          "the same memory for swapped blocks).")
+            print(f"{r['preset']}: {r['frames']} frames per training step{full}; VRAM train {r['vram_gb']:.2f} / "
+                  f"sample {r['sample_vram_gb']:.2f} GB -> {'fits' if worst <= cap else 'does NOT fit'} a {gib} GiB "
+                  f"card ({cap:.2f} GB), margin {(cap - worst) / cap:+.0%}; CPU RAM (tensors) {ram:.2f} GB -> "
+                  f"{'fits' if ram <= CPU_RAM_GB else 'does NOT fit'} 24 GiB ({CPU_RAM_GB:.2f} GB), margin "
+                  f"{(CPU_RAM_GB - ram) / CPU_RAM_GB:+.0%}")
+    blk = next((r for r in rows if r.get("swapped")), None)
+    if blk:
+        print(f"(pinned blocks: {blk['swapped']} swapped blocks of {blk['block_gb'] * 1000:.0f} MB packed in 512 MiB "
+              f"slabs = {blk['pinned_blocks_gb']:.2f} GB; one pinned allocation per tensor, as torch's pinned "
+              f"allocator rounds them to powers of two, would take {blk['pinned_blocks_pow2_gb']:.2f} GB)")
+    print("train/sample VRAM = peak of live tensors on the compute device (what torch.cuda.max_memory_allocated "
+          "reports) + FlashAttention-2 backward fp32 dq scratch (training) + "
+          f"{CUDA_CONTEXT_GB} GB CUDA context (typical, not measured). Not counted: caching-allocator rounding and "
+          "fragmentation (often +5-15 %), cuBLAS/cuDNN workspaces, the VAE (encode before training, decode after "
+          "sampling), other programs on the GPU. CPU RAM = pinned swapped blocks (fp8, 512 MiB slabs) + pinned "
+          "offloaded activations (training; slabs, released before sampling) + pageable clip tensors (source, "
+          "condition video, output, mask in fp32). Not counted: the Python/torch/CUDA process itself (typically "
+          "1.5-3 GB RSS, not measured here), the VAE's CPU copy while loading, the page cache of the model files. "
+          "Loading (streamed, fp8): the whole stored model is on the CPU once before the unswapped part moves to "
+          f"the GPU: {rows[-1].get('weights_gb', float('nan')):.2f} GB.")
 
 
 def main() -> None:
@@ -381,6 +443,7 @@ def main() -> None:
                     help="no GPU needed: peak memory per preset for the 14B shape at 49 frames 832x480, measured "
                          "with fake tensors (FakeTensorMode + storage tracking) on the real training-step code path")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up step)")
+    ap.add_argument("--jobs", type=int, default=1, help="--estimate: presets estimated in parallel subprocesses")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -393,7 +456,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, shape, args.steps)))
         return
     if args.estimate:
-        estimate_table(args.presets if args.presets != DEFAULT_PRESETS else ESTIMATE_PRESETS)
+        estimate_table(args.presets if args.presets != DEFAULT_PRESETS else ESTIMATE_PRESETS, args.jobs)
         return
     if shape is SCALED:
         print(f"no CUDA: running a SCALED shape on the CPU, not Wan-14B: {SCALED}")

@@ -190,6 +190,27 @@ def test_host_slabs_pack_tensors_without_power_of_two_rounding():
     for i, t in enumerate(ts):      # distinct values in each: no two tensors share bytes
         t.view(torch.uint8).fill_(i + 1)
     assert [set(t.view(torch.uint8).unique().tolist()) for t in ts] == [{i + 1} for i in range(len(ts))]
-    # 3 x 300 B in slab 1 (64-byte aligned starts), 150 B opens slab 2, 2400 B gets its own allocation
+    # 3 x 300 B in slab 1 (64-byte aligned starts: 0, 320, 640), 150 B opens slab 2, 2400 B gets its own
     assert slabs.reserved == 1000 + 1000 + 2400
     assert HostSlabs.footprint([300, 300, 300, 150, 2400], 1000) == slabs.reserved
+    small = slabs.empty((20,), torch.uint8)          # first fit: back into slab 1's gap (940..960... 960+20)
+    assert slabs.reserved == 4400 and small.untyped_storage().data_ptr() == ts[0].untyped_storage().data_ptr()
+    assert HostSlabs.footprint([300, 300, 300, 150, 2400, 20], 1000) == 4400
+
+
+def test_cancel_while_sampling_restores_the_model(models):
+    from ffprop.nodes.common import Cancelled
+
+    fp8, _ = models
+    cond, neg, noise, _ = inputs()
+    before = snapshot(fp8)
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 6      # inside the 2nd model call (CFG), blocks loaded and cast up
+
+    with pytest.raises(Cancelled):
+        sample_low_vram(fp8, preset("24GB"), cond, noise, SET, should_stop=should_stop, negative=neg)
+    assert calls["n"] == 7
+    assert_same(fp8, before)
