@@ -11,6 +11,9 @@ with the ground-truth edited clip. Scores (frames 2..T, the ones an engine makes
              consistent pixels only; the mean |out[t-1] - out[t] warped back| (0..1, RGB mean). An output that
              moves like the truth scores like the truth; a frozen one scores the motion it misses;
   seconds    wall seconds the engine took per case (mean).
+Engines: repeat_first_frame (the edited first frame, frozen: the lower bound); flow (nodes/flow, default
+settings, given the world's per-frame edit masks: oracle masks, as a SAM2 track would give); i2v, lora_edit,
+lora_edit_ast_rope on the bundled world models (wan_engines; lora_edit gets the masks as loose boxes).
 A PSNR of an exact match is capped at PSNR_CAP. Per method: the mean over cases of each score (cases where a
 score has no value, e.g. bg_psnr of restyle, left out), overall and per edit. JSON: null for no value.
 """
