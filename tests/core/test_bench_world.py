@@ -139,3 +139,33 @@ def test_memo_encode_encodes_each_clip_once():
     assert enc(a) == 0 and enc(a.clone()) == 0 and len(calls) == 1
     enc(b), enc(c), enc(a)                                       # a was evicted (keep=2): encoded again
     assert len(calls) == 4
+
+
+def _world_models_present() -> bool:
+    try:
+        from ffprop.nodes.world import model
+
+        model.read_manifest()
+        return True
+    except (ImportError, RuntimeError):
+        return False
+
+
+def test_demo_engine_wan_without_the_world_models_says_which_file_is_missing(tmp_path, capsys):
+    if _world_models_present():
+        pytest.skip("the bundled world models are present (the demo itself is tested below)")
+    assert main(["demo", "--engine", "wan", "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "--engine wan needs the bundled world models" in err and "manifest.json" in err
+
+
+def test_demo_engine_wan_writes_the_flow_demos_outputs_and_the_truth(tmp_path, capsys):
+    if not _world_models_present():
+        pytest.skip("the bundled world models (nodes/world/weights) are not in this checkout")
+    out = tmp_path / "out"
+    assert main(["demo", "--engine", "wan", "-o", str(out)]) == 0
+    for name in ("source.mp4", "ground_truth.mp4", "output.mp4", "side_by_side.mp4", "preview.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    scores = json.loads((out / "metrics.json").read_text())["ground_truth"]
+    assert set(scores) == {"lora_edit", "flow", "repeat_first_frame"}
+    assert "lora_edit" in capsys.readouterr().out
