@@ -106,7 +106,10 @@ def _rope_inputs() -> list:
                          tooltip="Remap time relative to the first latent frame of the sequence, so frame 0 (the "
                                  "edited frame) keeps its position even when the ids start elsewhere."),
         io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                       tooltip="RoPE kernel: auto = fused Triton on CUDA when available, else torch. For debugging."),
+                       tooltip="RoPE kernel: auto = fused Triton on CUDA when available, else torch. For debugging. Used only "
+                               "where the host's self-attention is the code the fused path was proven equal to "
+                               "(ComfyUI 0.3.64); on 0.28 the host's own RoPE runs with our positions and this "
+                               "is unused (logged once)."),
         io.Combo.Input("predictor", options=_predictor_files(), default=NONE,
                        tooltip="Learned mode: a predictor file from models/ast_rope (written by the trainer)."),
         io.Latent.Input("source_latent", optional=True,
@@ -231,7 +234,9 @@ class FFPASTRoPETrain(io.ComfyNode):
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True,
                                           tooltip="CLIP-vision output of the first frame (I2V image tokens)."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto", optional=True,
-                               tooltip="RoPE kernel used while training (auto: Triton on CUDA when available)."),
+                               tooltip="RoPE kernel used while training (auto: Triton on CUDA when available). Unused on hosts "
+                                       "whose self-attention differs from ComfyUI 0.3.64 (e.g. 0.28): the host's "
+                                       "own RoPE runs there."),
             ],
             outputs=[
                 Predictor.Output(display_name="predictor", tooltip="The trained predictor (connect to Apply AST-RoPE)."),
