@@ -24,6 +24,7 @@ if __package__ in (None, ""):                      # `python __main__.py` from t
     __package__ = Path(__file__).resolve().parent.name
 
 from . import __version__  # noqa: E402
+from .nodes.lora_edit.options import add_wan_arguments  # noqa: E402
 from .nodes.video.formats import FIT_POLICIES, VIDEO_SUFFIXES  # noqa: E402
 
 # The flow engine's choices and defaults (nodes/flow/engine.py FlowSettings, MODES; nodes/flow/dis.py QUALITY),
@@ -421,9 +422,8 @@ def _add_flow_options(p: argparse.ArgumentParser) -> None:
                    help="how closely (0..1) a pixel must still match frame 1 to keep the edit")
 
 
-def build_parser(with_wan: bool = True) -> argparse.ArgumentParser:
-    """The `ffprop` parser. with_wan=False leaves out propagate's --engine wan options (they live in
-    nodes/lora_edit/cli.py, which imports torch); main() adds them only for the propagate command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `ffprop` parser (torch-free: --help and argument errors import no torch)."""
     fmt = {"formatter_class": HelpFormatter}
     parser = argparse.ArgumentParser(prog="ffprop", description="First-frame propagation: edit frame 1, "
                                      "FFProp carries the edit through the clip.",
@@ -466,10 +466,7 @@ def build_parser(with_wan: bool = True) -> argparse.ArgumentParser:
                       help="flow: optical flow (CPU, no weights); wan: LoRA-Edit on a Wan2.1 I2V model (--model, "
                            "needs diffusers)")
     _add_flow_options(prop)
-    if with_wan:
-        from .nodes.lora_edit.cli import add_wan_arguments
-
-        add_wan_arguments(prop)
+    add_wan_arguments(prop)
     prop.set_defaults(func=cmd_propagate, check=check_propagate)
 
     ev = sub.add_parser("eval", help="score an edited video against its source",
@@ -524,11 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _command(argv) or "ffprop"
     args = None
     try:
-        if command == "propagate" and not {"-h", "--help"} & set(argv):
-            # argument and path errors before the --engine wan options (nodes/lora_edit/cli.py) import torch
-            light, _ = build_parser(with_wan=False).parse_known_args(argv)
-            light.check(light)
-        args = build_parser(with_wan=command == "propagate").parse_args(argv)
+        args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         if hasattr(args, "check"):                  # a command without checks (e.g. one added later) skips this
             args.check(args)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..common import Cancelled, log
 from ..host.diffusers import UPCAST_ATTR
+from .options import PRESET_ORDER
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -84,7 +85,7 @@ PRESETS: dict[str, MemorySettings] = {
     "8GB": MemorySettings(swap_fraction=0.95, window_frames=9, compute_dtype="bf16", offload_activations=True,
                           split_blocks=True),
 }
-PRESET_ORDER = ("unlimited", "24GB", "16GB", "12GB", "8GB")
+assert tuple(PRESETS) == PRESET_ORDER, "options.PRESET_ORDER names the presets, largest budget first"
 
 
 def preset(name: str, **overrides) -> MemorySettings:

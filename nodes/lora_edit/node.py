@@ -19,7 +19,8 @@ from ..host.comfy import ComfyWan
 from ..video.frames import FIT_POLICIES, FRAME_POLICIES, SIZE_POLICIES, fit_to_frame, frames_to_latent
 from .conditioning import comfy_concat_mask, masked_condition_video, prepare_clip
 from .lora import TARGETS, LoRA, attach_weight_wrappers, create_lora, save_lora
-from .lowvram import PRESET_ORDER, MemorySettings, log_settings, preset
+from .lowvram import MemorySettings, log_settings, preset
+from .options import PRESET_ORDER
 from .trainer import (
     TrainSettings,
     build_keyframe_samples,

@@ -102,8 +102,6 @@ def test_help_version_and_argument_errors_import_no_torch(tmp_path, args, rc):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="propagate's --engine wan options come from nodes/lora_edit/cli.py, which "
-                                       "imports torch at module level (change requested from its owner)")
 def test_propagate_help_imports_no_torch(tmp_path):
     run = ffprop("propagate", "--help", cwd=tmp_path)
     assert run.returncode == 0 and "--memory-preset" in run.stdout
@@ -130,7 +128,7 @@ def test_every_option_of_ours_has_help_and_flow_defaults_agree_with_the_engine()
 
     assert FLOW_MODES == MODES and FLOW_QUALITIES == tuple(QUALITY)
     assert FLOW_DEFAULTS == {k: getattr(FlowSettings(), k) for k in FLOW_DEFAULTS}
-    parser = build_parser(with_wan=False)
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
     for name, p in sub.choices.items():
         for action in p._actions:
