@@ -28,7 +28,8 @@ RETRAIN = {
 
 
 def _fix(name: str, folder: Path) -> str:
-    return (f"restore it from git (git checkout -- {folder / FILES.get(name, name)} and {folder / 'manifest.json'}) "
+    paths = sorted({str(folder / FILES.get(name, name)), str(folder / "manifest.json")})
+    return (f"restore it from git (git checkout -- {' '.join(paths)}) "
             f"or retrain it with `{RETRAIN.get(name, 'python -m ffprop.nodes.world.train')}` (the manifest's "
             "'command' is the exact one) and point the loader at DIR.")
 
