@@ -102,6 +102,19 @@ def vae_decode_raw(vae, z: Tensor) -> Tensor:
     return torch.cat(outs, 2)
 
 
+def seeded_init(build, seed: int):
+    """build() with the global RNG pinned to seed and restored after (module init draws from it)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build()
+
+
+def warmup_cosine(opt, steps: int):
+    """20 steps of linear warm-up, then cosine decay to 0 over `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+
+
 def new_vae(config: dict | None = None):
     """A fresh AutoencoderKLWan with `init_vae`'s initialisation (draws from the global RNG: seed it first)."""
     from diffusers import AutoencoderKLWan
@@ -149,12 +162,10 @@ def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1
     full held-out clips); hence the second stage on 17-frame windows."""
     gen = torch.Generator().manual_seed(seed)
     if vae is None:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)          # module init draws from the global RNG: pin it, restored after
-            vae = new_vae()
+        vae = seeded_init(new_vae, seed)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    sched = warmup_cosine(opt, steps)
     losses = []
     t0 = time.time()
     for i in range(steps):
@@ -256,12 +267,10 @@ def train_dit(latents: Tensor, first_latents: Tensor, steps: int, seed: int, bat
               log=print):
     """Train a fresh I2V DiT on model-space latents [N, 16, F, h, w]; returns (model, losses)."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = new_dit()
+    model = seeded_init(new_dit, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    sched = warmup_cosine(opt, steps)
     losses = []
     t0 = time.time()
     model.train()
