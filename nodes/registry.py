@@ -1,21 +1,27 @@
-"""The V3 extension ComfyUI loads: every FFP node of every room. Imports ComfyUI (layering rule)."""
+"""The V3 extension ComfyUI loads: every FFP node of every room. Imports ComfyUI (layering rule).
+
+Each room's node.py lists its nodes in NODES; ROOMS is the menu order."""
 
 from __future__ import annotations
 
-from ._comfy import ComfyExtension, io
-from .ast_rope.node import FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain
-from .chunks.node import FFPChunkFlowPropagate, FFPChunkPlan, FFPChunkSample
-from .evaluate.node import FFPEvaluate
-from .flow.node import FFPFlowPropagate
-from .lora_edit.node import FFPLoRAEditConditioning, FFPLoRAEditMemory, FFPSaveLoRA, FFPTrainLoRAEdit
-from .masks import routes as _mask_routes  # noqa: F401  (registers GET /ffprop/frame for the web editor)
-from .masks.node import FFPMaskCombine, FFPMaskOps, FFPMaskPrompts, FFPMaskPropagate, FFPSAM2Loader
+import importlib
+import importlib.util
 
-NODES: list[type[io.ComfyNode]] = [FFPFlowPropagate, FFPEvaluate,
-                                   FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine,
-                                   FFPLoRAEditConditioning, FFPTrainLoRAEdit, FFPLoRAEditMemory, FFPSaveLoRA,
-                                   FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain,
-                                   FFPChunkPlan, FFPChunkSample, FFPChunkFlowPropagate]
+from ._comfy import ComfyExtension, io
+from .masks import routes as _mask_routes  # noqa: F401  (registers GET /ffprop/frame for the web editor)
+
+ROOMS = ("flow", "evaluate", "masks", "lora_edit", "ast_rope", "chunks", "keyframes", "content_encoder")
+
+
+def room_nodes(room: str) -> list[type[io.ComfyNode]]:
+    """The NODES of nodes/<room>/node.py; [] for a room this checkout does not have yet."""
+    if importlib.util.find_spec(f"{__package__}.{room}") is None or \
+            importlib.util.find_spec(f"{__package__}.{room}.node") is None:
+        return []
+    return list(importlib.import_module(f"{__package__}.{room}.node").NODES)
+
+
+NODES: list[type[io.ComfyNode]] = [node for room in ROOMS for node in room_nodes(room)]
 
 
 class FFPropExtension(ComfyExtension):

@@ -286,3 +286,7 @@ class FFPASTRoPETrain(io.ComfyNode):
         text = (f"loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g} over {steps} steps "
                 f"({len(samples)} clip(s)); {result.alphas.describe()}")
         return io.NodeOutput(result.predictor, "" if path is None else str(path), text, ui=ui.PreviewText(text))
+
+
+NODES = [FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain]
+"""This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""

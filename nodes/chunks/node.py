@@ -262,3 +262,7 @@ class FFPChunkFlowPropagate(io.ComfyNode):
         mask = res.edit_mask if res.edit_mask is not None else frames.new_zeros(frames.shape[:3])
         return io.NodeOutput(pack_video(res.video, fps, audio), res.video, mask, res.report,
                              ui=ui.PreviewText(res.report))
+
+
+NODES = [FFPChunkPlan, FFPChunkSample, FFPChunkFlowPropagate]
+"""This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""

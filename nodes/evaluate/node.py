@@ -72,3 +72,7 @@ class FFPEvaluate(io.ComfyNode):
         preview = comparison_grid(source, output, edit_mask.cpu())
         shown = {**ui.PreviewImage(preview, cls=cls).as_dict(), **ui.PreviewText(format_table({"output": report})).as_dict()}
         return io.NodeOutput(text, preview, ui=shown)
+
+
+NODES = [FFPEvaluate]
+"""This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""

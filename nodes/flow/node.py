@@ -65,3 +65,7 @@ class FFPFlowPropagate(io.ComfyNode):
         result = propagate_edit(frames, edited_first_frame.cpu(), None if edit_mask is None else edit_mask.cpu(),
                                 settings, size_policy, on_step, should_stop)
         return io.NodeOutput(pack_video(result.video, fps, audio), result.video, result.mask)
+
+
+NODES = [FFPFlowPropagate]
+"""This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""

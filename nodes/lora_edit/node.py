@@ -367,3 +367,7 @@ class FFPSaveLoRA(io.ComfyNode):
         rel = path.relative_to(root).as_posix()
         log.info("FFP LoRA-Edit: saved %s", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}").as_dict())
+
+
+NODES = [FFPLoRAEditConditioning, FFPTrainLoRAEdit, FFPLoRAEditMemory, FFPSaveLoRA]
+"""This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""

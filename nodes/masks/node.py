@@ -228,3 +228,7 @@ class FFPMaskCombine(io.ComfyNode):
     @classmethod
     def execute(cls, mask_a, mask_b, mode: str) -> io.NodeOutput:
         return io.NodeOutput(combine(mask_a.float().cpu(), mask_b.float().cpu(), mode))
+
+
+NODES = [FFPMaskPrompts, FFPSAM2Loader, FFPMaskPropagate, FFPMaskOps, FFPMaskCombine]
+"""This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""
