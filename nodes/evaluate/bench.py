@@ -14,13 +14,18 @@ with the ground-truth edited clip. Scores (frames 2..T, the ones an engine makes
 Engines: repeat_first_frame (the edited first frame, frozen: the lower bound); flow (nodes/flow, default
 settings, given the world's per-frame edit masks: oracle masks, as a SAM2 track would give); i2v, lora_edit,
 lora_edit_ast_rope on the bundled world models (wan_engines; lora_edit gets the masks as loose boxes).
-A PSNR of an exact match is capped at PSNR_CAP. Per method: the mean over cases of each score (cases where a
+Later engines come from the rooms: for each room in ROOMS, `ffprop.nodes.<room>.bench.engines(world,
+settings) -> {name: Engine}` (world: a WanWorld, or None when the world models cannot load) adds its rows; an
+expected row (ROOM_ROWS) that no room provides is reported as skipped, with the reason. An engine may carry a
+`frames` attribute (long-scene rows, e.g. chunks): its cases are rendered at that many frames and its summary
+says so ("frames"). A PSNR of an exact match is capped at PSNR_CAP. Per method: the mean over cases of each score (cases where a
 score has no value, e.g. bg_psnr of restyle, left out), overall and per edit. JSON: null for no value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import time
@@ -35,6 +40,10 @@ from ..common import OnStep, atomic_write, report
 from ..world.scenes import EDITS, HELDOUT_SEEDS, WorldSample, render_sample
 
 METHODS = ("repeat_first_frame", "flow", "i2v", "lora_edit", "lora_edit_ast_rope")
+ROOMS = ("keyframes", "content_encoder", "ast_rope", "lora_edit", "chunks")   # nodes/<room>/bench.py add rows
+ROOM_ROWS = ("keyframes", "content_encoder", "freeprop", "freeprop_no_ast_rope", "freeprop_no_teacher",
+             "lora_edit_wan22", "chunks")                                      # rows the rooms are expected to add
+ROOM_PACKAGE = "ffprop.nodes"
 SCORES = ("psnr", "edit_psnr", "bg_psnr", "warp_error", "seconds")
 PSNR_CAP = 100.0
 WARP_QUALITY = "fast"
@@ -151,21 +160,78 @@ def flow_engine(s: WorldSample) -> Tensor:
     return propagate_edit(s.source, s.edited_first, s.edit_mask).video
 
 
-def engines(settings: BenchSettings, names: tuple[str, ...] = METHODS) -> dict[str, Engine | str]:
-    """name -> engine, or -> the reason it is skipped (its models are not available)."""
+def room_engines(world: Optional["WanWorld"], settings: BenchSettings, rooms: tuple[str, ...] = ROOMS,
+                 package: str = ROOM_PACKAGE) -> tuple[dict[str, Engine], dict[str, str]]:
+    """The rows the rooms add: ({name: engine}, {room: why its module gave none}) from each
+    `<package>.<room>.bench.engines(world, settings)`. A room without a bench module adds no rows (not a
+    problem); one whose module fails to import or whose engines() raises is named with the error."""
+    rows: dict[str, Engine] = {}
+    problems: dict[str, str] = {}
+    for room in rooms:
+        name = f"{package}.{room}.bench"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):     # the module (or its room) does not exist
+                continue
+            problems[room] = f"{name} failed to import: {type(e).__name__}: {e}"
+            continue
+        except Exception as e:  # noqa: BLE001  (a broken room skips its rows, the others still run)
+            problems[room] = f"{name} failed to import: {type(e).__name__}: {e}"
+            continue
+        try:
+            found = module.engines(world, settings)
+        except Exception as e:  # noqa: BLE001
+            problems[room] = f"{name}.engines() raised {type(e).__name__}: {e}"
+            continue
+        for row, engine in found.items():
+            if row in METHODS or row in rows:
+                raise ValueError(f"{name}.engines() returns row '{row}', which another engine already has; "
+                                 "rename the row.")
+            rows[row] = engine
+    return rows, problems
+
+
+def _missing_row(row: str, world: Optional["WanWorld"], world_problem: Optional[str], problems: dict[str, str],
+                 rooms: tuple[str, ...]) -> str:
+    """Why an expected room row is absent."""
+    why = f"no nodes/<room>/bench.py engines() provides '{row}' (rooms looked in: {', '.join(rooms)})"
+    if problems:
+        why += "; " + "; ".join(problems.values())
+    if world is None and world_problem:
+        why += f"; the world models did not load ({world_problem}), so Wan rows were not offered"
+    return why
+
+
+def engines(settings: BenchSettings, names: Optional[tuple[str, ...]] = None, rooms: tuple[str, ...] = ROOMS,
+            package: str = ROOM_PACKAGE) -> dict[str, Engine | str]:
+    """name -> engine, or -> the reason it is skipped. names None: every built-in method (METHODS), every
+    expected room row (ROOM_ROWS) and any other row a room adds. The world models load once, only when a
+    requested row needs them (a Wan method, or any room row)."""
+    wanted_rooms = names is None or any(n not in METHODS for n in names)
+    needs_world = names is None or any(n not in ("repeat_first_frame", "flow") for n in names)
+    world, world_problem = (load_world() if needs_world else (None, None))
+    extra, problems = room_engines(world, settings, rooms, package) if wanted_rooms else ({}, {})
+    known = (*METHODS, *ROOM_ROWS, *[r for r in extra if r not in ROOM_ROWS])
+    if names is None:
+        names = known
     out: dict[str, Engine | str] = {}
     wan = None
     for name in names:
-        if name not in METHODS:
-            raise ValueError(f"unknown method '{name}'; use some of {METHODS}.")
+        if name not in known:
+            raise ValueError(f"unknown method '{name}'; use some of {known}.")
         if name == "repeat_first_frame":
             out[name] = repeat_first_frame
         elif name == "flow":
             out[name] = flow_engine
-        else:
+        elif name in METHODS:
             if wan is None:
-                wan = _wan_engines(settings)
+                wan = wan_engines(world, settings) if world is not None else world_problem
             out[name] = wan if isinstance(wan, str) else wan[name]
+        elif name in extra:
+            out[name] = extra[name]
+        else:
+            out[name] = _missing_row(name, world, world_problem, problems, rooms)
     return out
 
 
@@ -236,43 +302,50 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
     return {"i2v": i2v, "lora_edit": lora_edit, "lora_edit_ast_rope": lambda s: lora_edit(s, ast_rope=True)}
 
 
-def _wan_engines(settings: BenchSettings) -> dict[str, Engine] | str:
-    """The generative engines on the small trained world models (nodes/world/model.py), or why they cannot run."""
+def load_world() -> tuple[Optional[WanWorld], Optional[str]]:
+    """(the small trained world models (nodes/world/model.py) as a WanWorld, None), or (None, why they cannot
+    load)."""
     try:
         from ..world.model import load_world_models
     except ImportError as e:
-        return f"the trained world models are not in this checkout (nodes/world/model.py: {e})"
+        return None, f"the trained world models are not in this checkout (nodes/world/model.py: {e})"
     try:
         world = load_world_models()
     except (RuntimeError, ValueError, ImportError) as e:
-        return f"the world models did not load: {e}"
-    return wan_engines(WanWorld(world.dit, world.vae.encode, world.vae.decode, world.context()), settings)
+        return None, f"the world models did not load: {e}"
+    return WanWorld(world.dit, world.vae.encode, world.vae.decode, world.context()), None
 
 
 # ---- the run --------------------------------------------------------------------------------------------
 
 def run_bench(settings: BenchSettings, methods: dict[str, Engine | str], on_step: Optional[OnStep] = None) -> dict:
-    """Every engine on every case -> {"scenes", "frames", "methods": {name: summary}} (module docstring)."""
-    rows: dict[str, list[dict]] = {name: [] for name, e in methods.items() if not isinstance(e, str)}
+    """Every engine on every case -> {"scenes", "frames", "methods": {name: summary}} (module docstring). An
+    engine with a `frames` attribute gets its cases rendered at that length (its summary has "frames")."""
+    live = {name: e for name, e in methods.items() if not isinstance(e, str)}
+    rows: dict[str, list[dict]] = {name: [] for name in live}
+    lengths = {name: int(getattr(e, "frames", settings.frames)) for name, e in live.items()}
     total = len(settings.cases) * max(len(rows), 1)
     done = 0
     for seed, edit in settings.cases:
-        s = render_sample(seed, edit, size=settings.size, frames=settings.frames)
-        motion = true_motion(s.target)
-        for name in rows:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = methods[name](s)
-            seconds = time.perf_counter() - t0
-            rows[name].append({"edit": edit, "seed": seed, **score(out, s, motion), "seconds": seconds})
-            done += 1
-            report(on_step, None, done, total)
+        for frames in sorted(set(lengths.values())):
+            s = render_sample(seed, edit, size=settings.size, frames=frames)
+            motion = true_motion(s.target)
+            for name in (n for n in rows if lengths[n] == frames):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = live[name](s)
+                seconds = time.perf_counter() - t0
+                rows[name].append({"edit": edit, "seed": seed, **score(out, s, motion), "seconds": seconds})
+                done += 1
+                report(on_step, None, done, total)
     result = {"scenes": len(settings.cases), "frames": settings.frames, "methods": {}}
     for name, engine in methods.items():
         if isinstance(engine, str):
             result["methods"][name] = {**{k: None for k in SCORES}, "by_edit": {}, "skipped": engine}
         else:
             result["methods"][name] = summarise(rows[name])
+            if lengths[name] != settings.frames:
+                result["methods"][name]["frames"] = lengths[name]
     return result
 
 
@@ -286,8 +359,9 @@ def format_table(result: dict) -> str:
         if "skipped" in m:
             lines.append(f"{name:<20} skipped: {m['skipped']}")
             continue
+        label = name if "frames" not in m else f"{name} ({m['frames']}f)"
         for edit, row in [("all", m), *m["by_edit"].items()]:
-            lines.append(f"{name if edit == 'all' else '':<20} {edit:<12}" + "".join(f"{fmt(row[k], k):>11}" for k in SCORES))
+            lines.append(f"{label if edit == 'all' else '':<20} {edit:<12}" + "".join(f"{fmt(row[k], k):>11}" for k in SCORES))
     lines.append("psnr/edit_psnr/bg_psnr: dB vs the ground truth (all / inside / outside its edit masks); "
                  f"warp_error: flicker along the true motion (DIS '{WARP_QUALITY}' flow of the ground truth), "
                  "0..1; seconds: per scene")
@@ -304,11 +378,11 @@ def write_json(result: dict, path: str) -> None:
 def run_cli(quick: bool, json_path: Optional[str], methods: Optional[str], on_step: Optional[OnStep] = None) -> int:
     """`ffprop bench world [--quick] [--json FILE] [--methods a,b]`: run, print the table, write the JSON."""
     settings = QUICK if quick else FULL
-    names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
+    names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None
     t0 = time.perf_counter()
     result = run_bench(settings, engines(settings, names), on_step)
     print(format_table(result))
-    print(f"{'quick' if quick else 'full'} run: {result['scenes']} scenes x {len(names)} methods in "
+    print(f"{'quick' if quick else 'full'} run: {result['scenes']} scenes x {len(result['methods'])} methods in "
           f"{time.perf_counter() - t0:.0f} s")
     if json_path:
         write_json(result, json_path)
@@ -323,9 +397,10 @@ def world_demo(seed: int = 0, edit: str = "recolour", engine: str = "lora_edit",
     the engine's clip [T, H, W, 3], {method: scores vs the ground truth} for it, flow and repeat_first_frame).
     RuntimeError (the loader's: which file, and the fix) when the world models are missing."""
     settings = replace(FULL, cases=((HELDOUT_SEEDS[seed % len(HELDOUT_SEEDS)], edit),))
-    wan = _wan_engines(settings)
-    if isinstance(wan, str):
-        raise RuntimeError(f"--engine wan needs the bundled world models: {wan}")
+    world, problem = load_world()
+    if world is None:
+        raise RuntimeError(f"--engine wan needs the bundled world models: {problem}")
+    wan = wan_engines(world, settings)
     s = render_sample(*settings.cases[0], size=settings.size, frames=settings.frames)
     motion = true_motion(s.target)
     scores, out = {}, None

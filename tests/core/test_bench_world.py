@@ -170,3 +170,45 @@ def test_demo_engine_wan_writes_the_flow_demos_outputs_and_the_truth(tmp_path, c
     scores = json.loads((out / "metrics.json").read_text())["ground_truth"]
     assert set(scores) == {"lora_edit", "flow", "repeat_first_frame"}
     assert "lora_edit" in capsys.readouterr().out
+
+
+def test_rooms_add_rows_long_rows_render_their_own_length_and_missing_rows_say_why():
+    """Discovery over real room modules (tests/core/bench_rooms: keyframes adds two rows, chunks a 13-frame row,
+    lora_edit's module fails to import, content_encoder has none)."""
+    import bench_rooms.keyframes.bench as keyframes
+    from ffprop.nodes.evaluate.bench import ROOM_ROWS, WanWorld, load_world
+
+    rooms = ("keyframes", "content_encoder", "lora_edit", "chunks")
+    settings = BenchSettings(cases=SETTINGS.cases[:1], size=(32, 32), frames=9)
+    found = engines(settings, rooms=rooms, package="bench_rooms")
+    world, _ = load_world()
+    seen_world, seen_settings = keyframes.SEEN[-1]
+    assert seen_settings is settings                            # the room got the settings and the world (or None)
+    assert isinstance(seen_world, WanWorld) if world is not None else seen_world is None
+    assert list(found)[:5] == ["repeat_first_frame", "flow", "i2v", "lora_edit", "lora_edit_ast_rope"]
+    assert set(ROOM_ROWS) <= set(found)
+    assert ("keyframes_frozen" in found) == (world is not None)
+    for row in ("content_encoder", "freeprop", "lora_edit_wan22"):
+        assert isinstance(found[row], str) and f"provides '{row}'" in found[row]
+        assert "bench_rooms.lora_edit.bench failed to import: ModuleNotFoundError" in found[row]
+
+    picked = engines(settings, ("repeat_first_frame", "keyframes", "chunks", "freeprop"), rooms=rooms,
+                     package="bench_rooms")
+    assert list(picked) == ["repeat_first_frame", "keyframes", "chunks", "freeprop"]
+    out = run_bench(settings, picked)
+    json.dumps(out, allow_nan=False)
+    assert out["frames"] == 9 and "frames" not in out["methods"]["keyframes"]
+    assert out["methods"]["keyframes"]["psnr"] == PSNR_CAP      # the oracle row was scored, not skipped
+    assert out["methods"]["chunks"]["frames"] == 13 and out["methods"]["chunks"]["psnr"] == PSNR_CAP
+    assert "skipped" in out["methods"]["freeprop"] and out["methods"]["freeprop"]["psnr"] is None
+    assert out["methods"]["repeat_first_frame"]["psnr"] < 40
+    with pytest.raises(ValueError, match="unknown method 'keyframe'"):
+        engines(settings, ("keyframe",), rooms=rooms, package="bench_rooms")
+
+
+def test_without_room_modules_every_expected_row_is_listed_as_skipped():
+    from ffprop.nodes.evaluate.bench import ROOM_ROWS
+
+    found = engines(SETTINGS, rooms=("no_such_room",), package="bench_rooms")
+    for row in ROOM_ROWS:
+        assert isinstance(found[row], str) and "rooms looked in: no_such_room" in found[row]
