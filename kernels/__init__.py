@@ -4,6 +4,8 @@
 backend "auto" = Triton when triton imports, the tensors are on CUDA and the shape is supported, else the
 torch reference (the reason logged once); "triton" forces the kernel (error when it cannot run); "torch"
 forces the reference. The Triton interpreter (TRITON_INTERPRET=1) makes "triton" runnable on CPU for tests.
+Both paths are differentiable in q, k and the positions (the AST-RoPE predictor trains through them), and take
+positions per head group: pos [G, L, 3] with `head_groups` (contiguous head counts, default H / G each).
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import os
 from torch import Tensor
 
 from ..nodes.common import log_once
-from .rope import THETA, apply_rope_reference, rope_cos_sin, rope_reference, rope_split
+from .rope import (
+    THETA,
+    apply_rope_grouped,
+    apply_rope_reference,
+    head_group_sizes,
+    rope_cos_sin,
+    rope_reference,
+    rope_split,
+)
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "THETA", "RopeTables", "apply_rope_reference", "rope_cos_sin", "rope_qk", "rope_reference",
-           "rope_split", "triton_status"]
+__all__ = ["BACKENDS", "THETA", "RopeTables", "apply_rope_grouped", "apply_rope_reference", "head_group_sizes",
+           "rope_cos_sin", "rope_qk", "rope_reference", "rope_split", "triton_status"]
 
 
 class RopeTables:
@@ -67,18 +77,22 @@ def resolve_backend(backend: str, device_type: str) -> str:
 
 
 def rope_qk(q: Tensor, k: Tensor, pos: Tensor, theta: float = THETA, backend: str = "auto",
-            host: str = "comfy", cos_sin: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """q, k [B, L, H, D], pos [L, 3] (t, h, w; may be fractional) -> (RoPE(q), RoPE(k)) in q's dtype.
+            host: str = "comfy", cos_sin: tuple[Tensor, Tensor] | None = None,
+            head_groups: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """q, k [B, L, H, D], pos [L, 3] (t, h, w; may be fractional) or [G, L, 3] (per contiguous head group of
+    sizes `head_groups`, default H / G) -> (RoPE(q), RoPE(k)) in q's dtype.
     `host` sets the torch path's operation order (bit-identical to "comfy" or "diffusers" at equal cos/sin);
     `cos_sin` = rope_cos_sin(pos, D) precomputed by the caller (torch path only; e.g. once per forward)."""
     if q.shape != k.shape or q.ndim != 4:
         raise ValueError(f"q and k must both be [B, L, H, D]; got {tuple(q.shape)} and {tuple(k.shape)}.")
     rope_split(q.shape[-1])
-    if pos.shape != (q.shape[1], 3):
-        raise ValueError(f"positions must be [L, 3] = [{q.shape[1]}, 3] for q of shape {tuple(q.shape)}; got {tuple(pos.shape)}.")
+    if pos.ndim not in (2, 3) or tuple(pos.shape[-2:]) != (q.shape[1], 3):
+        raise ValueError(f"positions must be [L, 3] = [{q.shape[1]}, 3] (or [G, {q.shape[1]}, 3] per head group) "
+                         f"for q of shape {tuple(q.shape)}; got {tuple(pos.shape)}.")
+    sizes = head_group_sizes(q.shape[2], pos.shape[0], head_groups) if pos.ndim == 3 else None
     if resolve_backend(backend, q.device.type) == "triton":
         from .rope_triton import rope_qk_triton
 
-        return rope_qk_triton(q, k, pos, theta)
+        return rope_qk_triton(q, k, pos, theta, sizes)
     cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(pos.to(q.device), q.shape[-1], theta)
-    return apply_rope_reference(q, cos, sin, host=host), apply_rope_reference(k, cos, sin, host=host)
+    return (apply_rope_grouped(q, cos, sin, sizes, host=host), apply_rope_grouped(k, cos, sin, sizes, host=host))

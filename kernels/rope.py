@@ -6,7 +6,9 @@ Convention reproduced: the interleaved-pair complex RoPE of ComfyUI (`comfy/ldm/
 [D - 4(D//6), 2(D//6), 2(D//6)] real dims (128 -> 44/42/42); pair j of axis a (dim D_a) at position p turns by
 p * theta^(-2j/D_a). Positions may be fractional (AST-RoPE), so angles are computed from positions directly.
 
-Shapes: x [B, L, H, D]; pos [L, 3] (t, h, w) per token; cos/sin [L, D/2].
+Shapes: x [B, L, H, D]; pos [L, 3] (t, h, w) per token; cos/sin [L, D/2]. Per-head positions: pos [G, L, 3]
+with the H heads split into G contiguous groups (`head_groups` = their sizes, default H / G each); cos/sin
+[G, L, D/2]; each group's heads are rotated with their own rows (no per-head table is built).
 """
 
 from __future__ import annotations
@@ -44,16 +46,18 @@ def rope_axis_index(head_dim: int, device=None) -> Tensor:
 
 
 def rope_angles(pos: Tensor, head_dim: int, theta: float = THETA) -> Tensor:
-    """pos [L, 3] -> angles [L, D/2] in float64. Positions are rounded to float32 first, as ComfyUI does."""
-    if pos.ndim != 2 or pos.shape[-1] != 3:
-        raise ValueError(f"positions must be [L, 3] (t, h, w per token); got {tuple(pos.shape)}.")
+    """pos [L, 3] or [G, L, 3] -> angles [(G,) L, D/2] in float64. Positions are rounded to float32 first, as
+    ComfyUI does."""
+    if pos.ndim not in (2, 3) or pos.shape[-1] != 3:
+        raise ValueError(f"positions must be [L, 3] (t, h, w per token) or [G, L, 3] (per head group); "
+                         f"got {tuple(pos.shape)}.")
     omega = rope_omega(head_dim, theta, pos.device)
-    p = pos.to(torch.float32).to(torch.float64)[:, rope_axis_index(head_dim, pos.device)]
+    p = pos.to(torch.float32).to(torch.float64)[..., rope_axis_index(head_dim, pos.device)]
     return p * omega
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float = THETA) -> tuple[Tensor, Tensor]:
-    """pos [L, 3] -> cos, sin [L, D/2] float32 (float64 angles, as ComfyUI and diffusers build their tables)."""
+    """pos [(G,) L, 3] -> cos, sin [(G,) L, D/2] float32 (float64 angles, as ComfyUI and diffusers build their tables)."""
     ang = rope_angles(pos, head_dim, theta)
     return ang.cos().float(), ang.sin().float()
 
@@ -79,10 +83,36 @@ def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool = Tru
     return out.reshape(x.shape).to(x.dtype)
 
 
-def rope_reference(x: Tensor, pos: Tensor, theta: float = THETA, upcast: bool = True, host: str = "comfy") -> Tensor:
-    """x [B, L, H, D], pos [L, 3] -> RoPE(x) at those (possibly fractional) positions."""
+def head_group_sizes(heads: int, groups: int, head_groups: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Sizes of the G contiguous head groups (default H / G each); ValueError naming the numbers otherwise."""
+    if head_groups is None:
+        if groups < 1 or heads % groups:
+            raise ValueError(f"{heads} attention heads do not split into {groups} equal head groups; give the "
+                             "group sizes (head_groups) or a split the head count divides.")
+        return (heads // groups,) * groups
+    sizes = tuple(int(n) for n in head_groups)
+    if len(sizes) != groups or sum(sizes) != heads or min(sizes) < 0:
+        raise ValueError(f"head groups {sizes} must be {groups} non-negative sizes summing to the {heads} heads.")
+    return sizes
+
+
+def apply_rope_grouped(x: Tensor, cos: Tensor, sin: Tensor, head_groups: tuple[int, ...] | None = None,
+                       upcast: bool = True, host: str = "comfy") -> Tensor:
+    """x [B, L, H, D], cos/sin [L, D/2] or [G, L, D/2] (one row set per contiguous head group) -> RoPE(x).
+    One group = apply_rope_reference itself (bit-identical)."""
+    if cos.ndim == 2:
+        return apply_rope_reference(x, cos, sin, upcast, host)
+    sizes = head_group_sizes(x.shape[2], cos.shape[0], head_groups)
+    parts = [apply_rope_reference(xg, cos[g], sin[g], upcast, host)
+             for g, xg in enumerate(x.split(list(sizes), dim=2))]
+    return torch.cat(parts, dim=2)
+
+
+def rope_reference(x: Tensor, pos: Tensor, theta: float = THETA, upcast: bool = True, host: str = "comfy",
+                   head_groups: tuple[int, ...] | None = None) -> Tensor:
+    """x [B, L, H, D], pos [L, 3] or [G, L, 3] -> RoPE(x) at those (possibly fractional) positions."""
     cos, sin = rope_cos_sin(pos, x.shape[-1], theta)
     if x.dtype == torch.float64:
         ang = rope_angles(pos, x.shape[-1], theta)
         cos, sin = ang.cos(), ang.sin()
-    return apply_rope_reference(x, cos, sin, upcast, host)
+    return apply_rope_grouped(x, cos, sin, head_groups, upcast, host)

@@ -189,3 +189,63 @@ def test_triton_cuda_long_sequence(dtype):
             ef, et = errors(fused[:, rows], lowp, oracle)
             e_fused, e_torch = max(e_fused, ef), max(e_torch, et)
         assert e_fused <= 2 * e_torch, f"fused {e_fused:.3e} vs torch {e_torch:.3e} over all {shape[1]} rows"
+
+
+# ---- position gradients and per-head-group positions (issue 14) --------------------------------------------
+
+def fp64_position_grad(q, k, gq, gk, pos, head_groups=None):
+    """d <RoPE(q), gq> + <RoPE(k), gk> / d pos through the fp64 reference (torch autograd)."""
+    p = pos.detach().double().cpu().requires_grad_()
+    rq = rope_reference(q.double().cpu(), p, head_groups=head_groups)
+    rk = rope_reference(k.double().cpu(), p, head_groups=head_groups)
+    ((rq * gq.double().cpu()).sum() + (rk * gk.double().cpu()).sum()).backward()
+    return p.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("grouped", [False, True], ids=["shared", "per_group"])
+def test_triton_position_gradient_matches_fp64_autograd(grouped):
+    """Was missing: the kernel returned None for positions, so nothing upstream of them (the AST-RoPE predictor)
+    learned through the fused path."""
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 11, 4, 12)
+    q, k, gq, gk = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(4))
+    pos = (torch.rand(2, 11, 3, generator=g) * 20 if grouped else positions(11, seed=6)).to(DEVICE)
+    groups = (1, 3) if grouped else None
+    p = pos.clone().requires_grad_()
+    fq, fk = rope_qk_triton(q, k, p, head_groups=groups)
+    ((fq * gq).sum() + (fk * gk).sum()).backward()
+    assert p.grad is not None and p.grad.shape == pos.shape
+    oracle = fp64_position_grad(q, k, gq, gk, pos, groups)
+    err = (p.grad.double().cpu() - oracle).abs().max().item()
+    assert err < 1e-4 * oracle.abs().max().item(), (err, oracle.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_head_group_positions_match_fp64_reference(backend, dtype):
+    """Heads 0..1 (one group) and 2..5 (another) see different positions in one call; each group equals the
+    fp64 oracle applied at its own positions to its own heads."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 9, 6, 12, generator=g).to(DEVICE, dtype)
+    k = torch.randn(1, 9, 6, 12, generator=g).to(DEVICE, dtype)
+    pos = torch.rand(2, 9, 3, generator=g).to(DEVICE) * 30
+    fq, fk = rope_qk(q, k, pos, backend=backend, head_groups=(2, 4))
+    for x, out in ((q, fq), (k, fk)):
+        for heads, p in ((slice(0, 2), pos[0]), (slice(2, 6), pos[1])):
+            oracle = complex_oracle(x[:, :, heads].double().cpu(), p.cpu())   # one rounding to dtype at most: one
+            rel = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6    # bf16 ulp (the interpreter's cast truncates)
+            torch.testing.assert_close(out[:, :, heads].double().cpu(), oracle, rtol=rel * 1.05, atol=1e-5)
+    same = rope_qk(q, k, pos[:1].expand(2, -1, -1), backend=backend, head_groups=(2, 4))
+    ref = rope_qk(q, k, pos[0], backend=backend)
+    assert torch.equal(same[0], ref[0]) and torch.equal(same[1], ref[1]), "equal groups = one shared position set"
+
+
+def test_head_groups_errors():
+    q = torch.randn(1, 5, 3, 12)
+    with pytest.raises(ValueError, match="3 attention heads do not split into 2"):
+        rope_qk(q, q, torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="summing to the 3 heads"):
+        rope_qk(q, q, torch.zeros(2, 5, 3), head_groups=(1, 1))
+    with pytest.raises(ValueError, match="per head group"):
+        rope_qk(q, q, torch.zeros(2, 4, 3))
