@@ -2,6 +2,7 @@
 
   ffprop demo                      synthesise a clip + edit, propagate it, write videos and metrics
   ffprop propagate --video SRC --edited-first-frame IMG [--mask M] -o OUT.mp4
+  ffprop propagate --video SRC --keyframe 0:first.png --keyframe 48:f48.png -o OUT.mp4   edits at any frames
   ffprop eval --video SRC --edited-first-frame IMG --output OUT.mp4 [--mask M]
   ffprop bench world [--json FILE] [--quick]     every engine vs ground truth on held-out world scenes
 
@@ -94,6 +95,35 @@ def _seams(text: str) -> tuple[int, ...]:
     if any(s < 1 for s in seams) or list(seams) != sorted(set(seams)):
         raise argparse.ArgumentTypeError(f"seams must be increasing frame numbers >= 1, got '{text}'")
     return seams
+
+
+def _keyframe(text: str) -> tuple[int, str]:
+    """'48:f48.png' -> (48, 'f48.png'): a 0-based frame number (frame 1 is 0) and the edited image of that frame."""
+    index, sep, path = text.partition(":")
+    if not sep or not path or not index.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected INDEX:PATH with a 0-based frame number, e.g. '48:frame48.png' "
+                                         f"(frame 1 is 0), got '{text}'")
+    return int(index), path
+
+
+def check_keyframes(args) -> list[tuple[int, str]]:
+    """The keyframes of `propagate` (--edited-first-frame counts as keyframe 0), checked before any work."""
+    keys = list(args.keyframe or [])
+    if args.edited_first_frame:
+        if any(i == 0 for i, _ in keys):
+            raise CliError("--edited-first-frame and --keyframe 0:... both give frame 1's edit; give one of them.")
+        keys.insert(0, (0, args.edited_first_frame))
+    if not keys:
+        raise CliError("give the edit: --edited-first-frame IMG (frame 1), or one --keyframe INDEX:IMG per edited "
+                       "frame (0-based, e.g. --keyframe 0:first.png --keyframe 48:f48.png).")
+    seen = [i for i, _ in keys]
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    if repeated:
+        raise CliError(f"--keyframe gives frame(s) {repeated} more than once; keep one edit per frame.")
+    if args.engine == "wan" and keys != [(0, keys[0][1])]:
+        raise CliError("--engine wan takes the edit of frame 1 only so far; use --engine flow for keyframes at "
+                       "other frames (or the FFPKeyframePropagate node in ComfyUI).")
+    return sorted(keys)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -308,7 +338,9 @@ def check_propagate(args) -> None:
     """Outputs and engine of `propagate`, before any work (the wan options may be absent: light parse)."""
     inputs = {"--video": args.video, "--edited-first-frame": args.edited_first_frame, "--mask": args.mask,
               "--model": getattr(args, "model", None), "--prompt-embeds": getattr(args, "prompt_embeds", None),
-              "--image-embeds": getattr(args, "image_embeds", None)}
+              "--image-embeds": getattr(args, "image_embeds", None),
+              **{f"--keyframe {i}": path for i, path in args.keyframe or []}}
+    args.keys = check_keyframes(args)
     check_outputs({"-o/--output": args.output, "--mask-out": args.mask_out,
                    "--save-lora": getattr(args, "save_lora", None)}, inputs, video=("-o/--output", "--mask-out"))
     check_diffusers(args.engine)
@@ -316,20 +348,63 @@ def check_propagate(args) -> None:
         check_engine(args)
 
 
+def _propagate_keyframes(args, source, mask, settings, images: list):
+    """--keyframe: each edited frame fitted like frame 1 (fit_edit), checked, then propagated span by span with the
+    span cache in --cache-dir (default: ffprop_cache/ next to -o). Returns the KeyframeResult."""
+    from .nodes.keyframes.cache import SpanCache
+    from .nodes.keyframes.engines import FlowEngine
+    from .nodes.keyframes.keys import make_keyframes
+    from .nodes.keyframes.propagate import propagate_keyframes
+
+    t = source.shape[0]
+    out_of_range = [i for i, _ in args.keys if i >= t]
+    if out_of_range:
+        raise CliError(f"--keyframe frame(s) {out_of_range} are past the clip's end: it has {t} frames (0..{t - 1}, "
+                       f"0-based){' after --max-frames' if args.max_frames else ''}.")
+    fitted = []
+    for (i, path), image in zip(args.keys, images):
+        frame, note = fit_edit(image, source[i], args.size_policy, mask is not None, args.mask_threshold)
+        if note:
+            print(f"note: keyframe {i} ('{path}'): {note}")
+        fitted.append(frame)
+    keys = make_keyframes(source, fitted, [i for i, _ in args.keys], "error", mask, args.mask_threshold)
+    cache = None
+    if not args.no_cache:
+        cache = SpanCache(args.cache_dir or Path(args.output).resolve().parent / "ffprop_cache", args.cache_mb << 20)
+    bar = Bar("propagating")
+    try:
+        result = propagate_keyframes(source, keys, FlowEngine(settings), mask, cache, on_step=bar)
+    finally:
+        bar.close()
+    print(result.report())
+    if cache is not None:
+        print(f"span cache: {cache.folder} (safe to delete)")
+    return result
+
+
 def cmd_propagate(args) -> int:
     settings = _settings(args)
     from .nodes.video.io import audio_codec, read_image, read_mask, read_video, write_video
 
     source, fps = read_video(args.video, args.max_frames)
-    edited = read_image(args.edited_first_frame)
+    images = [read_image(path) for _, path in args.keys]
+    edited = images[0]
     mask = read_mask(args.mask) if args.mask else None
     if mask is not None and mask.shape[1:] != source.shape[1:3]:
         raise ValueError(f"mask '{args.mask}' is {mask.shape[2]}x{mask.shape[1]} but the video is "
                          f"{source.shape[2]}x{source.shape[1]}; export the mask at the video's size.")
     if mask is not None and mask.shape[0] > 1:
         mask = mask[: source.shape[0]]
-    fitted, note = fit_edit(edited, source[0], args.size_policy, mask is not None, args.mask_threshold)
     audio = audio_codec(args.video)
+    if args.keyframe and args.engine != "wan":
+        result = _propagate_keyframes(args, source, mask, settings, images)
+        out = write_video(args.output, result.video, fps, audio_from=args.video)
+        _wrote(out, result.video, fps)
+        if args.mask_out:
+            print(f"wrote {write_video(args.mask_out, result.mask[..., None].expand(-1, -1, -1, 3), fps)}")
+        print(f"audio: kept the source's ({audio})" if audio else "audio: the source has none")
+        return 0
+    fitted, note = fit_edit(edited, source[0], args.size_policy, mask is not None, args.mask_threshold)
     if args.engine == "wan":
         from .nodes.lora_edit.cli import run_wan
 
@@ -453,7 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Carry the edit of frame 1 through the clip. Writes video by the output's "
                                       f"ending ({', '.join(VIDEO_SUFFIXES)}) with the source's audio.", **fmt)
     prop.add_argument("--video", required=True, help="source video file (mp4/webm/mov/mkv) or folder of frames")
-    prop.add_argument("--edited-first-frame", required=True, help="frame 1 after your edit (png/jpg)")
+    prop.add_argument("--edited-first-frame", help="frame 1 after your edit (png/jpg); or use --keyframe 0:IMG")
+    prop.add_argument("--keyframe", action="append", type=_keyframe, metavar="INDEX:PATH",
+                      help="an edited frame at 0-based frame INDEX (frame 1 is 0); repeat for several, e.g. "
+                           "--keyframe 0:first.png --keyframe 48:f48.png: each stretch between two keyframes is made "
+                           "from both (flow engine), the rest from the nearest one")
+    prop.add_argument("--cache-dir", help="keyframes: span cache folder, so a re-run after editing one keyframe "
+                                          "recomputes only the stretches it touches (default: ffprop_cache/ next to "
+                                          "-o; safe to delete)")
+    prop.add_argument("--cache-mb", type=_int_at_least(1), default=2048, help="keyframes: span cache size bound")
+    prop.add_argument("--no-cache", action="store_true", help="keyframes: compute every span, store nothing")
     prop.add_argument("--mask", help="edit region: one image for frame 1, or a mask video / folder (white = edit); "
                                      "default: derived from the difference between frame 1 and your edit")
     prop.add_argument("-o", "--output", required=True, help=f"output video ({', '.join(VIDEO_SUFFIXES)})")
