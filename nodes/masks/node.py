@@ -124,13 +124,14 @@ class FFPMaskPropagate(io.ComfyNode):
             display_name="Mask Propagate · FFP",
             category="FFP/masks",
             description="Tracks the prompted objects through the clip with SAM2 (forward and backward from the "
-                        "keyframes, bounded memory on long clips) or, without SAM2 weights, carries keyframe "
-                        "masks along the optical flow. Output: one mask per frame (1 = object).",
+                        "keyframes, bounded memory on long clips) or, without SAM2 weights, segments the clicks with "
+                        "GrabCut and carries the keyframe masks along the optical flow. Output: one mask per frame (1 = object).",
             inputs=[
                 io.Image.Input("images", tooltip="The clip [T, H, W, 3]; the same images the prompts were placed on."),
                 io.Combo.Input("engine", options=list(ENGINES), default="auto",
-                               tooltip="sam2: needs SAM2 Loader. flow: optical flow, no weights; needs a mask or "
-                                       "boxes (points need SAM2). auto: SAM2 when a checkpoint is loaded, else flow "
+                               tooltip="sam2: needs SAM2 Loader. flow: optical flow, no weights; clicks and boxes "
+                                       "are segmented by GrabCut (seeded by the clicks, the boxes and the clip's "
+                                       "motion), or connect a mask. auto: SAM2 when a checkpoint is loaded, else flow "
                                        "(the reason is logged)."),
                 io.Combo.Input("direction", options=list(DIRECTIONS), default="both",
                                tooltip="both: from the first keyframe forward to the end and backward to frame 0. "

@@ -225,17 +225,26 @@ def _flow_masks(images: torch.Tensor, obj_keys: dict[int, dict[int, torch.Tensor
     return out
 
 
-def _box_masks(entries: tuple[FramePrompt, ...], h: int, w: int) -> dict[int, dict[int, torch.Tensor]]:
-    """Boxes as filled rectangles (the flow engine cannot segment from clicks)."""
+def _click_masks(entries: tuple[FramePrompt, ...], images: torch.Tensor) -> dict[int, dict[int, torch.Tensor]]:
+    """Keyframe masks for the flow engine from point/box prompts: GrabCut seeded by the clicks, the boxes and the
+    motion to the next frame (the previous one on the last frame); see grabcut.py. A box in which GrabCut finds
+    nothing stays a filled rectangle."""
+    from ..video.frames import to_uint8
+    from .grabcut import segment_clicks
+
+    t_len, h, w = images.shape[:3]
     out: dict[int, dict[int, torch.Tensor]] = {}
     for e in entries:
-        if not e.boxes:
-            raise ValueError(f"the flow engine needs a mask or a box for object {e.object} on frame {e.frame}; "
-                             "points alone need SAM2 (put a SAM2 checkpoint in models/sam2 and use engine 'sam2' "
-                             "or 'auto'), or draw a box, or connect a mask.")
-        m = torch.zeros(h, w, dtype=torch.bool)
-        for x0, y0, x1, y1 in e.boxes:
-            m[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+        near = e.frame + 1 if e.frame + 1 < t_len else e.frame - 1
+        frame = to_uint8(images[e.frame])
+        neighbour = to_uint8(images[near]) if 0 <= near < t_len else None
+        try:
+            m = torch.from_numpy(segment_clicks(frame, e.points, e.boxes, neighbour))
+        except ValueError as err:
+            raise ValueError(f"object {e.object} on frame {e.frame}: {err}") from None
+        if not m.any():
+            for x0, y0, x1, y1 in e.boxes:
+                m[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
         out.setdefault(e.object, {})[e.frame] = m
     return out
 
@@ -284,8 +293,9 @@ def propagate_masks(images: torch.Tensor, prompts: MaskPrompts | None = None, ma
                     should_stop: ShouldStop | None = None) -> MaskResult:
     """Track the prompted objects through images [T, H, W, 3].
 
-    engine 'sam2' needs `model`; 'flow' carries keyframe masks (input mask, or boxes as rectangles) along the
-    optical flow; 'auto' = SAM2 when a model is given, else flow with a logged reason (`model_error`).
+    engine 'sam2' needs `model`; 'flow' carries keyframe masks (the input mask, or points/boxes segmented by
+    GrabCut, grabcut.py) along the optical flow; 'auto' = SAM2 when a model is given, else flow with a logged
+    reason (`model_error`).
     Raises ValueError for bad input (no prompts, sizes, frame indices)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}'; use one of {ENGINES}.")
@@ -316,7 +326,10 @@ def propagate_masks(images: torch.Tensor, prompts: MaskPrompts | None = None, ma
                 objects[ids.index(oid), frame_idx] = masks[j].float()
         log.info("FFP masks: SAM2 (%s) tracked %d object(s) over %d frames", model.describe(), len(ids), t_len)
         return MaskResult(objects.amax(0), objects, ids, "sam2", tuple(notes))
-    keys = _box_masks(entries, h, w)
+    if entries:
+        notes.append(f"no SAM2: {len(entries)} point/box prompt(s) segmented with GrabCut (clicks, boxes, motion)")
+        log.info("FFP masks: %s", notes[-1])
+    keys = _click_masks(entries, images)
     for km in key_masks:
         keys.setdefault(km.object, {})[km.frame] = km.mask
     ids = tuple(sorted(keys))

@@ -217,11 +217,13 @@ def test_auto_without_model_falls_back_to_flow(clip):
     assert r.mask.shape == (T, H, W) and r.mask[0].sum() == square().sum()
 
 
-def test_flow_takes_boxes_not_points(clip):
+def test_flow_segments_points_and_sam2_needs_a_model(clip):
+    """Without SAM2 the flow engine segments clicks itself (GrabCut, tests/core/test_masks_grabcut.py); before, a
+    points-only prompt raised "points alone need SAM2"."""
+    r = propagate_masks(clip, prompts({"frame": 0, "object": 1, "points": [[30, 20, 1]]}), engine="flow")
+    assert r.engine == "flow" and r.mask[0, 20, 30] == 1 and r.mask[0].mean() < 0.5
     r = propagate_masks(clip, prompts({"frame": 0, "object": 1, "boxes": [[20, 10, 44, 34]]}), engine="flow")
-    assert torch.equal(r.mask[0], square()[0])
-    with pytest.raises(ValueError, match="points alone need SAM2"):
-        propagate_masks(clip, prompts({"frame": 0, "object": 1, "points": [[30, 20, 1]]}), engine="flow")
+    assert r.mask[0].sum() > 0 and r.mask[0].sum() == r.mask[0, 10:34, 20:44].sum()      # inside its box
     with pytest.raises(ValueError, match="needs a SAM2 model"):
         propagate_masks(clip, None, square(), engine="sam2")
 

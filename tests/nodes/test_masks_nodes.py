@@ -91,7 +91,17 @@ def test_loader_without_checkpoint_falls_back_to_flow(images, sam2_dir):
     mask, objects, _, n = FFPMaskPropagate.execute(images, "auto", "both", 0, "medium", prompts=prompts,
                                                   sam2=handle).args
     assert n == 2 and mask.shape == (T, H, W)
-    assert objects[0, 8:36, 8:36].min() == 1                              # object 1's box on its keyframe
+    first, third = objects[0], objects[T + 4]                              # object 1 on frame 0, object 3 on 4
+    assert first[20, 20] == 1 and first.sum() == first[8:36, 8:36].sum()  # the click, inside its box (GrabCut)
+    assert third.sum() > 0 and third.sum() == third[10:40, 30:60].sum()
+
+
+def test_points_alone_without_sam2(images):
+    """workflows/masks_sam2.json without SAM2 weights: one positive click, engine auto, nothing connected."""
+    (prompts,) = FFPMaskPrompts.execute(images, 0, json.dumps({"prompts": [{"frame": 0, "points": [[20, 20, 1]]}]})).args
+    mask, _, preview, n = FFPMaskPropagate.execute(images, "auto", "both", 0, "medium", prompts=prompts).args
+    assert n == 1 and mask.shape == (T, H, W) and preview.shape == (T, H, W, 3)
+    assert mask[0, 20, 20] == 1 and 0 < mask[0].mean() < 0.5
     with pytest.raises(ValueError, match="needs a SAM2 model"):
         FFPMaskPropagate.execute(images, "sam2", "both", 0, "medium", prompts=prompts)
 
