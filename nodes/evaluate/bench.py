@@ -263,6 +263,17 @@ def memo_encode(encode: Callable[[Tensor], Tensor], keep: int = 8) -> Callable[[
     return cached
 
 
+def loose_mask(s: WorldSample) -> Optional[Tensor]:
+    """The mask the LoRA-Edit engines get: the world's edit masks as LoRA-Edit's loose boxes [T, H, W] (+10 %),
+    or None (restyle, or no edit pixel > 0.5 in any frame: LoRA-Edit's global setting)."""
+    from ..masks.ops import loose_box
+
+    if s.edit == "restyle":
+        return None
+    mask = loose_box(s.edit_mask, min_area=LOOSE_BOX_MIN_AREA)
+    return mask if bool(mask.any()) else None
+
+
 def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
     """The generative engines on one Wan world (noise and LoRA seeded by the case's seed):
     i2v: stock I2V from the edited first frame (frames 2..T grey, keep-mask on frame 1 only);
@@ -274,7 +285,6 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
     from ..lora_edit.conditioning import masked_condition_video, wan_cond
     from ..lora_edit.pipeline import SampleSettings, lora_edit_video
     from ..lora_edit.trainer import TrainSettings
-    from ..masks.ops import loose_box
 
     encode = memo_encode(world.encode)
 
@@ -289,9 +299,7 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
         dit = world.dit
         if ast_rope:
             dit = apply_ast_rope(dit, choose_alphas("heuristic", latent=encode(s.source)), backend="torch")
-        mask = None if s.edit == "restyle" else loose_box(s.edit_mask, min_area=LOOSE_BOX_MIN_AREA)
-        if mask is not None and not bool(mask.any()):
-            mask = None                                  # no edit pixel > 0.5 in any frame: the global setting
+        mask = loose_mask(s)
         out = lora_edit_video(dit, encode, world.decode, s.source, mask, s.edited_first[None], world.context,
                               train=TrainSettings(steps=settings.train_steps, learning_rate=settings.lora_lr,
                                                   rank=settings.lora_rank, seed=s.seed),

@@ -212,3 +212,27 @@ def test_without_room_modules_every_expected_row_is_listed_as_skipped():
     found = engines(SETTINGS, rooms=("no_such_room",), package="bench_rooms")
     for row in ROOM_ROWS:
         assert isinstance(found[row], str) and "rooms looked in: no_such_room" in found[row]
+
+
+@pytest.mark.skipif(not _world_models_present(), reason="the bundled world models are not in this checkout")
+def test_chunks_row_chains_a_long_world_scene_and_leaves_the_world_dit_unpatched():
+    """nodes/chunks/bench.py: a 17-frame scene in 2 chunks of 9 through the chainer with a trained stage-1 LoRA
+    (the row itself: 49 frames in chunks of 17); the LoRA hooks are gone afterwards (same velocity as before)."""
+    from ffprop.nodes.chunks import bench as chunks_bench
+    from ffprop.nodes.evaluate.bench import load_world
+    from ffprop.nodes.host.protocol import WanCond
+
+    assert chunks_bench.engines(None, SETTINGS) == {}
+    world, _ = load_world()
+    row = chunks_bench.engines(world, SETTINGS)["chunks"]
+    assert row.frames == chunks_bench.LONG_FRAMES
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 16, 5, 4, 4, generator=g), torch.randn(1, 16, 5, 4, 4, generator=g)
+    keep = torch.zeros(1, 4, 5, 4, 4)
+    before = world.dit.predict(x, 0.5, WanCond(keep, cond, world.context))
+    s = render_sample(HELDOUT_SEEDS[0], "recolour", size=(32, 32), frames=17)
+    settings = BenchSettings(cases=(), size=(32, 32), frames=17, train_steps=2, sample_steps=2)
+    res = chunks_bench.chain_world(world, s, settings, chunk_frames=9)
+    assert res.seams == (9,) and len(res.seam_jumps) == 1 and len(res.drift["edit"]) == 2
+    assert res.video.shape == s.target.shape and torch.isfinite(res.video).all()
+    assert torch.equal(world.dit.predict(x, 0.5, WanCond(keep, cond, world.context)), before)
