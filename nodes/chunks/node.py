@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import comfy.sample
 import comfy.samplers
+import torch
 from comfy_extras.nodes_wan import WanFunControlToVideo, WanImageToVideo
 
 from .._comfy import io, pack_video, progress, ui, unpack_video
-from ..host.comfy import check_wan_model
+from ..common import log
+from ..host.comfy import check_wan_model, is_wan22_ti2v
+from ..lora_edit.experts import HIGH, TI2V_MESSAGE, WAN22_I2V_BOUNDARY
+from ..lora_edit.node import comfy_split_step, expert_inputs, expert_roles
 from ..video.frames import FIT_POLICIES
 from .chain import DEFAULT_KIND, KINDS, ChunkJob, ChunkResult, chain_chunks, flow_generator
 from .drift import DriftSettings
@@ -92,9 +96,11 @@ def _pick(conditioning: list, index: int, name: str) -> list:
 
 
 def comfy_generator(model, vae, positive, negative, kind: str, clip_vision_output, seed_offset: int, steps: int,
-                    cfg: float, sampler_name: str, scheduler: str):
+                    cfg: float, sampler_name: str, scheduler: str, model_2=None, split: int = 0):
     """A chain generator over ComfyUI: the conditioning node logic of ComfyUI (WanImageToVideo /
-    WanFunControlToVideo) or LoRA-Edit's, then comfy.sample.sample like KSampler, then the VAE decode."""
+    WanFunControlToVideo) or LoRA-Edit's, then comfy.sample.sample like KSampler, then the VAE decode.
+    model_2 (Wan 2.2, `model` = the high-noise expert): each chunk is sampled like the two KSamplerAdvanced,
+    `model` for steps 0..split with noise added and the leftover noise returned, `model_2` from split to the end."""
 
     def generate(job: ChunkJob) -> ChunkResult:
         length, h, w = job.source.shape[:3]
@@ -115,14 +121,15 @@ def comfy_generator(model, vae, positive, negative, kind: str, clip_vision_outpu
             pos, neg, latent = lora_edit_conditioning(pos, neg, vae, job.source, region, job.head, clip_vision_output)
         samples = latent["samples"]
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
-        noise = comfy.sample.prepare_noise(samples, job.seed + seed_offset)
-        def callback(step, x0, x, total):
-            if job.on_step is not None:
-                job.on_step(step + 1, total)
-
-        out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, pos, neg, samples,
-                                  callback=callback, disable_pbar=True, seed=job.seed + seed_offset)
-        del noise, samples
+        seed = job.seed + seed_offset
+        if model_2 is None:
+            out = comfy.sample.sample(model, comfy.sample.prepare_noise(samples, seed), steps, cfg, sampler_name,
+                                      scheduler, pos, neg, samples, callback=_callback(job, 0, steps),
+                                      disable_pbar=True, seed=seed)
+        else:
+            out = sample_experts(model, model_2, split, samples, seed, steps, cfg, sampler_name, scheduler, pos, neg,
+                                 job)
+        del samples
         frames = vae.decode(out)
         del out
         frames = frames.reshape(-1, *frames.shape[-3:])[:length, :, :, :3].float().cpu()
@@ -130,6 +137,32 @@ def comfy_generator(model, vae, positive, negative, kind: str, clip_vision_outpu
         return ChunkResult(frames, mask)
 
     return generate
+
+
+def _callback(job: ChunkJob, done: int, total: int):
+    def callback(step, x0, x, n):
+        if job.on_step is not None:
+            job.on_step(done + step + 1, total)
+    return callback
+
+
+def sample_experts(high, low, split: int, samples, seed: int, steps: int, cfg: float, sampler_name: str,
+                   scheduler: str, pos, neg, job: ChunkJob):
+    """One chunk through the Wan 2.2 pair exactly as two KSamplerAdvanced do it: `high` adds the seed's noise and
+    runs steps 0..split returning the leftover noise, `low` continues from split to the last step without new
+    noise. split 0 or >= steps runs one expert over all steps."""
+    if split <= 0 or split >= steps:
+        model = low if split <= 0 else high
+        return comfy.sample.sample(model, comfy.sample.prepare_noise(samples, seed), steps, cfg, sampler_name,
+                                   scheduler, pos, neg, samples, callback=_callback(job, 0, steps),
+                                   disable_pbar=True, seed=seed)
+    x = comfy.sample.sample(high, comfy.sample.prepare_noise(samples, seed), steps, cfg, sampler_name, scheduler,
+                            pos, neg, samples, start_step=0, last_step=split, force_full_denoise=False,
+                            callback=_callback(job, 0, steps), disable_pbar=True, seed=seed)
+    zeros = torch.zeros(x.size(), dtype=x.dtype, layout=x.layout, device="cpu")
+    return comfy.sample.sample(low, zeros, steps, cfg, sampler_name, scheduler, pos, neg, x, disable_noise=True,
+                               start_step=split, last_step=10000, force_full_denoise=True,
+                               callback=_callback(job, split, steps), disable_pbar=True, seed=seed)
 
 
 def conditioning_note(kind: str, has_mask: bool, has_weight_patches: bool) -> str:
@@ -160,8 +193,9 @@ class FFPChunkSample(io.ComfyNode):
                         "with i2v, later chunks are free continuations of the hand-off frame that do not see the "
                         "source. Colour drift is held to the edited first frame; seams and drift are reported.",
             inputs=[
-                io.Model.Input("model", tooltip="A Wan 2.1 I2V (or Fun-Control) model; for LoRA-Edit, the model with "
-                                                "the clip's LoRA applied (one LoRA trained on windows of the whole clip)."),
+                io.Model.Input("model", tooltip="A Wan 2.1 I2V (or Fun-Control) model, or Wan 2.2 I2V A14B's high-noise "
+                                                "expert (with model_2); for LoRA-Edit, the model with the clip's LoRA "
+                                                "applied (one LoRA trained on windows of the whole clip)."),
                 io.Vae.Input("vae", tooltip="The Wan 2.1 VAE."),
                 io.Conditioning.Input("positive", tooltip="Prompt: one for the whole clip, or one per chunk combined "
                                                           "in chunk order with Conditioning (Combine)."),
@@ -195,6 +229,7 @@ class FFPChunkSample(io.ComfyNode):
                                       "chunk; match_background needs it."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True,
                                           tooltip="CLIP Vision Encode of the edited first frame (Wan I2V 14B uses it)."),
+                *expert_inputs("denoises"),
             ],
             outputs=[
                 io.Video.Output(display_name="video", tooltip="The whole edited clip (source fps and audio)."),
@@ -206,14 +241,26 @@ class FFPChunkSample(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, negative, source_video, edited_first_frame, plan, conditioning, seed,
                 steps, cfg, sampler_name, scheduler, match_background, match_edit, crossfade, drift_strength,
-                size_policy, edit_mask=None, clip_vision_output=None) -> io.NodeOutput:
-        check_wan_model(model, ("fun_control",) if conditioning == "fun_control" else ("i2v",), "the chunk sampler")
+                size_policy, edit_mask=None, clip_vision_output=None, model_2=None, boundary=WAN22_I2V_BOUNDARY,
+                boundary_unit="sigma", experts="auto") -> io.NodeOutput:
+        split = 0
+        for m in (model, model_2) if model_2 is not None else (model,):
+            if conditioning == "lora_edit" and is_wan22_ti2v(m):
+                raise ValueError(TI2V_MESSAGE)
+            check_wan_model(m, ("fun_control",) if conditioning == "fun_control" else ("i2v",), "the chunk sampler")
+        if model_2 is not None:
+            roles, sigma = expert_roles(model, model_2, boundary, boundary_unit, experts)
+            if roles[0] != HIGH:
+                model, model_2 = model_2, model
+            split = comfy_split_step(model, steps, scheduler, boundary, boundary_unit)
+            log.info("FFP chunks: Wan 2.2 pair, high-noise expert for steps 0-%d, low-noise for %d-%d (sigma %.3f)",
+                     split, split, steps, sigma)
         frames, fps, audio = unpack_video(source_video)
         if len(negative) not in (1, len(positive)):
             raise ValueError(f"negative has {len(negative)} entries and positive {len(positive)}; give one negative "
                              "or one per chunk like the positive.")
         gen = comfy_generator(model, vae, positive, negative, conditioning, clip_vision_output, 0, steps, cfg,
-                              sampler_name, scheduler)
+                              sampler_name, scheduler, model_2, split)
         on_step, should_stop = progress(len(plan) * steps)
         res = chain_chunks(plan, frames, edited_first_frame.cpu(), gen, edit_mask,
                            _drift(match_background, match_edit, crossfade, drift_strength), len(positive), seed,

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import os
 import textwrap
 import types
 from typing import Any, Iterator
@@ -40,6 +41,14 @@ LOAD_HINT = "Load e.g. wan2.1_i2v_480p_14B with 'Load Diffusion Model' and conne
 FUSED_FORWARD = "80753dc06c2bc02f"
 """Fingerprint (forward_fingerprint) of the WanSelfAttention.forward that `_fused_self_attention_forward` copies
 (ComfyUI 0.3.64); the fused path is used only where the host's forward is that code."""
+FUSED_FORWARD_HOST_ROPE = "f2cd6c4d158162cc"
+"""ComfyUI 0.28's WanSelfAttention.forward (0.3.64's + `attn1_patch` patches + comfy_kitchen RoPE inside
+apply_rope1). The fused copy keeps the host's apply_rope1 for one shared position set (so the output is the
+host's own) and routes only per-head-group positions (AST-RoPE's paper variant) through kernels/."""
+PER_GROUP_UNSUPPORTED = ("per-head-group RoPE positions (AST-RoPE variant 'paper') need FFProp's fused "
+                         "self-attention, which this ComfyUI's WanSelfAttention.forward is not proven equal to; "
+                         "use variant 'global' or 'warped' here, or a ComfyUI whose Wan self-attention FFProp knows "
+                         "(0.3.64 or 0.28).")
 UNSUPPORTED_WAN = {
     "VaceWanModel": "Wan VACE", "CameraWanModel": "Wan Fun-Camera", "WanModel_S2V": "Wan S2V",
     "HumoWanModel": "Wan HuMo", "AnimateWanModel": "Wan 2.2 Animate", "CausalWanModel": "causal (AR) Wan",
@@ -79,6 +88,20 @@ def check_wan_model(model_patcher: Any, kinds: tuple[str, ...] = KINDS, node: st
         raise ValueError(f"this MODEL is a Wan {kind} model but {node} needs a Wan {' or '.join(kinds)} model. "
                          f"{LOAD_HINT}")
     return kind
+
+
+def model_file_name(model_patcher: Any) -> str | None:
+    """The file name a MODEL was loaded from, where the host records it (ComfyUI 0.28: `cached_patcher_init`,
+    set by 'Load Diffusion Model' and checkpoint loaders and kept by clone()), else None (e.g. 0.3.64)."""
+    init = getattr(model_patcher, "cached_patcher_init", None)
+    args = init[1] if isinstance(init, tuple) and len(init) > 1 and isinstance(init[1], tuple) else ()
+    return os.path.basename(args[0]) if args and isinstance(args[0], (str, os.PathLike)) else None
+
+
+def is_wan22_ti2v(model_patcher: Any) -> bool:
+    """True for Wan 2.2 TI2V-5B (a WanModel with the 48-channel Wan 2.2 latent), which has no mask channels."""
+    dm = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    return dm is not None and getattr(dm, "out_dim", None) == 48
 
 
 @contextlib.contextmanager
@@ -129,13 +152,19 @@ def forward_fingerprint(cls: type) -> str:
 
 def fused_path_proven(attn: nn.Module) -> bool:
     """Whether the fused self-attention may replace this host's: only when the host's forward is the code it
-    copies (FUSED_FORWARD), where the tests prove it equal. Any other forward (ComfyUI 0.28 added attn1_patch
-    and comfy_kitchen RoPE) keeps the host's own, fed by our position hook."""
+    copies (FUSED_FORWARD: 0.3.64; FUSED_FORWARD_HOST_ROPE: 0.28), where the tests prove it equal. Any other
+    forward keeps the host's own, fed by our position hook (one shared position set only)."""
+    return _proven_forward(attn) is not None
+
+
+def _proven_forward(attn: nn.Module) -> str | None:
+    """FUSED_FORWARD or FUSED_FORWARD_HOST_ROPE when the host's self-attention forward is one of them."""
     stock = getattr(attn, "_ffp_stock", attn)
     try:
-        return hasattr(stock, "norm_q") and forward_fingerprint(type(stock)) == FUSED_FORWARD
+        found = forward_fingerprint(type(stock)) if hasattr(stock, "norm_q") else None
     except (OSError, TypeError, SyntaxError):   # no source available
-        return False
+        return None
+    return found if found in (FUSED_FORWARD, FUSED_FORWARD_HOST_ROPE) else None
 
 
 def _wan_model_class():
@@ -161,12 +190,15 @@ class RopePositionWrapper(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         pos = torch.stack([apply_position_fn(self.fn, i.float()) for i in ids])
+        if pos.ndim == 4 and not isinstance(self.inner, (RopePositionWrapper, PositionRecorder)):
+            raise RuntimeError(PER_GROUP_UNSUPPORTED)
         return self.inner(pos)
 
 
 class RopeState:
     """Shared by a `PositionRecorder` and the `fused_self_attention` patches of one MODEL clone: the final
-    per-token positions [L, 3] of the current forward (set by the recorder, read by every block)."""
+    per-token positions [L, 3] (or [G, L, 3] per head group) of the current forward (set by the recorder, read
+    by every block)."""
 
     def __init__(self, backend: str = "auto"):
         from ...kernels import RopeTables
@@ -187,36 +219,47 @@ class PositionRecorder(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         self.state.positions = ids[0].float()
-        return self.inner(ids)
+        return self.inner(ids[:, -1] if ids.ndim == 4 else ids)   # per head group: the stock table of the last
 
 
 def _fused_self_attention_forward(self, x: Tensor, freqs: Tensor, transformer_options={}) -> Tensor:  # noqa: B006
-    """WanSelfAttention.forward of ComfyUI 0.3.64 with q/k RoPE applied by `kernels.rope_qk` at the positions
-    recorded for this forward (Triton on CUDA, else the torch reference, which repeats apply_rope1's
-    operations). Falls back to the stock table when no positions match the sequence."""
+    """WanSelfAttention.forward of ComfyUI 0.3.64 (or 0.28, `_ffp_host_rope`: plus its attn1_patch patches) with
+    q/k RoPE applied by `kernels.rope_qk` at the positions recorded for this forward (Triton on CUDA, else the
+    torch reference, which repeats apply_rope1's operations). 0.28 keeps its own apply_rope1 for one shared
+    position set. Falls back to the stock table when no positions match the sequence (an error for per-head-group
+    positions, which no table holds)."""
     from comfy.ldm.flux.math import apply_rope1
     from comfy.ldm.wan.model import optimized_attention
 
     from ...kernels import resolve_backend, rope_qk
 
+    host_rope = self._ffp_host_rope
+    patches = transformer_options.get("patches", {}) if host_rope else {}
     b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
     q = self.norm_q(self.q(x)).view(b, s, n, d)
     k = self.norm_k(self.k(x)).view(b, s, n, d)
     state = self._ffp_rope_state
     pos = state.positions
-    if pos is not None and pos.shape[0] == s:
+    matches = pos is not None and pos.shape[-2] == s
+    if matches and (pos.ndim == 3 or not host_rope):
         backend = resolve_backend(state.backend, q.device.type)
         tables = None
         if backend == "torch":  # the table the (hooked) rope_embedder built holds exactly these cos/sin: reuse it
-            same = freqs.ndim == 6 and tuple(freqs.shape[:4]) == (1, s, 1, d // 2)
+            same = pos.ndim == 2 and freqs.ndim == 6 and tuple(freqs.shape[:4]) == (1, s, 1, d // 2)
             tables = (freqs[0, :, 0, :, 0, 0], freqs[0, :, 0, :, 1, 0]) if same else state.tables.get(pos, d, q.device)
         q, k = rope_qk(q, k, pos.to(q.device), backend=backend, cos_sin=tables)
     else:
-        log_once("comfy-fused-rope-fallback", "FFP AST-RoPE: positions unavailable for a self-attention call; "
-                 "using the stock rope table there.")
+        if pos is not None and pos.ndim == 3:
+            raise RuntimeError(f"per-head-group RoPE positions for {pos.shape[-2]} tokens but this self-attention "
+                               f"call has {s} (e.g. a reference latent); AST-RoPE variant 'paper' cannot run here.")
+        if not matches and not host_rope:
+            log_once("comfy-fused-rope-fallback", "FFP AST-RoPE: positions unavailable for a self-attention call; "
+                     "using the stock rope table there.")
         q, k = apply_rope1(q, freqs), apply_rope1(k, freqs)
     out = optimized_attention(q.view(b, s, n * d), k.view(b, s, n * d), self.v(x).view(b, s, n * d),
                               heads=self.num_heads, transformer_options=transformer_options)
+    for p in patches.get("attn1_patch", []):
+        out = p({"x": out, "q": q, "k": k, "transformer_options": transformer_options})
     return self.o(out)
 
 
@@ -224,13 +267,15 @@ def fused_self_attention(attn: nn.Module, state: RopeState) -> nn.Module:
     """A shallow copy of a WanSelfAttention (same child modules, so weight keys and LoRA patches still resolve
     as `blocks.N.self_attn.q.weight`) whose forward routes RoPE through kernels/. The input stays untouched."""
     stock = getattr(attn, "_ffp_stock", attn)
-    if not fused_path_proven(stock):
+    proven = _proven_forward(stock)
+    if proven is None:
         return attn
     new = copy.copy(stock)
     new._modules = dict(stock._modules)
     # plain attributes (object.__setattr__): registering `stock` as a child would make a module cycle
     object.__setattr__(new, "_ffp_stock", stock)
     object.__setattr__(new, "_ffp_rope_state", state)
+    object.__setattr__(new, "_ffp_host_rope", proven == FUSED_FORWARD_HOST_ROPE)
     object.__setattr__(new, "forward", types.MethodType(_fused_self_attention_forward, new))
     return new
 
@@ -328,7 +373,7 @@ class ComfyWan:
         attn = clone.get_model_object("diffusion_model.blocks.0.self_attn")
         if not fused_path_proven(attn):
             log_once("comfy-host-rope", "FFP AST-RoPE: this ComfyUI's %s.forward is not the one the fused RoPE path "
-                     "copies (ComfyUI 0.3.64); its own self-attention applies RoPE at the remapped positions "
+                     "copies (ComfyUI 0.3.64 or 0.28); its own self-attention applies RoPE at the remapped positions "
                      "(backend setting unused).", type(getattr(attn, "_ffp_stock", attn)).__name__,
                      level=logging.INFO)
             return ComfyWan(clone)

@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import comfy.lora
 import comfy.model_management
+import comfy.samplers
 import comfy.utils
 import folder_paths
 import node_helpers
@@ -15,9 +17,23 @@ import torch
 
 from .._comfy import io, ui
 from ..common import log, safe_output_path
-from ..host.comfy import ComfyWan
+from ..host.comfy import ComfyWan, is_wan22_ti2v, model_file_name
+from ..host.sampling import flow_sigmas
 from ..video.frames import FIT_POLICIES, FRAME_POLICIES, SIZE_POLICIES, fit_to_frame, frames_to_latent
 from .conditioning import comfy_concat_mask, masked_condition_video, prepare_clip
+from .experts import (
+    BOUNDARY_UNITS,
+    EXPERT_ORDERS,
+    HIGH,
+    TI2V_MESSAGE,
+    WAN22_I2V_BOUNDARY,
+    check_boundary,
+    check_same_architecture,
+    expert_from_name,
+    resolve_experts,
+    split_step,
+    t_range,
+)
 from .lora import TARGETS, LoRA, attach_weight_wrappers, create_lora, save_lora
 from .lowvram import MemorySettings, log_settings, preset
 from .options import PRESET_ORDER
@@ -66,6 +82,28 @@ def _clip_inputs(frame_policy_tip: bool = True) -> list:
     ]
 
 
+def expert_inputs(verb: str) -> list:
+    """The Wan 2.2 inputs shared by the trainer, the conditioning and the chunk sampler (optional, at the end, so
+    Wan 2.1 workflows keep loading)."""
+    return [
+        io.Model.Input("model_2", optional=True,
+                       tooltip=f"Wan 2.2 I2V A14B: the other expert (model = high-noise, model_2 = low-noise, as in "
+                               f"the two KSamplerAdvanced). Each expert {verb} only its own noise range. Unconnected "
+                               "= one Wan 2.1 model."),
+        io.Float.Input("boundary", default=WAN22_I2V_BOUNDARY, min=0.0, max=1.0, step=0.005, optional=True,
+                       tooltip="Where the high-noise expert hands over to the low-noise one, strictly between 0 and "
+                               "1: a sigma (Wan 2.2 I2V A14B: 0.9) or a fraction of the steps (boundary_unit)."),
+        io.Combo.Input("boundary_unit", options=list(BOUNDARY_UNITS), default="sigma", optional=True,
+                       tooltip="sigma: the high-noise expert runs while sigma >= boundary (Wan 2.2's rule). "
+                               "step_fraction: that share of the steps (ComfyUI's percent_to_sigma with the "
+                               "model's shift)."),
+        io.Combo.Input("experts", options=list(EXPERT_ORDERS), default="auto", optional=True,
+                       tooltip="Which input is which expert. auto: from the file names (..._high_noise_14B / "
+                               "..._low_noise_14B) where ComfyUI records them, else model = high-noise; swapped or "
+                               "same-kind pairs are errors."),
+    ]
+
+
 class FFPLoRAEditConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -95,24 +133,53 @@ class FFPLoRAEditConditioning(io.ComfyNode):
                 io.Combo.Input("first_frame_fit", options=list(FIT_POLICIES), default="auto",
                                tooltip="How an edited frame of another size is fitted: auto = resize when the "
                                        "aspect matches, else centre-crop."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Wan 2.2: the high-noise expert as its KSamplerAdvanced gets it (after "
+                                       "ModelSamplingSD3): its schedule sets split_step. Unconnected: Wan's flow "
+                                       "schedule with ComfyUI's default shift 8."),
+                io.Int.Input("steps", default=20, min=1, max=10000, optional=True,
+                             tooltip="Wan 2.2: the total steps of the two KSamplerAdvanced (same on both)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               optional=True, tooltip="Wan 2.2: the KSamplerAdvanced scheduler (same on both)."),
+                *expert_inputs("denoises")[1:3],
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="Positive with the LoRA-Edit I2V inputs."),
                 io.Conditioning.Output(display_name="negative", tooltip="Negative with the same I2V inputs."),
                 io.Latent.Output(display_name="latent", tooltip="Empty latent of the clip's size for KSampler."),
+                io.Int.Output(display_name="split_step",
+                              tooltip="Wan 2.2: the steps at sigma >= boundary. Connect it to end_at_step of the "
+                                      "high-noise KSamplerAdvanced and start_at_step of the low-noise one."),
             ],
         )
 
     @classmethod
     def execute(cls, positive, negative, vae, source_video, edited_first_frame, length, frame_policy, size_policy,
-                first_frame_fit, edit_mask=None, clip_vision_output=None) -> io.NodeOutput:
+                first_frame_fit, edit_mask=None, clip_vision_output=None, model=None, steps=20, scheduler="simple",
+                boundary=WAN22_I2V_BOUNDARY, boundary_unit="sigma") -> io.NodeOutput:
+        if model is not None:
+            check_mask_aware(model)
+        split = comfy_split_step(model, steps, scheduler, boundary, boundary_unit)
         source, mask, notes = prepare_clip(source_video.cpu(), None if edit_mask is None else edit_mask.cpu(),
                                            frame_policy, size_policy, length)
         head, note = fit_to_frame(edited_first_frame[:1].cpu(), source.shape[1], source.shape[2], first_frame_fit)
         for n in notes + ([note] if note else []):
             log.info("FFP LoRA-Edit conditioning: %s", n)
         return io.NodeOutput(*lora_edit_conditioning(positive, negative, vae, source, mask, head[None],
-                                                     clip_vision_output))
+                                                     clip_vision_output), split)
+
+
+def comfy_split_step(model, steps: int, scheduler: str, boundary: float, unit: str) -> int:
+    """The high-noise expert's steps, as the two KSamplerAdvanced split them: a step fraction f is round(f *
+    steps); a sigma counts the leading steps at sigma >= boundary on ComfyUI's schedule for `model` (its
+    model_sampling, `scheduler`, `steps`), or without a model on Wan's flow schedule at ComfyUI's Wan shift 8."""
+    check_boundary(boundary, unit)
+    if unit == "step_fraction":
+        return round(boundary * steps)
+    if model is None:
+        return split_step(flow_sigmas(steps, 8.0), boundary)
+    ms = model.get_model_object("model_sampling")
+    return split_step(comfy.samplers.calculate_sigmas(ms, scheduler, steps), boundary)
 
 
 class FFPLoRAEditMemory(io.ComfyNode):
@@ -208,33 +275,41 @@ class FFPTrainLoRAEdit(io.ComfyNode):
                                        "weights. unlimited = no checkpointing. A memory input overrides it."),
                 MemoryType.Input("memory", optional=True, tooltip="Manual settings from 'LoRA-Edit Memory Settings'."),
                 *_clip_inputs(),
+                *expert_inputs("trains"),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone of the model with the LoRA applied as a "
                                 "ComfyUI weight patch (works with fp8 and lowvram)."),
-                LoraType.Output(display_name="lora", tooltip="The trained LoRA; save it with 'Save LoRA'."),
-                io.Image.Output(display_name="loss", tooltip="Loss curve (raw and 10-step average)."),
+                LoraType.Output(display_name="lora", tooltip="The trained LoRA; save it with 'Save LoRA' (a Wan 2.2 "
+                                "expert's file name gets _high_noise / _low_noise)."),
+                io.Image.Output(display_name="loss", tooltip="Loss curve (raw and 10-step average); one image per "
+                                "expert for a Wan 2.2 pair."),
+                io.Model.Output(display_name="model_2", tooltip="Wan 2.2: model_2 with its own LoRA (trained on its "
+                                "noise range only). Empty without model_2."),
+                LoraType.Output(display_name="lora_2", tooltip="Wan 2.2: model_2's LoRA. Empty without model_2."),
             ],
         )
 
     @classmethod
     def execute(cls, model, vae, source_video, positive, steps, steps_stage2, learning_rate, rank, target_modules,
                 seed, memory_preset, frame_policy, size_policy, edit_mask=None, clip_vision_output=None,
-                keyframes=None, keyframe_frames="", memory=None) -> io.NodeOutput:
+                keyframes=None, keyframe_frames="", memory=None, model_2=None, boundary=WAN22_I2V_BOUNDARY,
+                boundary_unit="sigma", experts="auto") -> io.NodeOutput:
         settings = TrainSettings(steps=steps, steps_stage2=steps_stage2, learning_rate=learning_rate, rank=rank,
                                  targets=target_modules, seed=seed)
         mem = memory if memory is not None else preset(memory_preset)
-        check_i2v(ComfyWan(model))
+        models = [model] if model_2 is None else [model, model_2]
+        for m in models:
+            check_mask_aware(m)
+        roles, sigma = (None,), None
+        if model_2 is not None:
+            roles, sigma = expert_roles(model, model_2, boundary, boundary_unit, experts)
         src, mask, notes = prepare_clip(source_video.cpu(), None if edit_mask is None else edit_mask.cpu(),
                                         frame_policy, size_policy)
         for n in notes:
             log.info("FFP LoRA-Edit trainer: %s", n)
-        trainer = model.clone()
-        dtype = DTYPES[mem.compute_dtype] or _auto_dtype(trainer)
-        trainer.set_model_compute_dtype(dtype)
-        dit = ComfyWan(trainer)
-        device = trainer.load_device
-        base = trainer.model
+        trainers = [_trainer_clone(m, mem) for m in models]
+        device, dtype, base = trainers[0].load_device, _compute_dtype(trainers[0], mem), trainers[0].model
 
         def encode(frames):
             return base.process_latent_in(vae.encode(frames[..., :3])).to(device, dtype)
@@ -248,36 +323,85 @@ class FFPTrainLoRAEdit(io.ComfyNode):
         if keyframes is not None and steps_stage2 > 0:
             idx = parse_indices(keyframe_frames, keyframes.shape[0], src.shape[0])
             stage2 = build_keyframe_samples(src, mask, _fit_keyframes(keyframes.cpu(), src), idx, encode, context, clip)
-        log_settings(mem, dit.dims.num_layers)
-        with torch.inference_mode(False):
-            lora = create_lora(dit, rank, target_modules, seed, device=device)
-        total = steps + (steps_stage2 if stage2 else 0)
-        bar = comfy.utils.ProgressBar(total)
-        losses: list[float] = []
+        per = steps + (steps_stage2 if stage2 else 0)
+        bar = comfy.utils.ProgressBar(per * len(models))
+        patched, loras, curves = [], [], []
+        for k, (m, trainer, role) in enumerate(zip(models, trainers, roles)):
+            if role is not None:
+                settings = replace(settings, t_range=t_range(role, sigma))
+                log.info("FFP LoRA-Edit: training the %s expert on sigma in [%.3f, %.3f) (%d of %d; the other "
+                         "expert is unloaded meanwhile)", role.replace("_", "-"), *settings.t_range, k + 1, len(models))
+            result = _train_expert(trainer, stage1, stage2, settings, mem, bar, k * per, per * len(models))
+            result.lora.expert = role
+            patched.append(apply_lora(m, result.lora))
+            loras.append(result.lora)
+            curves.append(loss_curve_image(result.losses, result.stages))
+        pad = [None, None] if model_2 is None else []
+        return io.NodeOutput(patched[0], loras[0], torch.cat(curves), *(patched[1:] + loras[1:] + pad))
 
-        def on_step(i, n, loss):
-            losses.append(loss)
-            preview = None
-            if i == n or i % 10 == 0:
-                log.info("FFP LoRA-Edit: step %d/%d loss %.4f", i, n, loss)
-                preview = ("JPEG", _to_pil(loss_curve_image(losses)[0]), 512)
-            bar.update_absolute(i, n, preview)
 
-        def should_stop():
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            return False
+def check_mask_aware(model) -> None:
+    """ValueError unless `model` is a Wan I2V model with mask channels (TI2V-5B and T2V get their own message)."""
+    if is_wan22_ti2v(model):
+        raise ValueError(TI2V_MESSAGE)
+    check_i2v(ComfyWan(model))
 
-        def attach(lo: LoRA):
-            attach_weight_wrappers(trainer, lo)
-            return lambda: _drop_wrappers(trainer)
 
-        _unload_clones_of(trainer)  # a loaded clone of this model would make ComfyUI skip the wrapper patching
-        try:
-            result = train_lora_edit(dit, stage1, settings, stage2, mem, attach, lora, on_step, should_stop, device)
-        finally:
-            _unload_clones_of(trainer)
-        return io.NodeOutput(apply_lora(model, result.lora), result.lora,
-                             loss_curve_image(result.losses, result.stages))
+def expert_roles(model, model_2, boundary: float, unit: str, experts: str) -> tuple[tuple[str, str], float]:
+    """Which of the two MODELs is the high-noise expert (file names where the host records them, else the
+    `experts` setting) and the boundary as a sigma (a step fraction through the high-noise expert's
+    model_sampling, ComfyUI's percent_to_sigma). ValueError for a bad boundary, a pair of one kind, swapped
+    experts or two architectures."""
+    check_boundary(boundary, unit)
+    roles = resolve_experts(experts, model_file_name(model), model_file_name(model_2))
+    check_same_architecture(ComfyWan(model).dims, ComfyWan(model_2).dims)
+    high = model if roles[0] == HIGH else model_2
+    sigma = boundary if unit == "sigma" else float(high.get_model_object("model_sampling").percent_to_sigma(boundary))
+    return roles, check_boundary(sigma)
+
+
+def _compute_dtype(patcher, mem: MemorySettings) -> torch.dtype:
+    return DTYPES[mem.compute_dtype] or _auto_dtype(patcher)
+
+
+def _trainer_clone(model, mem: MemorySettings):
+    """A clone that computes in the training dtype (the memory settings', else the model's)."""
+    trainer = model.clone()
+    trainer.set_model_compute_dtype(_compute_dtype(trainer, mem))
+    return trainer
+
+
+def _train_expert(trainer, stage1, stage2, settings: TrainSettings, mem: MemorySettings, bar, done: int, total: int):
+    """Train one LoRA on one (cloned) model; only this model is loaded while it trains (clones of it are unloaded
+    before and after, so a second expert never shares the device with it)."""
+    dit = ComfyWan(trainer)
+    device = trainer.load_device
+    log_settings(mem, dit.dims.num_layers)
+    with torch.inference_mode(False):
+        lora = create_lora(dit, settings.rank, settings.targets, settings.seed, device=device)
+    losses: list[float] = []
+
+    def on_step(i, n, loss):
+        losses.append(loss)
+        preview = None
+        if i == n or i % 10 == 0:
+            log.info("FFP LoRA-Edit: step %d/%d loss %.4f", i, n, loss)
+            preview = ("JPEG", _to_pil(loss_curve_image(losses)[0]), 512)
+        bar.update_absolute(done + i, total, preview)
+
+    def should_stop():
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return False
+
+    def attach(lo: LoRA):
+        attach_weight_wrappers(trainer, lo)
+        return lambda: _drop_wrappers(trainer)
+
+    _unload_clones_of(trainer)  # a loaded clone of this model would make ComfyUI skip the wrapper patching
+    try:
+        return train_lora_edit(dit, stage1, settings, stage2, mem, attach, lora, on_step, should_stop, device)
+    finally:
+        _unload_clones_of(trainer)
 
 
 def apply_lora(model, lora: LoRA, strength: float = 1.0):
@@ -328,6 +452,13 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray((image.clamp(0, 1) * 255).byte().cpu().numpy())
 
 
+def expert_file_name(name: str, expert: str | None) -> str:
+    """name + '_high_noise' / '_low_noise' for a Wan 2.2 expert's LoRA (unless the name already says it)."""
+    if not expert or expert_from_name(name) == expert:
+        return name
+    return f"{name}_{expert}"
+
+
 class FFPSaveLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -342,7 +473,8 @@ class FFPSaveLoRA(io.ComfyNode):
                 LoraType.Input("lora", tooltip="The LoRA from 'Train LoRA-Edit'."),
                 io.String.Input("name", default="ffp_lora_edit",
                                 tooltip="File name in models/loras (letters, digits, - _ . spaces, '/' between "
-                                        "subfolders; no '..', no absolute path); .safetensors is added."),
+                                        "subfolders; no '..', no absolute path); .safetensors is added, and "
+                                        "_high_noise / _low_noise for a Wan 2.2 expert's LoRA."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing file of that name; off = add _2, _3, ..."),
             ],
@@ -362,8 +494,10 @@ class FFPSaveLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, name, overwrite) -> io.NodeOutput:
         root = Path(folder_paths.get_folder_paths("loras")[0])
-        path = safe_output_path(root, name, ".safetensors", overwrite)
-        save_lora(lora, path, metadata={"ffprop": "lora_edit", "rank": lora.rank})
+        expert = getattr(lora, "expert", None)
+        path = safe_output_path(root, expert_file_name(name, expert), ".safetensors", overwrite)
+        save_lora(lora, path, metadata={"ffprop": "lora_edit", "rank": lora.rank,
+                                        **({"wan22_expert": expert} if expert else {})})
         rel = path.relative_to(root).as_posix()
         log.info("FFP LoRA-Edit: saved %s", path)
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved models/loras/{rel}").as_dict())

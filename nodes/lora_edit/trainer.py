@@ -5,6 +5,8 @@ keep-mask 1 outside the edit region), target the source clip. Stage 2 (appearanc
 keyframe as a masked still (keep = 0 in its edit region), mixed with the stage-1 samples (x1 each, stills x9
 per pass, LoRA-Edit's code). Loss: plain MSE of the velocity, x_t = (1 - t) x1 + t x0, target x0 - x1,
 t ~ U(0, 1) with no shift (the model sees t * 1000). AdamW (0.9, 0.99), weight decay 0.01, grad clip 1.0.
+A Wan 2.2 expert trains on its own noise range only: settings.t_range = (lo, hi) draws t ~ U(lo, hi)
+(experts.t_range; (0, 1) draws exactly the same t as before).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ class TrainSettings:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
+    t_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        lo, hi = self.t_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1 (flow time, 1 = noise); got {self.t_range}.")
 
 
 @dataclass
@@ -137,11 +145,15 @@ def _stage2_order(n_video: int, n_still: int, steps: int, gen: torch.Generator) 
     return order[:steps]
 
 
-def flow_loss(dit, sample: TrainSample, gen: torch.Generator) -> Tensor:
-    """MSE between the predicted velocity and x0 - x1 at a uniform random t (Eq. 2)."""
+def flow_loss(dit, sample: TrainSample, gen: torch.Generator, t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """MSE between the predicted velocity and x0 - x1 at a uniform random t in t_range (Eq. 2)."""
     x1 = sample.target
     noise = torch.randn(x1.shape, generator=gen, dtype=torch.float32).to(x1.device, x1.dtype)
+    lo, hi = t_range
     t = torch.rand(1, generator=gen, dtype=torch.float32)
+    if (lo, hi) != (0.0, 1.0):
+        top = torch.nextafter(torch.tensor(hi), torch.tensor(0.0)) if hi < 1.0 else torch.tensor(1.0)
+        t = (lo + (hi - lo) * t).clamp(lo, float(top))      # [lo, hi) below 1: the boundary is the other expert's
     tt = t.to(x1.device, x1.dtype)
     x_t = (1 - tt) * x1 + tt * noise
     v = dit.predict(x_t, t.to(x1.device), sample.cond)
@@ -196,7 +208,7 @@ def train_lora_edit(dit, stage1: list[TrainSample], settings: TrainSettings = Tr
             runner.install()
             for i, (stage, (kind, j)) in enumerate(plan, 1):
                 sample = stage1[j] if kind == "video" else stage2[j]
-                loss = flow_loss(dit, sample, gen)
+                loss = flow_loss(dit, sample, gen, settings.t_range)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"training diverged at step {i} (loss {loss.item()}); lower the learning rate "
                                        f"(now {settings.learning_rate:g}) or use compute dtype bf16/fp32.")
@@ -274,6 +286,10 @@ def loss_curve_image(losses: list[float], stages: Optional[list[int]] = None, he
 def check_i2v(dit) -> None:
     """LoRA-Edit needs a Wan 2.1 image-to-video DiT: 36 input channels (16 noise + 4 mask + 16 image)."""
     c = dit.dims.in_channels
+    if dit.dims.out_channels == 48:
+        from .experts import TI2V_MESSAGE
+
+        raise ValueError(TI2V_MESSAGE)
     if c != 36:
         kind = {16: "a text-to-video (T2V) model", 48: "a Fun-Control model"}.get(c, f"a model with {c} input channels")
         raise ValueError(f"LoRA-Edit trains a Wan 2.1 image-to-video model (36 input channels) but this is {kind}. "
