@@ -116,11 +116,12 @@ class FlowEngine(SpanEngine):
         from ..flow.engine import FlowSettings
 
         self.settings = settings or FlowSettings()
+        flow_dir = Path(__file__).resolve().parent.parent / "flow"
+        self.code = _code_hash(flow_dir / "engine.py", flow_dir / "dis.py")    # once: the code this process runs
 
     @property
     def identity(self) -> str:
-        flow_dir = Path(__file__).resolve().parent.parent / "flow"
-        return f"flow:{self.settings!r}:{_code_hash(flow_dir / 'engine.py', flow_dir / 'dis.py')}"
+        return f"flow:{self.settings!r}:{self.code}"
 
     def forward(self, source, key, mask, on_step=None, should_stop=None) -> SpanResult:
         from ..flow.engine import derive_edit_mask, propagate_edit

@@ -70,6 +70,9 @@ def propagate_keyframes(source: Tensor, keys: Keyframes, engine: SpanEngine, edi
     if tuple(keys.frames.shape[1:3]) != (h, w):
         raise ValueError(f"keyframes are {keys.frames.shape[2]}x{keys.frames.shape[1]} but the clip is {w}x{h}; "
                          "make them with make_keyframes for this clip.")
+    if keys.indices[-1] >= t_len:
+        raise ValueError(f"keyframe(s) {[k for k in keys.indices if k >= t_len]} lie past the clip's end ({t_len} frames, "
+                         f"0..{t_len - 1}); connect the clip the keyframes were checked against.")
     mask = None if edit_mask is None else check_mask(edit_mask.float().cpu(), "edit_mask", source)
     source = source.float().cpu()
     spans = plan_spans(t_len, keys.indices)
