@@ -256,14 +256,22 @@ def condition_video(kind: str, source: Tensor, edit_mask: Optional[Tensor], head
 def wan_generator(dit, encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], context: Tensor,
                   steps: int = 20, shift: float = 5.0, kind: str = DEFAULT_KIND,
                   clip_tokens: Optional[Tensor] = None, negative_context: Optional[Tensor] = None, cfg: float = 1.0,
-                  device=None) -> Generator:
+                  device=None, low_noise_dit=None, boundary: float = 0.9) -> Generator:
     """Chunks through a WanDiT with the Euler sampler (nodes/host/sampling).
+
+    low_noise_dit: Wan 2.2's low-noise expert (then `dit` is the high-noise one): inside every chunk the steps at
+    sigma >= boundary run `dit`, the rest `low_noise_dit` (lora_edit.experts.ExpertPair routes each step).
 
     encode(frames [L, H, W, 3] 0..1) -> model-space latent [1, 16, F, h, w]; decode(latent) -> [L, H, W, 3].
     context: [1 or P, tokens, text_dim] (P = one per chunk). kind: see condition_video (the default lora_edit keeps
     each chunk's source outside the edit mask). Only this chunk's latents exist at any time."""
     from ..host.protocol import WanCond
     from ..host.sampling import sample
+
+    if low_noise_dit is not None:
+        from ..lora_edit.experts import ExpertPair
+
+        dit = ExpertPair(dit, low_noise_dit, boundary)
 
     def generate(job: ChunkJob) -> ChunkResult:
         region = job.edit_mask if job.edit_mask is not None else job.user_mask

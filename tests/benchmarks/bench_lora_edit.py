@@ -4,7 +4,8 @@
                                                           # CPU:  a scaled shape (says so), fp32
     python tests/benchmarks/bench_lora_edit.py --presets 24GB,8GB --steps 3
     python tests/benchmarks/bench_lora_edit.py --estimate --jobs 2  # no GPU: 14B shape, fake tensors: per preset
-                                    # training + sampling VRAM and CPU RAM (pinned + pageable), fp8 base weights
+                                    # training + sampling VRAM and CPU RAM (pinned + pageable), fp8 base weights,
+                                    # then the Wan 2.2 two-expert case (--chunks N for a long clip's switches)
 
 Each preset runs in a fresh subprocess (weights built there, random values, the diffusers WanTransformer3DModel
 with the 14B config: 40 blocks, 40 heads x 128, ffn 13824, text 4096, CLIP 1280). Inputs are random latents in
@@ -374,7 +375,7 @@ def _subprocess(args: list[str]) -> dict:
 CPU_RAM_GB = 24 * 2**30 / GB   # the CPU RAM goal: 24 GiB
 
 
-def estimate_table(presets: str, jobs: int = 1) -> None:
+def estimate_table(presets: str, jobs: int = 1) -> list[dict]:
     print("LoRA-Edit memory per preset for a Wan2.1-I2V-14B-shaped model, "
           f"{FULL['frames']} frames at {FULL['width']}x{FULL['height']}: the training step (rank 16, all_linears, "
           "AdamW; 2 steps, peak of the 2nd) and the sampling pass (CFG: 2 model calls per step, LoRA attached).\n"
@@ -434,6 +435,45 @@ def estimate_table(presets: str, jobs: int = 1) -> None:
           "1.5-3 GB RSS, not measured here), the VAE's CPU copy while loading, the page cache of the model files. "
           "Loading (streamed, fp8): the whole stored model is on the CPU once before the unswapped part moves to "
           f"the GPU: {rows[-1].get('weights_gb', float('nan')):.2f} GB.")
+    return rows
+
+
+PCIE_GBPS, DISK_GBPS = 25.0, 3.0
+"""Assumed host -> GPU bandwidths for the two-expert switch times: pinned PCIe 4.0 x16 (about 25 GB/s in
+practice) and an NVMe re-read of an fp8 expert file (about 3 GB/s); assumptions, not measured here."""
+
+
+def two_expert_table(rows: list[dict], chunks: int = 4) -> None:
+    """Wan 2.2 I2V A14B: two experts of the 14B shape, one resident at a time (the trainer trains the high-noise
+    expert, unloads it, then trains the low-noise one; samplers switch at the boundary). Derived from the
+    one-expert rows: each expert's training and sampling peaks are the one-model peaks (same architecture, never
+    both on the device); what the pair adds is where the idle expert waits and the bytes moved at each switch."""
+    print(f"\nWan 2.2 I2V A14B (two 14B experts, one resident at a time): per preset, the idle expert's residency and "
+          f"the switch traffic. VRAM peaks = the rows above (each expert alone on the device). A switch moves the "
+          f"incoming expert's device-resident part (stored model minus its swapped blocks) to the GPU: at "
+          f"{PCIE_GBPS:g} GB/s from CPU RAM (pinned PCIe 4.0 x16), or at {DISK_GBPS:g} GB/s when it is re-read from an "
+          f"NVMe disk because it does not fit CPU RAM (both bandwidths assumed). Switches: training 1 (high -> low), "
+          f"one sampled clip 1, a {chunks}-chunk long clip {2 * chunks - 1} (each chunk: high -> low, then back).")
+    print(f"{'preset':<10}{'expert GB':>10}{'resident':>10}{'idle in RAM':>12}{'RAM pair':>10}{'RAM fits':>9}"
+          f"{'switch s RAM':>13}{'switch s disk':>14}{'train +s':>9}{'clip +s':>8}{f'{chunks} chunks +s':>13}")
+    for r in rows:
+        if "device_peak_gb" not in r or r["preset"] == "ckpt" or ":" in r["preset"] or "+" in r["preset"]:
+            continue
+        resident = r["weights_gb"] - r["swapped"] * r["block_gb"]
+        ram = max(r["train_ram_gb"], r["sample_ram_gb"])
+        pair_ram = ram + r["weights_gb"]                   # the idle expert's whole stored (fp8) model in CPU RAM
+        fits = pair_ram <= CPU_RAM_GB
+        rate = PCIE_GBPS if fits else DISK_GBPS
+        switch = resident / PCIE_GBPS if fits else r["weights_gb"] / DISK_GBPS
+        print(f"{r['preset']:<10}{r['weights_gb']:>10.2f}{resident:>10.2f}{r['weights_gb']:>12.2f}{pair_ram:>10.2f}"
+              f"{'yes' if fits else 'no':>9}{resident / PCIE_GBPS:>13.2f}{r['weights_gb'] / DISK_GBPS:>14.2f}"
+              f"{switch:>9.1f}{switch:>8.1f}{(2 * chunks - 1) * switch:>13.1f}")
+        r["pair"] = {"resident_gb": resident, "pair_ram_gb": pair_ram, "switch_s": switch, "rate_gbps": rate}
+    print("expert GB = one stored expert (fp8 block linears, the rest bf16/fp32) = what the idle expert occupies in "
+          "CPU RAM if it waits there; RAM pair = the preset's CPU RAM (above) + that idle expert. Where RAM pair "
+          f"does not fit 24 GiB ({CPU_RAM_GB:.2f} GB), the idle expert is dropped and re-read from disk at each "
+          "switch (the +s columns then use the disk time of the whole file). Training also takes twice the steps "
+          "(each expert trains `steps` steps on its own range): about 2x the one-model training time.")
 
 
 def main() -> None:
@@ -444,6 +484,8 @@ def main() -> None:
                          "with fake tensors (FakeTensorMode + storage tracking) on the real training-step code path")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up step)")
     ap.add_argument("--jobs", type=int, default=1, help="--estimate: presets estimated in parallel subprocesses")
+    ap.add_argument("--chunks", type=int, default=4, help="--estimate: chunks of the long clip in the two-expert "
+                                                          "switch count")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -456,7 +498,8 @@ def main() -> None:
         print(json.dumps(run_one(args.one, shape, args.steps)))
         return
     if args.estimate:
-        estimate_table(args.presets if args.presets != DEFAULT_PRESETS else ESTIMATE_PRESETS, args.jobs)
+        rows = estimate_table(args.presets if args.presets != DEFAULT_PRESETS else ESTIMATE_PRESETS, args.jobs)
+        two_expert_table(rows, args.chunks)
         return
     if shape is SCALED:
         print(f"no CUDA: running a SCALED shape on the CPU, not Wan-14B: {SCALED}")

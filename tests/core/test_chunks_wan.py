@@ -191,3 +191,29 @@ def test_default_kind_conditions_every_chunk_on_its_source_slice(parts):
     assert torch.equal(jobs[1].head[0], res.video[8]), "chunk 2 starts from chunk 1's last output frame"
     assert torch.equal(jobs[2].edit_mask, clip.mask[16:25])
     assert res.edit_mask is not None and torch.equal(res.edit_mask[9:], clip.mask[9:])
+
+
+def test_wan22_pair_switches_experts_at_the_boundary_inside_every_chunk(parts):
+    """Two experts (Wan 2.2): in each of the 3 chunks the high-noise expert runs exactly the steps at sigma >=
+    0.9 and the low-noise expert the rest, on the same schedule."""
+    clip, _, vae, context = parts
+
+    class Counting:
+        def __init__(self, dit):
+            self.dit, self.ts = dit, []
+
+        def __getattr__(self, name):
+            return getattr(self.dit, name)
+
+        def predict(self, x_t, t, cond):
+            self.ts.append(float(t))
+            return self.dit.predict(x_t, t, cond)
+
+    high, low = Counting(tiny_dit(seed=0)), Counting(tiny_dit(seed=1))
+    plan = plan_chunks(25, 9, 1)
+    gen = wan_generator(high, vae.encode, vae.decode, context, steps=4, shift=5.0, low_noise_dit=low, boundary=0.9)
+    res = chain_chunks(plan, clip.source, clip.edited[0], gen, drift=NO_DRIFT_CONTROL)
+    sig = [float(s) for s in flow_sigmas(4, 5.0)[:-1]]
+    k = sum(s >= 0.9 for s in sig)
+    assert 0 < k < 4 and len(plan) == 3 and res.video.shape == clip.source.shape
+    assert high.ts == sig[:k] * len(plan) and low.ts == sig[k:] * len(plan)

@@ -166,3 +166,27 @@ def test_pipeline_trains_two_loras_and_samples_with_the_split_schedule():
     assert out.latent.shape == (1, 16, 3, 4, 4) and torch.isfinite(out.latent).all()
     assert not any(torch.equal(a.up, b.up) for (_, a), (_, b) in zip(out.training.lora.items(),
                                                                      out.training_2.lora.items()))
+
+
+def test_bench_row_builds_a_low_noise_expert_and_runs_the_pair():
+    """nodes/lora_edit/bench.py: no row without the world models; on a tiny stand-in world, the low-noise expert is
+    a fine-tuned copy (the world DiT stays bit-identical) and the row returns the edited clip."""
+    from ffprop.nodes.evaluate.bench import BenchSettings, WanWorld
+    from ffprop.nodes.lora_edit.bench import engines
+    from ffprop.nodes.world.scenes import render_sample
+
+    settings = BenchSettings(cases=((1_000_000, "recolour"),), size=(32, 32), frames=9, train_steps=1,
+                             sample_steps=3, lora_rank=2)
+    assert engines(None, settings) == {}
+    dit = tiny_wan()
+    before = {k: v.clone() for k, v in dit.module.state_dict().items()}
+
+    def decode(z):
+        x = torch.sigmoid(z[0, :3]).movedim(0, -1)
+        return torch.cat([x[:1], x[1:].repeat_interleave(4, 0)]).repeat_interleave(8, 1).repeat_interleave(8, 2)
+
+    row = engines(WanWorld(dit, ToyVAE(), decode, CTX), settings)["lora_edit_wan22"]
+    s = render_sample(1_000_000, "recolour", size=(32, 32), frames=9)
+    out = row(s)
+    assert out.shape == s.source.shape and torch.isfinite(out).all()
+    assert all(torch.equal(before[k], v) for k, v in dit.module.state_dict().items())
