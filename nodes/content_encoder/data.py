@@ -113,7 +113,7 @@ def colour_fill(clip: Clip, gen: torch.Generator) -> Pair:
 
 def make_pair(clips: Sequence[Clip], index: int, seed: int = 0) -> Pair:
     """Training pair `index` (deterministic in (seed, index)): an augmentation drawn with RATIOS, a random clip
-    (and a random donor clip for copy-paste)."""
+    (and a random donor clip of the same shape for copy-paste; a single clip donates its mirror image)."""
     if not clips:
         raise ValueError("no training clips.")
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
@@ -121,9 +121,14 @@ def make_pair(clips: Sequence[Clip], index: int, seed: int = 0) -> Pair:
     task = TASKS[0] if r < RATIOS[0] else TASKS[1] if r < RATIOS[0] + RATIOS[1] else TASKS[2]
     base = _pick(clips, gen)
     if task == "copy_paste":
-        donors = [c for c in clips if c is not base and c.frames.shape == base.frames.shape] or [base]
+        donors = [c for c in clips if c is not base and c.frames.shape == base.frames.shape] or [mirrored(base)]
         return copy_paste(base, _pick(donors, gen), gen)
     return mask_fill(base, gen) if task == "mask_fill" else colour_fill(base, gen)
+
+
+def mirrored(clip: Clip) -> Clip:
+    """The clip flipped left-right: the donor of copy-paste when a clip is trained alone (its object elsewhere)."""
+    return Clip(clip.frames.flip(2), clip.masks.flip(3), f"{clip.name}_mirrored")
 
 
 def world_clip(seed: int, size: tuple[int, int] = (64, 64), frames: int = 17) -> Clip:

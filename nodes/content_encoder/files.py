@@ -119,4 +119,4 @@ def load_encoder(path: str | Path, dit, dtype: torch.dtype = torch.float32) -> C
     state, config, _ = read_encoder_file(path)
     check_depth(config.depth, dit.dims.num_layers)
     enc = build_encoder(dit, config.depth, dtype=dtype)
-    return load_into(enc, state, config, Path(path).name).eval()
+    return load_into(enc, state, config, Path(path).name).requires_grad_(False).eval()

@@ -139,7 +139,10 @@ class ContentEncoder(nn.Module):
 def copy_block(block: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A trainable deep copy of a generator block in `dtype` (its own weights, requires_grad on; fp8 cast up)."""
     twin = copy.deepcopy(block)
-    twin.__dict__.pop("forward", None)   # a wrapper some runner installed on the original (e.g. a BlockRunner)
+    for m in twin.modules():
+        m.__dict__.pop("forward", None)   # a wrapper some runner installed on the original (e.g. a BlockRunner)
+        if hasattr(m, "weight_function"):  # ComfyUI cast ops: the original's weight wrappers / LoRA patches stay there
+            m.weight_function, m.bias_function = [], []
     for t in (*twin.parameters(), *twin.buffers()):
         if t.is_floating_point():
             t.data = t.data.detach().to(dtype).clone()
