@@ -95,8 +95,8 @@ def expert_inputs(verb: str) -> list:
                                "1: a sigma (Wan 2.2 I2V A14B: 0.9) or a fraction of the steps (boundary_unit)."),
         io.Combo.Input("boundary_unit", options=list(BOUNDARY_UNITS), default="sigma", optional=True,
                        tooltip="sigma: the high-noise expert runs while sigma >= boundary (Wan 2.2's rule). "
-                               "step_fraction: that share of the steps (ComfyUI's percent_to_sigma with the "
-                               "model's shift)."),
+                               "step_fraction: that share of the steps (samplers split at round(fraction x steps); "
+                               "training uses the sigma there, ComfyUI's percent_to_sigma with the model's shift)."),
         io.Combo.Input("experts", options=list(EXPERT_ORDERS), default="auto", optional=True,
                        tooltip="Which input is which expert. auto: from the file names (..._high_noise_14B / "
                                "..._low_noise_14B) where ComfyUI records them, else model = high-noise; swapped or "
@@ -241,7 +241,8 @@ class FFPTrainLoRAEdit(io.ComfyNode):
                         "model is unchanged), the LoRA, and the loss curve.",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan 2.1 image-to-video MODEL (36 input channels), e.g. "
-                               "wan2.1_i2v_480p_14B. T2V models are refused."),
+                               "wan2.1_i2v_480p_14B, or Wan 2.2 I2V A14B's high-noise expert (the low-noise one "
+                               "into model_2). T2V and TI2V-5B models are refused."),
                 io.Vae.Input("vae", tooltip="The Wan 2.1 VAE."),
                 io.Image.Input("source_video", tooltip="The source clip frames (49 frames at 832x480 in the paper)."),
                 io.Conditioning.Input("positive", tooltip="Prompt for the source clip (LoRA-Edit: 'p3rs0n, ' + a "
@@ -353,6 +354,9 @@ def expert_roles(model, model_2, boundary: float, unit: str, experts: str) -> tu
     model_sampling, ComfyUI's percent_to_sigma). ValueError for a bad boundary, a pair of one kind, swapped
     experts or two architectures."""
     check_boundary(boundary, unit)
+    if model_2.model is model.model:
+        raise ValueError("model and model_2 are the same model; connect Wan 2.2's two experts (high-noise into "
+                         "model, low-noise into model_2), or leave model_2 unconnected for one Wan 2.1 model.")
     roles = resolve_experts(experts, model_file_name(model), model_file_name(model_2))
     check_same_architecture(ComfyWan(model).dims, ComfyWan(model_2).dims)
     high = model if roles[0] == HIGH else model_2

@@ -154,6 +154,8 @@ def test_pair_errors(experts, files, tmp_path):
     high, low = experts
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         train(high, low, boundary=1.0)
+    with pytest.raises(ValueError, match="the same model"):
+        train(high, high.clone())
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         train(high, low, boundary=0.0, boundary_unit="step_fraction")
     three = tiny_wan22_expert_state_dict("low_noise", num_layers=3)
