@@ -1,14 +1,19 @@
 """Carry a first-frame edit through a clip with chained optical flow.
 
-For every frame t we track where each pixel came from in frame 0 (backward flow t -> t-1 composed down the
-chain, forward-backward checks marking occlusions, optionally re-anchored to frame 0 by a direct flow
-seeded with the chain), then carry the edit along that map and composite: pixels outside the propagated
-edit region are bit-identical to the source."""
+For every frame t we track where each pixel came from in frame 0 (nodes/flow/track.py), then carry the edit
+along that map and composite: pixels outside the propagated edit region are bit-identical to the source.
+Frame by frame (carry), so a file-to-file run holds a few frames, never the clip (nodes/flow/stream.py).
+
+What is carried, per pixel of the edit region: where the edit keeps the source's structure (a recolour), the
+edit's change added to the frame (keeps its lighting); where it changes the structure (a new shape, a
+removed part), the edited result itself, relit by the source's lighting change since frame 1 -- never the
+delta, which would leave the old object's ghost. Mode 'layer' (nodes/flow/layer.py) moves the whole edit
+region as one piecewise-affine layer over a reconstructed background, for pose and shape changes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -16,25 +21,39 @@ import torch
 
 from ..common import OnStep, ShouldStop, log, report
 from ..video.frames import check_mask, check_video, fit_to_frame, to_uint8
-from .dis import DenseFlow, identity_grid, inside, sample, to_gray
+from .dis import sample
+from .edit_mask import derive_edit_mask, derive_mask  # noqa: F401  (public here since the first release)
+from .track import FlowFn, Track, patch_error, track_frames, track_to_first  # noqa: F401  (public names)
 
-MODES = ("delta", "pixels")
+MODES = ("auto", "delta", "pixels", "layer")
+FULL_FRAME = 0.9         # an edit region covering this much of frame 1 is a global restyle
+STRUCTURE_LAYER = 0.5    # auto picks 'layer' when this share of the edit region changes structure ...
+BROKEN_VALID = 0.5       # ... or when fewer of the tracked region's pixels than this stay matched and the
+BROKEN_PIECES = 4        # matched rest falls into this many pieces (each >= 2 % of it; not an occluder)
+BROKEN_FRAMES = 3        # for this many frames in a row (the per-pixel chain broke up)
+GAIN_RANGE = (0.5, 2.0)  # the lighting gain applied to carried pixels is clipped to this
 
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """mode 'delta' adds the edit's change to each source frame (keeps the source's lighting);
-    'pixels' pastes the warped edited pixels. quality: DIS preset. mask_threshold: colour difference
-    (0..1) that counts as edited when no mask is given. mask_grow/feather: pixels. anchor_refine: re-anchor
-    each frame's track to frame 0 with a direct flow (less drift on long clips)."""
+    """mode: 'auto' (delta, or layer for shape changes and when the per-pixel chain breaks up), 'delta'
+    (the edit's change added where it keeps the structure, the relit result elsewhere), 'pixels' (the relit
+    edited pixels everywhere), 'layer' (the edit region as one moving layer). quality: DIS preset of the
+    direct flow to frame 0 (the accurate one); chain_quality: of the frame-to-frame flow that seeds it (None: quality). mask_threshold:
+    colour difference (0..1) that counts as edited when no mask is given. mask_grow/feather: pixels.
+    light: lighting-tolerant matching and relighting of carried pixels. flow: another flow backend for the
+    frame-to-frame flow (flow(gray_a, gray_b, init) -> [H, W, 2], e.g. ComfyUI's OPTICAL_FLOW)."""
 
-    mode: str = "delta"
+    mode: str = "auto"
     quality: str = "medium"
     mask_threshold: float = 0.08
     mask_grow: int = 4
     feather: int = 3
     anchor_refine: bool = True
     match_tolerance: float = 0.06
+    chain_quality: str | None = None
+    light: bool = True
+    flow: FlowFn | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -46,102 +65,42 @@ class FlowSettings:
 
 
 @dataclass(frozen=True)
-class Track:
-    """coords [H, W, 2]: where pixel (x, y) of frame t lies in frame 0; valid [H, W]: tracked without occlusion."""
-
-    coords: np.ndarray
-    valid: np.ndarray
-
-
-@dataclass(frozen=True)
 class Propagation:
     """video [T, H, W, 3] and mask [T, H, W] (1 = edit region, soft at the feathered edge); notes: what was
-    fixed or derived on the way (size policy, derived mask)."""
+    fixed or derived on the way (size policy, derived mask, mode chosen)."""
 
     video: torch.Tensor
     mask: torch.Tensor
     notes: tuple[str, ...] = ()
 
 
-def track_to_first(frames: np.ndarray, quality: str = "medium", anchor_refine: bool = True,
-                   match_tolerance: float = 0.06, on_step: OnStep | None = None,
-                   should_stop: ShouldStop | None = None) -> Iterator[Track]:
-    """frames: uint8 [T, H, W, 3]. Yields one Track per frame, frame 0 first (identity).
+@dataclass
+class EditPlan:
+    """Frame 1's edit, prepared once. edit, src0: float32 [H, W, 3] 0..1; soft0: [H, W] softened frame-1
+    region; structure: [H, W] 0..1, where the edit changes the structure (carry the result, not the delta);
+    mode: the resolved mode; notes: what the plan decided."""
 
-    Each frame: chain the previous map along the backward flow t -> t-1; then, per pixel, keep the best of
-    (chained, displacement filled in from trusted neighbours, direct flow t -> 0 seeded with the chain) by
-    how well the local patch matches frame 0. A pixel is trusted (valid) when that patch error is below
-    match_tolerance (0..1 grey levels): drift-free, and occluders fail it."""
-    t_len, h, w = frames.shape[:3]
-    dis = DenseFlow(quality)
-    grid = identity_grid(h, w)
-    gray0 = prev = to_gray(frames[0])
-    rgb0 = frames[0].astype(np.float32) / 255.0
-    coords, valid = grid.copy(), np.ones((h, w), bool)
-    yield Track(coords, valid)
-    for t in range(1, t_len):
-        gray, rgb = to_gray(frames[t]), frames[t].astype(np.float32) / 255.0
-        coords = _compose(coords, grid + dis.flow(gray, prev))
-        err = _patch_error(rgb, rgb0, coords)
-        candidates = [_fill_from_trusted(coords, err < match_tolerance, grid)]
-        if anchor_refine:
-            candidates.append(grid + dis.flow(gray, gray0, init=coords - grid))
-        for cand in candidates:
-            cand_err = _patch_error(rgb, rgb0, cand)
-            better = cand_err < err
-            coords = np.where(better[..., None], cand, coords)
-            err = np.where(better, cand_err, err)
-        valid = (err < match_tolerance) & inside(coords, h, w)
-        prev = gray
-        yield Track(coords, valid)
-        report(on_step, should_stop, t, t_len - 1)
+    edit: np.ndarray
+    src0: np.ndarray
+    first_mask: np.ndarray
+    soft0: np.ndarray
+    structure: np.ndarray
+    mode: str
+    notes: list[str]
 
 
-def _patch_error(frame: np.ndarray, frame0: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """patch_error between frame t [H, W, 3] (float 0..1) and frame 0 seen through coords."""
-    return patch_error(frame, sample(frame0, coords))
+@dataclass(frozen=True)
+class Carried:
+    """One frame's carried edit: region [H, W] (0 outside it) and content [y1-y0, x1-x0, 3] float32 inside
+    box (y0, y1, x0, x1), the bounding box of region > 0 (None when the region is empty)."""
+
+    region: np.ndarray
+    box: tuple[int, int, int, int] | None
+    content: np.ndarray | None
 
 
-def patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean absolute RGB difference (0..1) over 5x5 patches of two float frames [H, W, 3] -> [H, W].
-    Colour, not grey: objects of equal brightness must not match."""
-    return cv2.blur(np.abs(a - b).mean(-1), (5, 5))
-
-
-def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0) -> np.ndarray:
-    """Displacement (coords - grid) of untrusted pixels replaced by a Gaussian-weighted average of trusted
-    neighbours' displacements (normalised convolution): re-acquires pixels after a passing occluder."""
-    weight = trusted.astype(np.float32)
-    disp = (coords - grid) * weight[..., None]
-    num = cv2.GaussianBlur(disp, (0, 0), sigma)
-    den = cv2.GaussianBlur(weight, (0, 0), sigma)[..., None]
-    filled = grid + num / np.maximum(den, 1e-6)
-    return np.where(trusted[..., None] | (den < 1e-3), coords, filled)
-
-
-def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """coords_{t-1} looked up at target [H, W, 2] positions: nearest pixel's trajectory plus the sub-pixel
-    offset (locally a translation). Unlike bilinear lookup it never blends the trajectories of two objects
-    across a motion boundary, so errors at object edges do not spread frame after frame."""
-    snapped = np.round(target)
-    return sample(coords, snapped, nearest=True) + (target - snapped)
-
-
-def derive_edit_mask(source_first: torch.Tensor, edited_first: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Where the edited first frame differs from the source's: [H, W] in {0, 1}.
-
-    Per-pixel max channel difference, lightly blurred against compression noise, thresholded, opened (drops
-    specks) and closed (fills pin-holes). Raises when nothing differs."""
-    diff = (edited_first - source_first).abs().amax(-1).numpy().astype(np.float32)
-    diff = cv2.GaussianBlur(diff, (5, 5), 0)
-    mask = (diff > threshold).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
-    if not mask.any():
-        raise ValueError(f"the edited first frame matches the source's frame 1 (largest colour difference "
-                         f"{float(diff.max()):.3f} < mask_threshold {threshold}); nothing to propagate. "
-                         "Check you connected the edited image, lower mask_threshold, or connect an edit_mask.")
-    return torch.from_numpy(mask.astype(np.float32))
+class ChainBroke(Exception):
+    """The per-pixel chain lost the edit region (auto mode restarts in layer mode)."""
 
 
 def _close(valid: np.ndarray, radius: int) -> np.ndarray:
@@ -164,6 +123,199 @@ def soften(mask: np.ndarray, grow: int, feather: int) -> np.ndarray:
     return np.clip(np.maximum(out, mask), 0, 1)
 
 
+def structure_change(src0: np.ndarray, edit: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """[H, W] in 0..1: how much the edit changes the image's structure (its grey-level detail) rather than
+    its colour, inside region [H, W]; 1 = a new shape, texture or a removed part."""
+    def detail(rgb):
+        g = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        return g - cv2.GaussianBlur(g, (0, 0), 2.0)
+    d = cv2.GaussianBlur(np.abs(detail(edit) - detail(src0)), (0, 0), 3.0)
+    return np.clip((d - 0.012) / 0.025, 0, 1) * (region > 0)
+
+
+def plan_edit(src0_u8: np.ndarray, edited: torch.Tensor, first_mask: torch.Tensor, settings: FlowSettings,
+              per_frame: bool) -> EditPlan:
+    """Prepare frame 1's edit and resolve settings.mode ('auto' -> delta or layer)."""
+    edit = np.ascontiguousarray(edited.numpy(), dtype=np.float32)
+    src0 = src0_u8.astype(np.float32) * np.float32(1 / 255)
+    m0 = first_mask.numpy().astype(np.float32)
+    soft0 = soften(m0, settings.mask_grow, settings.feather)
+    structure = structure_change(src0, edit, soft0)
+    notes, mode = [], settings.mode
+    cover = float((m0 > 0.5).mean())
+    share = float(structure[m0 > 0.5].mean()) if (m0 > 0.5).any() else 0.0
+    if cover >= FULL_FRAME:
+        notes.append(f"the edit covers {cover:.0%} of frame 1 (a global restyle): the flow engine carries it "
+                     "as a per-pixel colour change along the flow; for a new style in motion use the Wan engine")
+        if mode in ("auto", "layer"):
+            mode = "delta"
+    elif mode == "auto":
+        mode = "layer" if share >= STRUCTURE_LAYER else "delta"
+        notes.append(f"mode auto -> {mode}: {share:.0%} of the edit region changes the image's structure"
+                     + (" (a shape change: moved as one layer)" if mode == "layer" else ""))
+    return EditPlan(edit, src0, m0, soft0, structure, mode, notes)
+
+
+def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
+    x, y, w, h = cv2.boundingRect((region > 0).astype(np.uint8))
+    return None if w == 0 else (y, y + h, x, x + w)
+
+
+def relight_gain(frame: np.ndarray, seen0: np.ndarray, scale: int = 16) -> np.ndarray:
+    """Per-pixel, per-channel lighting gain of uint8 frame t over frame 1 seen through the track (seen0,
+    uint8 [h, w, 3]), at low frequency (blurred at 1/scale size): float32 [h, w, 3], clipped to GAIN_RANGE."""
+    h, w = frame.shape[:2]
+    small = (max(1, w // scale), max(1, h // scale))
+    a = cv2.resize(frame, small, interpolation=cv2.INTER_AREA).astype(np.float32) + 4
+    b = cv2.resize(seen0, small, interpolation=cv2.INTER_AREA).astype(np.float32) + 4
+    gain = cv2.resize(cv2.blur(a, (3, 3)) / cv2.blur(b, (3, 3)), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip(gain.reshape(h, w, 3), *GAIN_RANGE)
+
+
+def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSettings,
+                 masks: Callable[[int], np.ndarray | None], check_broken: bool = False
+                 ) -> Iterator[tuple[np.ndarray, Carried]]:
+    """Modes delta/pixels: frames uint8 [H, W, 3] in, (frame, Carried) out, one per frame.
+
+    masks(t): the given soft region of frame t [H, W], or None to carry frame 1's along the track.
+    check_broken: raise ChainBroke when the tracked region stays mostly unmatched (auto mode)."""
+    low, broken = plan.first_mask > 0.5, 0
+    tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
+                          settings.chain_quality, settings.flow, settings.light)
+    frame0 = None
+    for t, (frame, track) in enumerate(tracks):
+        if frame0 is None:
+            frame0 = frame
+        given = masks(t)
+        if given is not None:
+            region = given
+        else:
+            region = sample(plan.soft0, track.coords) * _close(track.valid, settings.mask_grow)
+        if check_broken and t:
+            why = _broken(sample(low.astype(np.float32), track.coords) > 0.5, track.valid)
+            broken = broken + 1 if why else 0
+            if broken >= BROKEN_FRAMES:
+                raise ChainBroke(f"frame {t + 1}: {why} ({BROKEN_FRAMES} frames in a row)")
+        yield frame, _content(frame, frame0, track, region, plan, settings)
+
+
+def _broken(held: np.ndarray, valid: np.ndarray) -> str:
+    """Why the per-pixel chain counts as broken up in this frame ('' when it holds): held [H, W] bool, the
+    pixels whose track lands in frame 1's region; valid: tracked without occlusion."""
+    if not held.any():
+        return ""
+    kept = held & valid
+    matched = float(kept.sum()) / float(held.sum())
+    if matched >= BROKEN_VALID:
+        return ""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(kept.astype(np.uint8), connectivity=8)
+    pieces = int((stats[1:, cv2.CC_STAT_AREA] >= 0.02 * max(kept.sum(), 1)).sum())
+    if pieces < BROKEN_PIECES:
+        return ""
+    return f"{matched:.0%} of the tracked edit region still matches frame 1, in {pieces} pieces"
+
+
+def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.ndarray, plan: EditPlan,
+             settings: FlowSettings) -> Carried:
+    """The carried edit inside region's bounding box (see the module docstring for what is carried)."""
+    box = _bbox(region)
+    if box is None:
+        return Carried(region, None, None)
+    y0, y1, x0, x1 = box
+    coords = track.coords[y0:y1, x0:x1]
+    src = frame[y0:y1, x0:x1].astype(np.float32) * np.float32(1 / 255)
+    result = sample(plan.edit, coords)
+    if settings.light:
+        result *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, coords))
+    if plan.mode == "pixels":
+        content = result
+    else:
+        delta = sample(plan.edit, coords) - sample(plan.src0, coords)
+        keep = 1 - sample(plan.structure, coords)[..., None]
+        content = result + keep * (src + delta - result)
+    return Carried(region, box, np.clip(content, 0, 1, out=content))
+
+
+def carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
+          masks: Callable[[int], np.ndarray | None]) -> Iterator[tuple[np.ndarray, Carried]]:
+    """plan.mode's carrier over the frames (open_frames() gives a fresh pass: layer mode reads twice).
+    In auto's delta, a chain that breaks up restarts the clip in layer mode (plan.mode and notes say so)."""
+    from .layer import carry_layer
+
+    if plan.mode == "layer":
+        yield from carry_layer(open_frames, plan, settings, masks)
+        return
+    try:
+        yield from carry_pixels(open_frames(), plan, settings, masks, check_broken=settings.mode == "auto")
+    except ChainBroke as e:
+        plan.mode = "layer"
+        plan.notes.append(f"mode auto -> layer: the per-pixel chain broke up at {e}; restarted as one layer")
+        raise
+
+
+def composite(src: np.ndarray, carried: Carried, out: np.ndarray) -> np.ndarray:
+    """out = src + region * (content - src) inside carried.box, src elsewhere (bit-identical). float32
+    [H, W, 3] arrays; out may be src."""
+    if out is not src:
+        np.copyto(out, src)
+    if carried.box is not None:
+        y0, y1, x0, x1 = carried.box
+        s = src[y0:y1, x0:x1]
+        r = carried.region[y0:y1, x0:x1, None]
+        out[y0:y1, x0:x1] = s + r * (carried.content - s)
+    return out
+
+
+def prepare(source_first: torch.Tensor, shape: tuple[int, int, int], edited_first: torch.Tensor,
+            edit_mask: torch.Tensor | None, settings: FlowSettings, size_policy: str
+            ) -> tuple[EditPlan, Callable[[int], np.ndarray | None], list[str]]:
+    """Fit the edit, derive or check the mask, plan. source_first: IMAGE frame [H, W, 3]; shape: (T, H, W).
+    Returns (plan, masks(t), notes)."""
+    t_len, h, w = shape
+    edited, fit_note = fit_to_frame(edited_first.float(), h, w, size_policy)
+    notes = [fit_note] if fit_note else []
+    per_frame = None
+    if edit_mask is None:
+        derived = derive_mask(source_first, edited, settings.mask_threshold)
+        first_mask = derived.mask
+        notes.append(f"edit mask derived from the colour difference: {first_mask.mean().item():.1%} of frame 1"
+                     + (f"; ignored {derived.ignored}" if derived.ignored else ""))
+    else:
+        edit_mask = check_mask(edit_mask.float(), "edit_mask", torch.empty(t_len, h, w, 0))
+        if edit_mask.amax() <= 0:
+            raise ValueError("edit_mask is empty (all zero): nothing marks the edit region. Paint the edited "
+                             "area white, or leave edit_mask unconnected to derive it from the edit.")
+        first_mask, per_frame = edit_mask[0], (edit_mask if edit_mask.shape[0] > 1 else None)
+    plan = plan_edit(to_uint8(source_first), edited, first_mask, settings, per_frame is not None)
+    notes += plan.notes
+    plan.notes = notes
+
+    def masks(t: int) -> np.ndarray | None:
+        if per_frame is None:
+            return None
+        return soften(per_frame[t].numpy(), settings.mask_grow, settings.feather)
+    return plan, masks, notes
+
+
+def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
+              masks: Callable[[int], np.ndarray | None], sink: Callable[[int, np.ndarray, Carried], None],
+              t_len: int | None, should_stop: ShouldStop | None = None, on_step: OnStep | None = None) -> None:
+    """Drive carry over every frame, calling sink(t, frame, carried); restarts once in layer mode when auto's
+    chain breaks (the sink then sees frames from 0 again). on_step(t + 1, t_len) after each frame."""
+    for attempt in range(2):
+        try:
+            for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
+                sink(t, frame, carried)
+                if t:
+                    report(None, should_stop, t, (t_len or t + 1) - 1)
+                if on_step is not None:
+                    on_step(t + 1, t_len or t + 1)
+            return
+        except ChainBroke:
+            if attempt:
+                raise
+
+
 def propagate_edit(source: torch.Tensor, edited_first: torch.Tensor, edit_mask: torch.Tensor | None = None,
                    settings: FlowSettings = FlowSettings(), size_policy: str = "auto",
                    on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> Propagation:
@@ -171,45 +323,39 @@ def propagate_edit(source: torch.Tensor, edited_first: torch.Tensor, edit_mask: 
 
     source: IMAGE [T, H, W, 3]; edited_first: [H', W', 3] or [1, H', W', 3] (fitted to H x W by size_policy);
     edit_mask: None (derived from the difference), [1, H, W] (frame-0 mask, propagated by flow) or [T, H, W]
-    (the edit region of every frame, e.g. from SAM2). Returns the edited video and the region used."""
+    (the edit region of every frame, e.g. from SAM2). Returns the edited video and the region used. Works
+    frame by frame: beyond the input and the output it holds a few frames."""
     check_video(source, "source_video")
     t_len, h, w = source.shape[:3]
-    edited, fit_note = fit_to_frame(edited_first.float(), h, w, size_policy)
-    notes = [fit_note] if fit_note else []
-    if edit_mask is None:
-        first_mask = derive_edit_mask(source[0], edited, settings.mask_threshold)
-        notes.append(f"edit mask derived from the colour difference: {first_mask.mean().item():.1%} of frame 1")
-        per_frame = None
-    else:
-        edit_mask = check_mask(edit_mask.float(), "edit_mask", source)
-        if edit_mask.amax() <= 0:
-            raise ValueError("edit_mask is empty (all zero): nothing marks the edit region. Paint the edited "
-                             "area white, or leave edit_mask unconnected to derive it from the edit.")
-        first_mask, per_frame = edit_mask[0], (edit_mask if edit_mask.shape[0] > 1 else None)
-
+    plan, masks, notes = prepare(source[0], (t_len, h, w), edited_first, edit_mask, settings, size_policy)
     for note in notes:
         log.info("FFP flow: %s", note)
-    src8 = to_uint8(source)
-    src_f = source.float().numpy()
-    edit_np = edited.numpy().astype(np.float32)
-    delta = edit_np - src_f[0]
-    soft0 = soften(first_mask.numpy(), settings.mask_grow, settings.feather)
-    out = np.empty_like(src_f)
-    region = np.empty((t_len, h, w), np.float32)
-    for t, track in enumerate(track_to_first(src8, settings.quality, settings.anchor_refine,
-                                                  settings.match_tolerance, None, should_stop)):
-        if settings.mode == "pixels":
-            content = sample(edit_np, track.coords)
-        else:
-            content = np.clip(src_f[t] + sample(delta, track.coords), 0, 1)
-        if per_frame is not None:
-            region[t] = soften(per_frame[t].numpy(), settings.mask_grow, settings.feather)
-        else:
-            region[t] = sample(soft0, track.coords) * _close(track.valid, settings.mask_grow)
-        out[t] = src_f[t] + region[t][..., None] * (content - src_f[t])
+    out = torch.empty(source.shape, dtype=torch.float32)
+    region = torch.empty((t_len, h, w), dtype=torch.float32)
+    out_np, region_np = out.numpy(), region.numpy()
+
+    def frames() -> Iterator[np.ndarray]:
+        return (to_uint8(source[t]) for t in range(t_len))
+
+    def sink(t: int, frame: np.ndarray, carried: Carried) -> None:
+        composite(source[t].float().numpy(), carried, out_np[t])
+        region_np[t] = carried.region
+
+    def step(i: int, n: int) -> None:
         if on_step is not None:
-            on_step(t + 1, t_len, torch.from_numpy(out[t]))
-    return Propagation(torch.from_numpy(out), torch.from_numpy(region), tuple(notes))
+            on_step(i, n, out[i - 1])
+    run_carry(frames, plan, settings, masks, sink, t_len, should_stop, step)
+    return Propagation(out, region, tuple(plan.notes))
+
+
+class _Uint8Frames:
+    """IMAGE [T, H, W, 3] seen as uint8 frames, converted one at a time (never the whole clip)."""
+
+    def __init__(self, source: torch.Tensor):
+        self.source, self.shape = source, (*source.shape[:3], 3)
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        return to_uint8(self.source[t])
 
 
 def propagate_mask(source: torch.Tensor, first_mask: torch.Tensor, quality: str = "medium",
@@ -220,7 +366,7 @@ def propagate_mask(source: torch.Tensor, first_mask: torch.Tensor, quality: str 
     check_video(source, "source_video")
     m0 = check_mask(first_mask.float(), "first_mask", source[:1])[0].numpy()
     out = np.empty(source.shape[:3], np.float32)
-    tracks = track_to_first(to_uint8(source), quality, True, match_tolerance, on_step, should_stop)
+    tracks = track_to_first(_Uint8Frames(source), quality, True, match_tolerance, on_step, should_stop)
     for t, track in enumerate(tracks):
         out[t] = sample(m0, track.coords) * track.valid
     return torch.from_numpy(out)

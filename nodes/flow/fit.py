@@ -1,0 +1,96 @@
+"""Robust affine motion fits (IRLS, deterministic) and the smooth piecewise-affine warp built from them.
+
+Points are float arrays [N, 2] (x, y). An affine A [2, 3] maps p -> A @ [p, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IDENTITY = np.array([[1, 0, 0], [0, 1, 0]], np.float64)
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray, prior: np.ndarray | None = None, prior_weight: float = 0.0,
+               iters: int = 6, scale: float = 1.5) -> np.ndarray | None:
+    """Affine [2, 3] with dst ~= A [src, 1], by iteratively reweighted least squares with Cauchy weights
+    (residual scale `scale` px): outliers (other objects, flow errors) get ~no say. prior: an affine the fit
+    is pulled towards with prior_weight (points' worth). None when fewer than 6 points."""
+    if len(src) < 6:
+        return None if prior is None else prior.copy()
+    x = np.concatenate([src, np.ones((len(src), 1))], 1).astype(np.float64)
+    y = dst.astype(np.float64)
+    w = np.ones(len(src))
+    span = max(float(np.ptp(src[:, 0])), float(np.ptp(src[:, 1])), 1.0)
+    a = IDENTITY.copy()
+    for _ in range(iters):
+        xw = x * w[:, None]
+        lhs, rhs = xw.T @ x, xw.T @ y
+        if prior is not None and prior_weight > 0:
+            reg = prior_weight * np.diag([span ** 2, span ** 2, 1.0])
+            lhs, rhs = lhs + reg, rhs + reg @ prior.T
+        try:
+            a = np.linalg.solve(lhs + 1e-9 * np.eye(3), rhs).T
+        except np.linalg.LinAlgError:
+            return None if prior is None else prior.copy()
+        r2 = np.sum((x @ a.T - y) ** 2, 1)
+        w = 1.0 / (1.0 + r2 / scale ** 2)
+    return a
+
+
+def apply(a: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """[N, 2] points through affine a [2, 3]."""
+    return pts @ a[:, :2].T + a[:, 2]
+
+
+def invert(a: np.ndarray) -> np.ndarray:
+    """Inverse of an affine [2, 3]."""
+    m = np.linalg.inv(a[:, :2])
+    return np.concatenate([m, -m @ a[:, 2:]], 1)
+
+
+class PieceFit:
+    """A piecewise-affine map over a box of frame 0: a global affine plus one per cell of a g x g grid
+    (pulled towards the global one), blended with bilinear weights over the cell centres, so the map is
+    continuous: the layer it moves bends but never tears."""
+
+    def __init__(self, box: tuple[float, float, float, float], cells: int = 2):
+        self.x0, self.y0, self.x1, self.y1 = box
+        self.cells = cells
+
+    def _cell(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Continuous cell coordinates (0..g-1) of frame-0 points q [N, 2]."""
+        g = self.cells
+        u = (q[:, 0] - self.x0) / max(self.x1 - self.x0, 1e-6) * g - 0.5
+        v = (q[:, 1] - self.y0) / max(self.y1 - self.y0, 1e-6) * g - 0.5
+        return np.clip(u, 0, g - 1), np.clip(v, 0, g - 1)
+
+    def fit(self, p: np.ndarray, q: np.ndarray) -> list[np.ndarray] | None:
+        """Fit frame t points p -> frame 0 points q. Returns [global, cell 0, ...] affines, or None."""
+        glob = fit_affine(p, q)
+        if glob is None:
+            return None
+        out = [glob]
+        u, v = self._cell(q)
+        iu, iv = np.round(u).astype(int), np.round(v).astype(int)
+        for cy in range(self.cells):
+            for cx in range(self.cells):
+                sel = (iu == cx) & (iv == cy)
+                out.append(fit_affine(p[sel], q[sel], glob, prior_weight=max(20.0, 0.05 * len(p))))
+        return out
+
+    def map(self, affines: list[np.ndarray], p: np.ndarray) -> np.ndarray:
+        """Frame t points p [N, 2] -> frame 0, blending the cells' affines by where p's global image falls."""
+        g = self.cells
+        q = apply(affines[0], p)
+        if g == 1:
+            return q
+        u, v = self._cell(q)
+        u0, v0 = np.minimum(np.floor(u).astype(int), g - 2), np.minimum(np.floor(v).astype(int), g - 2)
+        fu, fv = u - u0, v - v0
+        out = np.zeros_like(q)
+        for dy, wy in ((0, 1 - fv), (1, fv)):
+            for dx, wx in ((0, 1 - fu), (1, fu)):
+                idx = (v0 + dy) * g + (u0 + dx)
+                for k in np.unique(idx):
+                    sel = idx == k
+                    out[sel] += (wy * wx)[sel, None] * apply(affines[1 + k], p[sel])
+        return out

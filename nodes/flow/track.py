@@ -1,0 +1,196 @@
+"""Track every pixel of each frame back to frame 0: chained flow, re-anchored to frame 0, patch-checked.
+
+uint8 frames in, one Track per frame out, streaming (the clip is never held): the chained flow of the next
+pair runs in a worker thread while this frame is re-anchored and checked (both cores; OpenCV releases the GIL),
+and every per-pixel test runs on uint8 with OpenCV kernels. Deterministic: each DIS estimator is used by one
+thread only, in frame order."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from ..common import OnStep, ShouldStop, report
+from .dis import DenseFlow, identity_grid, inside, sample, to_gray
+
+FlowFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+"""flow(gray_a, gray_b, init=None) -> [H, W, 2] float32 flow from grey uint8 frame a to frame b."""
+
+LIGHT_WINDOW = 15      # px: local brightness/colour cast removed over this window by the lighting-tolerant test
+
+
+@dataclass(frozen=True)
+class Track:
+    """coords [H, W, 2]: where pixel (x, y) of frame t lies in frame 0; valid [H, W]: tracked without
+    occlusion (its patch matches frame 0, directly or after removing the local lighting change)."""
+
+    coords: np.ndarray
+    valid: np.ndarray
+
+
+def patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute RGB difference (0..1) over 5x5 patches of two float frames [H, W, 3] -> [H, W].
+    Colour, not grey: objects of equal brightness must not match."""
+    return cv2.blur(np.abs(a - b).mean(-1), (5, 5))
+
+
+_MEAN3 = np.full((1, 3), 1 / 3, np.float32)
+
+
+def patch_error_u8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """patch_error of two uint8 frames [H, W, 3] -> float32 [H, W] in 0..1 (within 1/255 of the float one),
+    about 25x faster: absdiff, channel mean and box filter are OpenCV kernels."""
+    mean = cv2.transform(cv2.absdiff(a, b), _MEAN3)
+    return cv2.boxFilter(mean, cv2.CV_32F, (5, 5)) * np.float32(1 / 255)
+
+
+GAIN_LIMIT = 2.5      # the lighting-tolerant test accepts local brightness changes up to this factor either way
+_LOG = (np.log1p(np.arange(256, dtype=np.float32)) / np.float32(np.log(256))).astype(np.float32)
+
+
+_LOG_GAIN_LIMIT = float(np.log(GAIN_LIMIT) / np.log(256))
+
+
+def light_error(a: np.ndarray, b: np.ndarray, window: int = LIGHT_WINDOW) -> np.ndarray:
+    """An illumination-tolerant patch error of two uint8 frames [H, W, 3] -> float32 [H, W] (0..1 scale):
+    per channel log intensity minus its local mean over `window` px, compared over 5x5 patches. A gain that
+    varies slowly over the frame (shade, a cloud, an exposure change) cancels; texture and edges must still
+    agree, and so must the local colour (chromaticity): a flat occluder of another colour fails. Where the
+    local gain is beyond GAIN_LIMIT the error is 1."""
+    la, lb = cv2.LUT(a, _LOG), cv2.LUT(b, _LOG)
+    ma, mb = cv2.blur(la, (window, window)), cv2.blur(lb, (window, window))
+    texture = cv2.blur(cv2.transform(cv2.absdiff(la - ma, lb - mb), _MEAN3), (5, 5))
+    shift = ma - mb                                     # log gain per channel
+    gain = cv2.transform(shift, _MEAN3)
+    chroma = cv2.transform(cv2.absdiff(shift, cv2.merge([gain, gain, gain])), _MEAN3)
+    err = np.maximum(texture, chroma)
+    err[np.abs(gain) > _LOG_GAIN_LIMIT] = 1.0
+    return err
+
+
+def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0) -> np.ndarray:
+    """Displacement (coords - grid) of untrusted pixels replaced by a Gaussian-weighted average of trusted
+    neighbours' displacements (normalised convolution, at quarter resolution: the displacement field is
+    smooth at this scale): re-acquires pixels after a passing occluder."""
+    h, w = trusted.shape
+    small = (max(1, w // 4), max(1, h // 4))
+    weight = trusted.astype(np.float32)
+    disp = (coords - grid) * weight[..., None]
+    num = cv2.GaussianBlur(cv2.resize(disp, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
+    den = cv2.GaussianBlur(cv2.resize(weight, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
+    filled_disp = num / np.maximum(den, 1e-6)[..., None]
+    den = cv2.resize(den, (w, h), interpolation=cv2.INTER_LINEAR)
+    filled = grid + cv2.resize(filled_disp, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.where((trusted | (den < 1e-3))[..., None], coords, filled)
+
+
+def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """coords_{t-1} looked up at target [H, W, 2] positions: nearest pixel's trajectory plus the sub-pixel
+    offset (locally a translation). Unlike bilinear lookup it never blends the trajectories of two objects
+    across a motion boundary, so errors at object edges do not spread frame after frame."""
+    snapped = np.round(target)
+    return sample(coords, snapped, nearest=True) + (target - snapped)
+
+
+def _keep_better(coords: np.ndarray, err: np.ndarray, cand: np.ndarray, frame: np.ndarray, frame0: np.ndarray) -> None:
+    """Per pixel, replace coords [H, W, 2] and its patch error err [H, W] (in place) by the candidate's where
+    the candidate's patch matches frame 0 better."""
+    cand_err = patch_error_u8(frame, sample(frame0, cand))
+    better = cand_err < err
+    np.copyto(coords, cand, where=better[..., None])
+    np.copyto(err, cand_err, where=better)
+
+
+def dis_backend(quality: str) -> FlowFn:
+    """The default flow: OpenCV DIS at `quality` (one estimator per call site: they are not thread-safe)."""
+    return DenseFlow(quality).flow
+
+
+def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_refine: bool = True,
+                 match_tolerance: float = 0.06, chain_quality: str | None = None,
+                 chain_flow: FlowFn | None = None, light_tolerant: bool = True, threaded: bool = True) -> Iterator[tuple[np.ndarray, Track]]:
+    """frames: uint8 [H, W, 3] each, any iterable (a decoder). Yields (frame, Track) per frame, frame 0 first.
+
+    Each frame: chain the previous map along the backward flow t -> t-1 (DIS at chain_quality, or
+    chain_flow); then, per pixel, keep the best of (chained, displacement filled in from trusted neighbours,
+    direct flow t -> 0 at `quality` seeded with the chain) by how well the local patch matches frame 0. The
+    direct flow removes the chain's drift (textured square moving 3.4 px per frame, 12 frames: median error
+    0.22 px, 2.3 px with the chain alone); a cheaper chain (fast, ultrafast) seeds it worse on real motion
+    (synthetic disc IoU 0.38 at fast vs 0.70 at medium), so chain_quality defaults to quality. A pixel is
+    trusted (valid) when that patch error is below match_tolerance (0..1 grey levels), or, with
+    light_tolerant, when its lighting-normalised error is: drift-free, and occluders fail both.
+
+    threaded: the chain's flow on its own DIS estimator in a worker thread, one frame ahead. Off: one
+    estimator for both flows, in turn (the first release's sequence). DIS keeps state between calls (a flow
+    after a seeded call differs by up to 4 px from a fresh one), so the two give different tracks; on
+    bmx-trees the masks room's flow fallback scores IoU 0.189 threaded, 0.143 sequential."""
+    it = iter(frames)
+    first = next(it, None)
+    if first is None:
+        return
+    h, w = first.shape[:2]
+    anchor = dis_backend(quality) if anchor_refine else None
+    shared = not threaded and chain_flow is None and chain_quality in (None, quality) and anchor is not None
+    chain = chain_flow or (anchor if shared else dis_backend(chain_quality or quality))
+    grid = identity_grid(h, w)
+    frame0, gray0 = first, to_gray(first)
+    coords, valid = grid.copy(), np.ones((h, w), bool)
+    yield first, Track(coords, valid)
+
+    def pair_flow(frame: np.ndarray, prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        gray = to_gray(frame)
+        return gray, chain(gray, prev_gray, None)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ffp-flow") as pool:
+        cur = next(it, None)
+        job = pool.submit(pair_flow, cur, gray0) if cur is not None and threaded else None
+        prev_gray = gray0
+        while cur is not None:
+            gray, flow = job.result() if threaded else pair_flow(cur, prev_gray)
+            nxt = next(it, None)                           # decode the next frame while its flow is computed
+            if nxt is not None and threaded:
+                job = pool.submit(pair_flow, nxt, gray)
+            prev_gray = gray
+            coords = _compose(coords, grid + flow)
+            err = patch_error_u8(cur, sample(frame0, coords))
+            filled = _fill_from_trusted(coords, err < match_tolerance, grid)
+            direct = grid + anchor(gray, gray0, coords - grid) if anchor is not None else None  # seeded by the chain
+            _keep_better(coords, err, filled, cur, frame0)
+            if direct is not None:
+                _keep_better(coords, err, direct, cur, frame0)
+            valid = err < match_tolerance
+            if light_tolerant and not valid.all():
+                valid |= light_error(cur, sample(frame0, coords)) < match_tolerance / 4
+            valid &= inside(coords, h, w)
+            yield cur, Track(coords, valid)
+            cur = nxt
+
+
+class _Indexed:
+    """frames[t] for t in range(len) as an iterator (array-likes that only support indexing)."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __iter__(self):
+        return (self.frames[t] for t in range(self.frames.shape[0]))
+
+
+def track_to_first(frames: np.ndarray, quality: str = "medium", anchor_refine: bool = True,
+                   match_tolerance: float = 0.06, on_step: OnStep | None = None,
+                   should_stop: ShouldStop | None = None, light_tolerant: bool = False,
+                   threaded: bool = True) -> Iterator[Track]:
+    """frames: uint8 [T, H, W, 3] (or anything with .shape and frames[t]). Yields one Track per frame, frame 0
+    first (identity); see track_frames (light_tolerant off by default: the masks room's re-acquisition is
+    tuned on the plain test)."""
+    t_len = frames.shape[0]
+    tracks = track_frames(_Indexed(frames), quality, anchor_refine, match_tolerance, light_tolerant=light_tolerant,
+                          threaded=threaded)
+    for t, (_, track) in enumerate(tracks):
+        yield track
+        if t:
+            report(on_step, should_stop, t, t_len - 1)
