@@ -222,24 +222,6 @@ def world_pairs(world, seeds: Sequence[int], size=(64, 64), frames: int = 17, se
     return [encode_pair(make_pair(clips, i, seed), encode, ctx) for i in range(count or len(clips))]
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
-    p = parser or argparse.ArgumentParser(prog="ffprop train content-encoder",
-                                          description="Train a GenProp content encoder on the world's synthetic "
-                                                      "pairs (default) or a folder of clips with masks.")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--depth", type=int, default=2, help="N, the SCE's blocks (default 2 of the world DiT's 4)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--batch", type=int, default=2, help="pairs per step, over all processes (default 2)")
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (GenProp: 5e-5)")
-    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the saved weights (default 0.99)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the new layers, pairs, noise and t")
-    p.add_argument("--clips", type=int, default=64, help="world training scenes (seeds 0..N-1; default 64)")
-    p.add_argument("--pairs", type=int, default=128, help="distinct synthetic pairs drawn from them (default 128)")
-    p.add_argument("--folder", default=None, help="train on <name>.mp4 + <name>_mask.mp4 clips here instead of the "
-                                                  "world (the generator is still the world DiT)")
-    return p.parse_args(argv)
-
-
 def run(args) -> int:
     """Train on the world models (nodes/world) and save; under torchrun each process takes its share."""
     from ..world.model import load_world_models
@@ -289,4 +271,7 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(parse_args()))
+    from .cli import arguments
+
+    raise SystemExit(run(arguments(argparse.ArgumentParser(prog="python -m ffprop.nodes.content_encoder.train"))
+                         .parse_args()))

@@ -331,3 +331,20 @@ def test_composes_with_lora_edit_and_ast_rope():
     enc = trained_like(build_encoder(dit, 2))
     both = attach_diffusers(roped, enc, src)[0].predict(x, 0.5, c)
     assert (both - attach_diffusers(dit, enc, src)[0].predict(x, 0.5, c)).abs().max() > 1e-6   # AST-RoPE still acts
+
+
+def test_cli_parses_the_train_command_without_torch():
+    import argparse
+    import subprocess
+    import sys
+
+    from ffprop.nodes.content_encoder.cli import add_parser
+
+    parser = argparse.ArgumentParser(prog="ffprop train")
+    add_parser(parser.add_subparsers(dest="what"))
+    args = parser.parse_args(["content-encoder", "--out", "x.safetensors", "--depth", "2", "--steps", "5"])
+    assert (args.what, args.out, args.depth, args.steps, args.lr) == ("content-encoder", "x.safetensors", 2, 5, 5e-5)
+    code = ("import sys, argparse; from ffprop.nodes.content_encoder import cli; "
+            "p = argparse.ArgumentParser(); cli.add_parser(p.add_subparsers()); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
