@@ -17,9 +17,11 @@
                 encoder's ceiling is the source row's far_bg (there truth = source: re-encoding costs only that);
       all       PSNR over whole frames;
       raw_*     the same for the output before encoding (engine error alone);
-      vanished  frames where the edit is gone while the object is visible (true mask >= VISIBLE of frame 0's
-                area and >= 64 px): mean RGB distance to the truth inside the true mask above VANISH x the
-                source's (more than half of the recolour missing).
+      missing   per frame where the object is visible (true mask >= VISIBLE of frame 0's area and >= 64 px),
+                the share of the edit missing: mean RGB distance to the truth inside the true mask over the
+                untouched source's (0 = all there, 1 = no edit); its mean over those frames;
+      vanished  the frames where the edit is gone while the object is visible: missing > VANISH (three
+                quarters of the recolour gone).
 (b) The procedural world (nodes/world/scenes.py render_sample), the held-out seeds of nodes/evaluate/bench.py
     world_cases (--per-edit per edit), 64x64, 17 frames, no encoding (the world benchmark encodes nothing, so the
     ceiling is the cap): rows flow (the world benchmark's flow row: per-frame oracle edit masks) and derived (no
@@ -55,7 +57,7 @@ DATA = Path(os.environ.get("FFP_SHARED_DATA", REPO.parent / "shared" / "data"))
 HUE_DEG = 120.0
 MARGIN = 7              # px: FlowSettings' mask_grow (4) + feather (3), how far the engine softens its region
 VISIBLE = 0.1
-VANISH = 0.5
+VANISH = 0.75
 STRIP_FRAMES = (0, 10, 20, 30, 45, 60, 79)
 VARIANTS = ("derived", "first_mask", "oracle")
 WORLD_ROWS = ("flow", "derived")
@@ -89,19 +91,29 @@ def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([cv2.dilate((m > 0).astype(np.uint8), k) for m in masks.numpy()])).float()
 
 
-def vanished(out: torch.Tensor, truth: torch.Tensor, source: torch.Tensor, region: torch.Tensor) -> list[int]:
-    """Frames (0-based, from 1) where the edit is gone while the object is visible (see the module docstring)."""
+def missing(out: torch.Tensor, truth: torch.Tensor, source: torch.Tensor, region: torch.Tensor) -> dict[int, float]:
+    """{frame (0-based, from 1): share of the edit missing} on the frames where the object is visible (region
+    [T, H, W] >= VISIBLE of frame 0's area and >= 64 px): the mean RGB distance of out to the truth inside the
+    region over the untouched source's (0 = the edit is all there, 1 = as far from the truth as no edit)."""
     area = region.flatten(1).sum(1)
-    frames = []
+    shares = {}
     for t in range(1, out.shape[0]):
         if area[t] < max(64.0, VISIBLE * float(area[0])):
             continue
         m = region[t] > 0.5
         d_out = torch.linalg.vector_norm(out[t][m] - truth[t][m], dim=-1).mean()
         d_src = torch.linalg.vector_norm(source[t][m] - truth[t][m], dim=-1).mean()
-        if d_src > 0 and d_out > VANISH * d_src:
-            frames.append(t)
-    return frames
+        if d_src > 0:
+            shares[t] = float(d_out / d_src)
+    return shares
+
+
+def edit_kept(out: torch.Tensor, truth: torch.Tensor, source: torch.Tensor, region: torch.Tensor) -> dict:
+    """missing: mean share of the edit missing over the visible frames; vanished: the frames where more than
+    VANISH of it is missing."""
+    shares = missing(out, truth, source, region)
+    return {"missing": round(float(np.mean(list(shares.values()))), 3) if shares else None,
+            "vanished": [t for t, v in shares.items() if v > VANISH]}
 
 
 def scores(out: torch.Tensor, truth: torch.Tensor, region: torch.Tensor, far: torch.Tensor) -> dict:
@@ -151,7 +163,7 @@ def run_bmx(variants: tuple[str, ...], frames: int, strips: dict) -> dict:
         src_enc = encoded(source, fps, Path(tmp))
         result = {"frames": int(source.shape[0]), "size": [int(source.shape[2]), int(source.shape[1])],
                   "hue_deg": HUE_DEG, "motion_radius_px": radius,
-                  "source": {**scores(src_enc, truth, gt, far), "vanished": vanished(src_enc, truth, source, gt)}}
+                  "source": {**scores(src_enc, truth, gt, far), **edit_kept(src_enc, truth, source, gt)}}
         for v in variants:
             mask = {"derived": None, "first_mask": gt[:1], "oracle": gt}[v]
             t0 = time.perf_counter()
@@ -159,7 +171,7 @@ def run_bmx(variants: tuple[str, ...], frames: int, strips: dict) -> dict:
             seconds = time.perf_counter() - t0
             out_enc = encoded(out, fps, Path(tmp))
             raw = {f"raw_{k}": s for k, s in scores(out, truth, gt, far).items()}
-            result[v] = {**scores(out_enc, truth, gt, far), **raw, "vanished": vanished(out_enc, truth, source, gt),
+            result[v] = {**scores(out_enc, truth, gt, far), **raw, **edit_kept(out_enc, truth, source, gt),
                          "seconds": round(seconds, 2)}
             strips[f"bmx/{v}"] = out_enc[keep]
             print(f"  bmx {v}: {seconds:.1f} s", file=sys.stderr, flush=True)
@@ -184,7 +196,7 @@ def run_world(per_edit: int, strips: dict) -> dict:
         for name, out in outs.items():
             rows[name].append({"edit": edit, "seed": seed, **scores(out, s.target, region, far),
                                **{f"bench_{k}": v for k, v in score(out, s, motion).items()},
-                               "vanished": vanished(out, s.target, s.source, region)})
+                               **edit_kept(out, s.target, s.source, region)})
         if f"world/{edit}/truth" not in strips:
             strips[f"world/{edit}/source"], strips[f"world/{edit}/truth"] = s.source, s.target
             for name in WORLD_ROWS:
@@ -193,7 +205,7 @@ def run_world(per_edit: int, strips: dict) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if k not in ("edit", "seed", "vanished")]
+    keys = [k for k in rows[0] if k not in ("edit", "seed", "vanished")]       # "missing" is averaged
 
     def mean(rs, k):
         vals = [r[k] for r in rs if r[k] is not None]
@@ -231,7 +243,7 @@ def write_strips(strips: dict, before: dict | None, out: Path) -> list[Path]:
         pick = (lambda a: a) if group == "bmx" else (lambda a: a[::4])  # noqa: E731
         for name in outputs:
             rows = [("source", pick(strips[f"{group}/source"])), ("truth", pick(strips[f"{group}/truth"]))]
-            if before is not None and f"{group}/{name}" in before:
+            if before is not None and before.get(f"{group}/{name}", torch.empty(0)).shape == strips[f"{group}/{name}"].shape:
                 rows.append(("before", pick(before[f"{group}/{name}"])))
             rows.append((name if before is None else f"after: {name}", pick(strips[f"{group}/{name}"])))
             path = out / f"{group.replace('/', '_')}_{name}.png"
@@ -252,39 +264,47 @@ def table(result: dict, before: dict | None) -> str:
         return node
 
     lines = []
+    ours, theirs = result["settings"], (before or {}).get("settings", {})
+    for section, key in (("bmx", "frames"), ("world", "per_edit")):
+        if before is not None and section in before and theirs.get(key) != ours[key]:
+            lines.append(f"(the before run has {key}={theirs.get(key)}, this one {ours[key]}: its {section} rows are "
+                         "left out, not comparable)")
+            before = {k: v for k, v in before.items() if k != section}
     if "bmx" in result:
         b = result["bmx"]
         lines += [f"(a) bmx-trees, {b['frames']} frames {b['size'][0]}x{b['size'][1]}, truth = hue +{b['hue_deg']:g} "
                   f"deg inside the true masks; far_bg = outside the masks dilated by {b['motion_radius_px']} px; "
                   "outputs encoded by write_video (crf 17); PSNR dB on frames 2..T",
-                  "  row          object outside  far_bg     all | raw obj raw out raw far |  sec | vanished frames"]
+                  "  row          object outside  far_bg     all | raw obj raw out raw far |  sec | missing | vanished"]
         for row in ("source", *[v for v in VARIANTS if v in b]):
             r = b[row]
             raw = " ".join(fmt(r.get(k)) + " " for k in ("raw_object", "raw_outside", "raw_far_bg"))
             lines.append(f"  {row:11s} {fmt(r['object'])}  {fmt(r['outside'])}  {fmt(r['far_bg'])}  {fmt(r['all'])} | "
-                         f"{raw if row != 'source' else ' ' * 24}| {r.get('seconds', 0):4.1f} | "
-                         f"{len(r['vanished'])}: {r['vanished'][:12]}{' ...' if len(r['vanished']) > 12 else ''}")
+                         f"{raw if row != 'source' else ' ' * 24}| {r.get('seconds', 0):4.1f} | {fmt(r['missing'])}  | "
+                         f"{len(r['vanished'])}: {r['vanished'][:10]}{' ...' if len(r['vanished']) > 10 else ''}")
             p = prev("bmx", row)
             if p:
                 lines.append(f"   before     {fmt(p['object'])}  {fmt(p['outside'])}  {fmt(p['far_bg'])}  "
-                             f"{fmt(p['all'])} |{' ' * 25}|      | {len(p['vanished'])}")
+                             f"{fmt(p['all'])} |{' ' * 25}|      | {fmt(p.get('missing'))}  | {len(p['vanished'])}")
         lines.append(f"  encoder ceiling (far_bg of the re-encoded source): {fmt(b['source']['far_bg'])} dB")
     if "world" in result:
         w = result["world"]
         lines += ["", "(b) world held-out scenes, 64x64x17, no encoding; object = the world's edit mask; "
                   "bench_* = nodes/evaluate/bench.score; PSNR dB on frames 2..T",
-                  "  edit          row      object outside  far_bg     all | b_edit   b_bg  warp  | vanished"]
+                  "  edit          row      object outside  far_bg     all | b_edit   b_bg  warp  | missing | vanished"]
         for edit in w["source"]["by_edit"]:
             for row in ("source", *WORLD_ROWS):
                 r = w[row]["by_edit"][edit]
                 lines.append(f"  {edit:13s} {row:8s} {fmt(r['object'])}  {fmt(r['outside'])}  {fmt(r['far_bg'])}  "
                              f"{fmt(r['all'])} | {fmt(r['bench_edit_psnr'])} {fmt(r['bench_bg_psnr'])} "
-                             f"{r['bench_warp_error']:.4f} | {r['vanished_frames']} in {r['cases']} case(s)")
+                             f"{r['bench_warp_error']:.4f} | {fmt(r['missing'])}  | {r['vanished_frames']} in "
+                             f"{r['cases']} case(s)")
                 p = prev("world", row, "by_edit", edit)
                 if p and row != "source":
                     lines.append(f"  {'':13s} {'before':8s} {fmt(p['object'])}  {fmt(p['outside'])}  "
                                  f"{fmt(p['far_bg'])}  {fmt(p['all'])} | {fmt(p['bench_edit_psnr'])} "
-                                 f"{fmt(p['bench_bg_psnr'])} {p['bench_warp_error']:.4f} | {p['vanished_frames']}")
+                                 f"{fmt(p['bench_bg_psnr'])} {p['bench_warp_error']:.4f} | "
+                                 f"{fmt(p.get('missing'))}  | {p['vanished_frames']}")
     return "\n".join(lines)
 
 
@@ -312,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             before_strips = {k: torch.from_numpy(z[k]).float() / 255 for k in z.files}
     t0 = time.perf_counter()
     strips: dict[str, torch.Tensor] = {}
-    result: dict = {}
+    result: dict = {"settings": {"frames": args.frames, "per_edit": args.per_edit, "variants": list(variants),
+                                 "hue_deg": HUE_DEG, "vanish": VANISH, "margin_px": MARGIN}}
     if variants:
         result["bmx"] = run_bmx(variants, args.frames, strips)
     if args.per_edit > 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_flow_quality import MARGIN, dilate, hue_rotate, motion_radius, scores, vanished  # noqa: E402
+from bench_flow_quality import MARGIN, dilate, edit_kept, hue_rotate, motion_radius, scores  # noqa: E402
 
 
 def moving_square(t_len: int = 6, step: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,14 +34,15 @@ def test_vanished_flags_the_source_not_the_truth():
     source, masks = moving_square()
     m = masks[..., None]
     truth = source * (1 - m) + hue_rotate(source, 120) * m
-    assert vanished(source, truth, source, masks) == list(range(1, 6))
-    assert vanished(truth, truth, source, masks) == []
-    half = truth.clone()
-    half[3] = source[3]                                  # the edit drops out on frame 3 only
-    assert vanished(half, truth, source, masks) == [3]
+    assert edit_kept(source, truth, source, masks) == {"missing": 1.0, "vanished": [1, 2, 3, 4, 5]}
+    assert edit_kept(truth, truth, source, masks) == {"missing": 0.0, "vanished": []}
+    partly = truth.clone()
+    partly[3] = source[3]                                 # the edit drops out on frame 3
+    partly[4] = 0.5 * (source[4] + truth[4])              # and is half there on frame 4 (not vanished)
+    assert edit_kept(partly, truth, source, masks) == {"missing": 0.3, "vanished": [3]}
     hidden = masks.clone()
     hidden[4] = 0                                         # frame 4: the object is not visible, nothing to judge
-    assert vanished(source, truth, source, hidden) == [1, 2, 3, 5]
+    assert edit_kept(source, truth, source, hidden)["vanished"] == [1, 2, 3, 5]
 
 
 def test_far_background_is_outside_the_path():
