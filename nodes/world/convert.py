@@ -1,14 +1,18 @@
 """diffusers -> ComfyUI key layout for the world models (the original Wan 2.1 checkpoint layout ComfyUI loads).
 
 `vae_to_comfy(sd, num_res_blocks)`: AutoencoderKLWan keys -> ComfyUI's `comfy.ldm.wan.vae.WanVAE` keys
-(load with `comfy.sd.VAE(sd=...)`). `dit_to_comfy(sd)`: WanTransformer3DModel keys -> ComfyUI's `WanModel`
+(load with `comfy.sd.VAE(sd=...)`); `fold_latent_format` puts the world's latent normalisation into the quant
+convs (ComfyUI normalises with the real Wan 2.1 statistics); the CLI's VAE files have it folded in. `dit_to_comfy(sd)`: WanTransformer3DModel keys -> ComfyUI's `WanModel`
 raw keys (load with `comfy.sd.load_diffusion_model_state_dict`). Tensors are shared, not copied.
 
-    python -m ffprop.nodes.world.convert OUT_DIR   # writes world_vae_comfy.safetensors, world_dit_i2v_comfy.safetensors
+    python -m ffprop.nodes.world.convert OUT_DIR [--vae-width 96]
+    # writes world_vae_comfy.safetensors, world_dit_i2v_comfy.safetensors, world_dit_fun_control_comfy.safetensors
+    # (and world_vae_comfy_w96.safetensors: the VAE zero-padded to width 96 for ComfyUI 0.3.64, float16)
 
 ComfyUI limits (read from comfy/sd.py and comfy/model_detection.py): both 0.28 and 0.3.64 build the Wan 2.1
 VAE with num_res_blocks 2 and dim_mult [1, 2, 4, 4]; 0.28 reads the width from `decoder.head.0.gamma`, 0.3.64
-hard-codes width 96 (only the real Wan 2.1 VAE loads there). The DiT: num_heads = dim // 128, so head_dim must
+hard-codes width 96 (only the real Wan 2.1 VAE loads there: `pad_vae_width` makes an exactly equivalent
+width-96 file, zero channels around the trained ones). The DiT: num_heads = dim // 128, so head_dim must
 be 128; without `img_emb` keys a 36-channel model is detected as model_type t2v, whose concat_cond still
 appends the 4-channel mask and the image latent (as for Wan 2.2 I2V).
 """
@@ -62,6 +66,90 @@ def vae_to_comfy(sd: dict[str, Tensor], num_res_blocks: int) -> dict[str, Tensor
     return {vae_key(k, num_res_blocks): v for k, v in sd.items()}
 
 
+def wan21_latent_stats() -> tuple[Tensor, Tensor]:
+    """The real Wan 2.1 VAE's per-channel latents_mean/std [16] (float64): AutoencoderKLWan's defaults, the
+    numbers of ComfyUI's comfy.latent_formats.Wan21."""
+    import inspect
+
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    return (torch.tensor(params["latents_mean"].default, dtype=torch.float64),
+            torch.tensor(params["latents_std"].default, dtype=torch.float64))
+
+
+def fold_latent_format(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """ComfyUI-layout VAE state_dict -> the same with the world VAE's latent normalisation folded in: ComfyUI
+    normalises every Wan 2.1 latent with the REAL Wan 2.1 statistics (process_in), the world DiT was trained on
+    latents normalised with the world VAE's own (config latents_mean/std). The per-channel affine map
+    z_comfy = wan_mean + wan_std / world_std * (z_world - world_mean) goes into the 1x1x1 quant convs (`conv1`,
+    the posterior-mean half; `conv2` undoes it), so ComfyUI's process_in(z_comfy) is the world's latent."""
+    import torch
+
+    world_mean = torch.tensor(config["latents_mean"], dtype=torch.float64)
+    world_std = torch.tensor(config["latents_std"], dtype=torch.float64)
+    wan_mean, wan_std = wan21_latent_stats()
+    a = wan_std / world_std                               # z_comfy = a * z_world + b
+    b = wan_mean - a * world_mean
+    z = len(a)
+    w1, b1 = sd["conv1.weight"].double().clone(), sd["conv1.bias"].double().clone()   # mean rows, then log-var
+    w1[:z] *= a.view(z, 1, 1, 1, 1)
+    b1[:z] = a * b1[:z] + b
+    w2, b2 = sd["conv2.weight"].double(), sd["conv2.bias"].double()                   # acts on z_world
+    inv = (1 / a).view(1, z, 1, 1, 1)
+    b2 = b2 - (w2 * inv * b.view(1, z, 1, 1, 1)).sum((1, 2, 3, 4))
+    dtype = sd["conv1.weight"].dtype
+    return {**sd, "conv1.weight": w1.to(dtype), "conv1.bias": b1.to(dtype), "conv2.weight": (w2 * inv).to(dtype),
+            "conv2.bias": b2.to(dtype)}
+
+
+def _groups(key: str) -> int:
+    """How many equal channel groups dim 0 of a weight holds (an upsampler's time_conv: 2 frames; a
+    to_qkv: q, k, v); real channels are padded within each group."""
+    if ".upsamplers." in key and ".time_conv." in key:
+        return 2
+    return 3 if ".to_qkv." in key else 1
+
+
+def pad_vae_width(sd: dict[str, Tensor], config: dict, width: int) -> dict[str, Tensor]:
+    """An AutoencoderKLWan state_dict (diffusers layout) of base width config['base_dim'] -> the same function
+    at base width `width` (e.g. 96, the width ComfyUI 0.3.64 hard-codes): every channel axis zero-padded (real
+    channels first in each group), RMS-norm gains scaled by sqrt(c / C) (the norm multiplies by sqrt(C)) and
+    the attention queries by sqrt(C / c) (softmax scale 1/sqrt(C)), so the padded channels stay exactly zero
+    and the real ones compute what they did."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    small = config["base_dim"]
+    if width < small or width % small:
+        raise ValueError(f"width must be a multiple of the VAE's base width {small}; got {width}.")
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")} | {"base_dim": width}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoencoderKLWan(**cfg).state_dict().items()}
+    if set(shapes) != set(sd):
+        raise ValueError("the state_dict does not match its config's AutoencoderKLWan (different keys).")
+    out = {}
+    for key, v in sd.items():
+        big = shapes[key]
+        w = v.detach().float().clone()
+        if key.endswith(".gamma"):
+            w = w * (v.shape[0] / big[0]) ** 0.5
+        if ".to_qkv." in key:                              # scale the q rows of [q; k; v]
+            q = v.shape[0] // 3
+            w[:q] *= (big[0] // 3 / q) ** 0.5
+        padded = torch.zeros(big, dtype=torch.float32)
+        g = _groups(key)
+        idx = [slice(0, n) for n in w.shape]
+        for j in range(g):                                 # dim 0 group by group, the other dims real-first
+            n, nb = w.shape[0] // g, big[0] // g
+            src = tuple([slice(j * n, (j + 1) * n)] + idx[1:])
+            dst = tuple([slice(j * nb, j * nb + n)] + idx[1:])
+            padded[dst] = w[src]
+        out[key] = padded.to(v.dtype)
+    return out
+
+
 _DIT = (  # applied in order to each diffusers key
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
@@ -92,23 +180,35 @@ def dit_to_comfy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def main(argv=None) -> int:
+    import argparse
+
+    import torch
     from safetensors.torch import save_file
 
-    from .model import load_world_models
+    from .model import load_fun_control, load_world_models, read_manifest
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__)
-        return 2
-    out = Path(argv[0])
+    p = argparse.ArgumentParser(prog="python -m ffprop.nodes.world.convert", description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path, help="folder for the ComfyUI-layout files")
+    p.add_argument("--vae-width", type=int, default=0,
+                   help="also write world_vae_comfy_w{N}.safetensors, the VAE zero-padded to base width N "
+                        "(96 for ComfyUI 0.3.64, which hard-codes it), float16")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     world = load_world_models()
     vae = world.vae.vae
-    save_file({k: v.contiguous() for k, v in vae_to_comfy(vae.state_dict(), vae.config.num_res_blocks).items()},
-              str(out / "world_vae_comfy.safetensors"))
-    save_file({k: v.contiguous() for k, v in dit_to_comfy(world.dit.model.state_dict()).items()},
-              str(out / "world_dit_i2v_comfy.safetensors"))
-    print(f"wrote {out}/world_vae_comfy.safetensors and world_dit_i2v_comfy.safetensors")
+    nrb = vae.config.num_res_blocks
+    cfg = dict(vae.config)
+    files = {"world_vae_comfy.safetensors": fold_latent_format(vae_to_comfy(vae.state_dict(), nrb), cfg),
+             "world_dit_i2v_comfy.safetensors": dit_to_comfy(world.dit.model.state_dict())}
+    if "dit_fun_control" in read_manifest()["models"]:
+        files["world_dit_fun_control_comfy.safetensors"] = dit_to_comfy(load_fun_control().model.state_dict())
+    if args.vae_width:
+        wide = fold_latent_format(vae_to_comfy(pad_vae_width(vae.state_dict(), cfg, args.vae_width), nrb), cfg)
+        files[f"world_vae_comfy_w{args.vae_width}.safetensors"] = {k: v.to(torch.float16) for k, v in wide.items()}
+    for name, sd in files.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name))
+        print(f"wrote {out / name}")
     return 0
 
 

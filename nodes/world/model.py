@@ -4,6 +4,7 @@
     world.vae   # host.vae.DiffusersWanVAE over a diffusers AutoencoderKLWan (encode IMAGE -> model-space latent)
     world.dit   # host.diffusers.DiffusersWan over a diffusers WanTransformer3DModel (I2V, 36 input channels)
     world.context(batch)  # the text context to pass: zeros [batch, 1, 4096] (the DiT ignores its text)
+    fun = load_fun_control()   # the Fun-Control DiT (48 input channels: x_t, control latent, start-image latent)
 
 Every file is checked against weights/manifest.json before use (present, sha256, config builds the class and
 the weights fit it exactly); a failed check raises with the file's path and the fix.
@@ -20,10 +21,11 @@ import torch
 from torch import Tensor
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-FILES = {"vae": "vae.safetensors", "dit_i2v": "dit_i2v.safetensors"}
+FILES = {"vae": "vae.safetensors", "dit_i2v": "dit_i2v.safetensors", "dit_fun_control": "dit_fun_control.safetensors"}
 RETRAIN = {
     "vae": "python -m ffprop.nodes.world.train vae --steps N --out DIR",
     "dit_i2v": "python -m ffprop.nodes.world.train dit --steps N --out DIR",
+    "dit_fun_control": "python -m ffprop.nodes.world.train fun --init DIR --steps N --out DIR",
 }
 
 
@@ -132,6 +134,14 @@ def load_world_models(device: Union[str, torch.device] = "cpu", folder: Union[st
     return WorldModels(vae=DiffusersWanVAE(vae), dit=DiffusersWan(dit), manifest=manifest)
 
 
+def load_fun_control(device: Union[str, torch.device] = "cpu", folder: Union[str, Path] = WEIGHTS):
+    """The verified Fun-Control DiT of `folder` behind host.diffusers.DiffusersWan (48 input channels; pass
+    WanCond(keep_mask=None, cond_latent=cat([control latent, start-image latent]) [B, 32, F, h, w], context))."""
+    from ..host.diffusers import DiffusersWan
+
+    return DiffusersWan(load_dit_file(folder, "dit_fun_control").to(device))
+
+
 @torch.no_grad()
 def generate_i2v(world: WorldModels, first: Tensor, frames: int = 17, steps: int = 20, shift: float = 3.0,
                  seed: int = 0) -> Tensor:
@@ -152,9 +162,10 @@ def generate_i2v(world: WorldModels, first: Tensor, frames: int = 17, steps: int
 
 
 @torch.no_grad()
-def reference_forward(world: WorldModels) -> dict[str, Tensor]:
-    """Fixed seeded inputs through both models (weights/reference.safetensors stores these outputs):
-    VAE encode of [5, 32, 32, 3] uniform frames, VAE decode of that latent, DiT velocity at t = 0.6."""
+def reference_forward(world: WorldModels, fun=None) -> dict[str, Tensor]:
+    """Fixed seeded inputs through the models (weights/reference.safetensors stores these outputs): VAE encode
+    of [5, 32, 32, 3] uniform frames, VAE decode of that latent, I2V DiT velocity at t = 0.6, and with `fun`
+    (the Fun-Control WanDiT) its velocity at t = 0.6 for a seeded 32-channel condition."""
     from ..host.protocol import WanCond
 
     gen = torch.Generator().manual_seed(1234)
@@ -165,4 +176,8 @@ def reference_forward(world: WorldModels) -> dict[str, Tensor]:
     keep[:, :, 0] = 1
     cond = torch.randn(1, 16, 5, 4, 4, generator=gen)
     velocity = world.dit.predict(x_t, 0.6, WanCond(keep, cond, world.context(1)))
-    return {"vae_latent": latent, "vae_decoded": world.vae.decode(latent), "dit_velocity": velocity.float()}
+    out = {"vae_latent": latent, "vae_decoded": world.vae.decode(latent), "dit_velocity": velocity.float()}
+    if fun is not None:
+        control = torch.randn(1, 32, 5, 4, 4, generator=gen)
+        out["fun_velocity"] = fun.predict(x_t, 0.6, WanCond(None, control, world.context(1))).float()
+    return out

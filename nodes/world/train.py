@@ -2,6 +2,7 @@
 
     python -m ffprop.nodes.world.train vae --steps N --seed S --out DIR [--clips K]
     python -m ffprop.nodes.world.train dit --steps N --seed S --out DIR [--vae DIR_WITH_vae.safetensors]
+    python -m ffprop.nodes.world.train fun --init DIR_WITH_dit_i2v --steps N --seed S --out DIR [--vae DIR]
     python -m ffprop.nodes.world.train eval --out DIR --clips K    # held-out quality (K scenes)
 
 VAE: diffusers `AutoencoderKLWan` trained as a deterministic autoencoder (the posterior mean, no sampling, no
@@ -16,6 +17,11 @@ condition latent of [first frame, grey 0.5 after it], exactly `lora_edit.conditi
 no CLIP image embedder. Flow matching as `host.sampling` integrates it: x_t = (1 - t) x_0 + t noise, target
 v = noise - x_0, t ~ logit-normal. Text: the cross-attention output projections are zero and frozen, so any
 context (zeros [1, L, 4096] in FFProp's tests, a real UMT5 embedding in ComfyUI) gives the same output.
+
+Fun-Control DiT: the same transformer with 48 input channels, ComfyUI's WanFunControlToVideo layout
+(16 noisy latent + 16 control-video latent + 16 start-image latent: frame 1 in latent frame 0, zeros after),
+fine-tuned from the I2V DiT (`fun_from_i2v`); the world's control video is the clip's luma (`control_clips`).
+Latents of the training pool are cached beside the pool cache, keyed by the VAE file's sha256.
 """
 
 from __future__ import annotations
@@ -140,9 +146,9 @@ def init_vae(vae) -> None:
                 torch.nn.init.zeros_(m.bias)
 
 
-def vae_windows(pool: Tensor, batch: int, gen: torch.Generator, frames: int = VAE_WINDOW[0]) -> Tensor:
+def vae_windows(pool: Tensor, batch: int, gen: torch.Generator, frames: int = VAE_WINDOW[0],
+                crop: int = VAE_WINDOW[1]) -> Tensor:
     """A batch of random windows [B, 3, frames, crop, crop] in [-1, 1] from the uint8 pool."""
-    crop = VAE_WINDOW[1]
     n, t, h, w, _ = pool.shape
     out = []
     for _ in range(batch):
@@ -155,7 +161,7 @@ def vae_windows(pool: Tensor, batch: int, gen: torch.Generator, frames: int = VA
 
 
 def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1e-3, log=print, vae=None,
-              frames: int = VAE_WINDOW[0]):
+              frames: int = VAE_WINDOW[0], crop: int = VAE_WINDOW[1], l1: float = 0.0, checkpoint=None):
     """Train a fresh VAE (or continue `vae`) on `frames`-frame windows of `pool`; returns (vae, losses).
     Windows of 5 frames train every weight, but only 9+ frames train the chunk-to-chunk causal cache that
     17-frame clips use from their third latent frame on (5-frame training: 19.5 dB on windows, 14.7 dB on
@@ -169,15 +175,18 @@ def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1
     losses = []
     t0 = time.time()
     for i in range(steps):
-        x = vae_windows(pool, batch, gen, frames)
+        x = vae_windows(pool, batch, gen, frames, crop)
         rec = vae_decode_raw(vae, vae_encode_mean(vae, x))
         loss = F.mse_loss(rec, x)
+        total = loss + l1 * F.l1_loss(rec, x) if l1 else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if checkpoint is not None and i % 100 == 99:
+            checkpoint(vae, i + 1)
         if i % 25 == 0 or i == steps - 1:
             log(f"vae step {i} mse {losses[-1]:.5f} ({10 * math.log10(4 / max(losses[-1], 1e-12)):.1f} dB) "
                 f"{time.time() - t0:.0f}s")
@@ -223,14 +232,30 @@ def mute_text(model) -> None:
         out.bias.requires_grad_(False)
 
 
-def i2v_inputs(latents: Tensor, first_latents: Tensor) -> tuple[Tensor, Tensor]:
-    """Stock I2V conditioning for clips whose model-space latents are `latents` [B, 16, F, h, w]:
-    first_latents [B, 16, F, h, w] = model-space latent of [frame 1, grey 0.5 x (T-1)];
-    returns (keep-mask [B, 4, F, h, w]: latent frame 0 kept, cond latent)."""
-    b, _, f, h, w = latents.shape
-    keep = torch.zeros(b, 4, f, h, w)
+def i2v_channels(first_latents: Tensor) -> Tensor:
+    """Stock I2V conditioning channels [N, 20, F, h, w] = keep-mask (4: latent frame 0 kept) + cond latent
+    (16), from first_latents [N, 16, F, h, w] = model-space latent of [frame 1, grey 0.5 x (T-1)]."""
+    n, _, f, h, w = first_latents.shape
+    keep = torch.zeros(n, 4, f, h, w)
     keep[:, :, 0] = 1
-    return keep, first_latents
+    return torch.cat([keep, first_latents], 1)
+
+
+def fun_channels(control_latents: Tensor, latents: Tensor) -> Tensor:
+    """Fun-Control conditioning channels [N, 32, F, h, w] as ComfyUI's WanFunControlToVideo builds them: the
+    control video's latent (16), then the start image's latent (16: latent frame 0 = frame 1 alone, a causal
+    encode, so `latents[:, :, 0]`; zeros after). No mask channels."""
+    image = torch.zeros_like(latents)
+    image[:, :, 0] = latents[:, :, 0]
+    return torch.cat([control_latents, image], 1)
+
+
+def control_clips(clips: Tensor) -> Tensor:
+    """uint8 [N, T, H, W, 3] -> 0..1 [N, T, H, W, 3]: the world's control video, the clip's luma as grey RGB
+    (motion and shapes without colour: the appearance must come from the start image)."""
+    x = clips.float() / 255
+    luma = x @ torch.tensor([0.299, 0.587, 0.114])
+    return luma[..., None].expand_as(x).contiguous()
 
 
 def cond_clips(clips: Tensor) -> Tensor:
@@ -239,6 +264,26 @@ def cond_clips(clips: Tensor) -> Tensor:
     out = torch.full_like(x, GREY)
     out[:, 0] = x[:, 0]
     return out
+
+
+def pool_latents(vae_dir: Path, pool: Tensor, kind: str, cache: Path | None = None) -> Tensor:
+    """Model-space latents [N, 16, F, h, w] of the pool's clips ('clip'), their stock I2V condition videos
+    ('first': `cond_clips`) or control videos ('control': `control_clips`) under the VAE in vae_dir; cached
+    next to the pool cache (keyed by the VAE file's sha256 and the pool size)."""
+    from .model import load_vae_file
+
+    make = {"clip": lambda c: c, "first": cond_clips, "control": control_clips}[kind]
+    path = None
+    if cache is not None:
+        path = cache.with_name(f"latents_{kind}_{sha256(vae_dir / 'vae.safetensors')[:16]}_{len(pool)}.pt")
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+    lat = encode_model_space(load_vae_file(vae_dir), make(pool))
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(lat, tmp)
+        os.replace(tmp, path)
+    return lat
 
 
 @torch.no_grad()
@@ -250,24 +295,26 @@ def encode_model_space(vae, clips: Tensor, batch: int = 4) -> Tensor:
     return (torch.cat(zs) - mean) / std
 
 
-def dit_loss(model, x0: Tensor, keep: Tensor, cond: Tensor, gen: torch.Generator) -> Tensor:
-    """Flow-matching loss (host.sampling's convention): x_t = (1-t) x0 + t n, predict v = n - x0."""
+def dit_loss(model, x0: Tensor, cond: Tensor, gen: torch.Generator) -> Tensor:
+    """Flow-matching loss (host.sampling's convention): x_t = (1-t) x0 + t n, predict v = n - x0; the input is
+    cat([x_t, cond]) (cond: `i2v_channels` or `fun_channels`)."""
     b = x0.shape[0]
     t = torch.sigmoid(torch.randn(b, generator=gen))          # logit-normal t in (0, 1)
     noise = torch.randn(x0.shape, generator=gen)
     tt = t.view(b, 1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * noise
-    inp = torch.cat([x_t, keep, cond], 1)
+    inp = torch.cat([x_t, cond], 1)
     ctx = torch.zeros(b, TEXT_TOKENS, model.config.text_dim)
     v = model(hidden_states=inp, timestep=t * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
     return F.mse_loss(v, noise - x0)
 
 
-def train_dit(latents: Tensor, first_latents: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
-              log=print):
-    """Train a fresh I2V DiT on model-space latents [N, 16, F, h, w]; returns (model, losses)."""
+def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
+              log=print, model=None):
+    """Train a fresh I2V DiT (or continue `model`) on model-space latents [N, 16, F, h, w] with conditioning
+    channels cond [N, C, F, h, w]; returns (model, losses)."""
     gen = torch.Generator().manual_seed(seed)
-    model = seeded_init(new_dit, seed)
+    model = seeded_init(new_dit, seed) if model is None else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     sched = warmup_cosine(opt, steps)
@@ -276,8 +323,7 @@ def train_dit(latents: Tensor, first_latents: Tensor, steps: int, seed: int, bat
     model.train()
     for i in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
-        keep, cond = i2v_inputs(latents[idx], first_latents[idx])
-        loss = dit_loss(model, latents[idx], keep, cond, gen)
+        loss = dit_loss(model, latents[idx], cond[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -287,6 +333,21 @@ def train_dit(latents: Tensor, first_latents: Tensor, steps: int, seed: int, bat
         if i % 25 == 0 or i == steps - 1:
             log(f"dit step {i} loss {losses[-1]:.4f} {time.time() - t0:.0f}s")
     return model.eval(), losses
+
+
+@torch.no_grad()
+def fun_from_i2v(i2v):
+    """A Fun-Control DiT (48 input channels: x_t, control latent, start-image latent) initialised from an I2V
+    DiT (36: x_t, keep-mask, cond latent): every weight copied; the input layer keeps x_t's and the cond
+    latent's columns (the cond latent becomes the start-image slot), the control columns start at zero (so
+    at init it is the I2V model without its mask channels)."""
+    model = new_dit({k: i2v.config[k] for k in DIT_CONFIG} | {"in_channels": 48})
+    state = i2v.state_dict()
+    w = state["patch_embedding.weight"]                    # [dim, 36, 1, 2, 2]
+    state["patch_embedding.weight"] = torch.cat([w[:, :16], torch.zeros_like(w[:, 20:36]), w[:, 20:36]], 1)
+    model.load_state_dict(state, strict=True)
+    mute_text(model)
+    return model
 
 
 # ---------------------------------------------------------------- evaluation
@@ -359,9 +420,10 @@ def write_reference(out: Path) -> None:
     """reference.safetensors: model.reference_forward of the models in `out` (the tests reproduce it)."""
     from safetensors.torch import save_file
 
-    from .model import load_world_models, reference_forward
+    from .model import load_fun_control, load_world_models, read_manifest, reference_forward
 
-    ref = reference_forward(load_world_models(folder=out))
+    fun = load_fun_control(folder=out) if "dit_fun_control" in read_manifest(out)["models"] else None
+    ref = reference_forward(load_world_models(folder=out), fun)
     tmp = out / "reference.tmp"
     save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp))
     os.replace(tmp, out / "reference.safetensors")
@@ -369,7 +431,8 @@ def write_reference(out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ffprop.nodes.world.train", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["vae", "dit", "eval"], help="eval: held-out quality of the models in --out")
+    p.add_argument("what", choices=["vae", "dit", "fun", "eval"],
+                   help="dit: I2V DiT; fun: Fun-Control DiT (from --init's I2V DiT); eval: held-out quality of --out")
     p.add_argument("--steps", type=int, default=0, help="training steps (vae, dit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for the .safetensors and manifest.json")
@@ -377,8 +440,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=0, help="0 = default (vae 4, dit 16)")
     p.add_argument("--lr", type=float, default=0.0, help="0 = default (vae 1e-3, dit 1e-3)")
     p.add_argument("--vae", type=Path, default=None, help="dit: folder holding vae.safetensors (default --out)")
-    p.add_argument("--init", type=Path, default=None, help="vae: continue from DIR/vae.safetensors (checked)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from DIR/vae.safetensors (vae) or DIR/dit_i2v.safetensors (dit), checked")
+    p.add_argument("--init-name", default="dit_i2v", help="fun: the manifest entry in --init to start from")
     p.add_argument("--window", type=int, default=VAE_WINDOW[0], help="vae: frames per training window (4k+1)")
+    p.add_argument("--crop", type=int, default=VAE_WINDOW[1], help="vae: pixels per side of a training window")
+    p.add_argument("--l1", type=float, default=0.0, help="vae: weight of an L1 term added to the MSE loss")
     p.add_argument("--cache", type=Path, default=None, help="folder to cache rendered clips (default: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a shared CPU)")
     args = p.parse_args(argv)
@@ -391,37 +458,59 @@ def main(argv=None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     if args.steps < 1:
-        p.error("vae and dit need --steps N (N >= 1)")
+        p.error("vae, dit and fun need --steps N (N >= 1)")
     args.out.mkdir(parents=True, exist_ok=True)
     cache = None if args.cache is None else args.cache / f"world_train_{args.clips}.pt"
     t0 = time.time()
     pool = render_pool(range(args.clips), cache)
     print(f"{len(pool)} clips ready in {time.time() - t0:.0f}s", flush=True)
     if args.what == "vae":
-        from .model import load_vae_file
+        from .model import load_vae_file, read_manifest
 
         start = None if args.init is None else load_vae_file(args.init)
-        vae, losses = train_vae(pool, args.steps, args.seed, args.batch or 4, args.lr or 1e-3, log, start, args.window)
+        init_record = None if args.init is None else read_manifest(args.init)["models"]["vae"]
+
+        def checkpoint(vae, step):                 # raw weights mid-run (not finished): a killed run keeps them
+            save_model(vae, args.out / "vae_checkpoint.safetensors")
+            log(f"checkpoint at step {step}")
+
+        vae, losses = train_vae(pool, args.steps, args.seed, args.batch or 4, args.lr or 1e-3, log, start,
+                                args.window, args.crop, args.l1, checkpoint)
         finish_vae(vae, pool)
         save_model(vae, args.out / "vae.safetensors")
         extra = {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:])}
         if args.init is not None:                  # keep the first stage's record (its command, seed, time)
-            from .model import read_manifest
-
-            extra["init_from"] = read_manifest(args.init)["models"]["vae"]
+            extra["init_from"] = init_record
         write_entry(args.out, "vae", "vae.safetensors", dict(vae.config), args, time.time() - t0, extra)
     else:
-        from .model import load_vae_file
+        from .model import load_dit_file, read_manifest
 
-        vae = load_vae_file(args.vae or args.out)
-        lat = encode_model_space(vae, pool)
-        first = encode_model_space(vae, cond_clips(pool))
+        vae_dir = args.vae or args.out
+        lat = pool_latents(vae_dir, pool, "clip", cache)
         print(f"latents {tuple(lat.shape)} std {float(lat.std()):.3f} in {time.time() - t0:.0f}s", flush=True)
-        model, losses = train_dit(lat, first, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log)
-        save_model(model, args.out / "dit_i2v.safetensors")
-        write_entry(args.out, "dit_i2v", "dit_i2v.safetensors", dict(model.config), args, time.time() - t0,
-                    {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-                     "text_context": f"ignored (cross-attention outputs zeroed); trained with zeros [B, {TEXT_TOKENS}, 4096]"})
+        if args.what == "dit":
+            name, init_name = "dit_i2v", "dit_i2v"
+            cond = i2v_channels(pool_latents(vae_dir, pool, "first", cache))
+            start = None if args.init is None else load_dit_file(args.init)
+        else:
+            name, init_name = "dit_fun_control", args.init_name
+            if args.init is None:
+                p.error("fun needs --init DIR holding the I2V DiT it starts from")
+            cond = fun_channels(pool_latents(vae_dir, pool, "control", cache), lat)
+            start = load_dit_file(args.init, init_name)
+            if start.config.in_channels == 36:
+                start = fun_from_i2v(start)
+        init_record = None if args.init is None else read_manifest(args.init)["models"][init_name]
+        model, losses = train_dit(lat, cond, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log, start)
+        save_model(model, args.out / f"{name}.safetensors")
+        extra = {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+                 "text_context": f"ignored (cross-attention outputs zeroed); trained with zeros [B, {TEXT_TOKENS}, 4096]",
+                 "vae_sha256": sha256(vae_dir / "vae.safetensors")}
+        if args.what == "fun":
+            extra["control"] = "the clip's luma as grey RGB (control_clips); start image = frame 1"
+        if args.init is not None:
+            extra["init_from"] = init_record
+        write_entry(args.out, name, f"{name}.safetensors", dict(model.config), args, time.time() - t0, extra)
         write_reference(args.out)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
     return 0
