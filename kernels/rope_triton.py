@@ -27,6 +27,18 @@ from .rope import THETA, rope_axis_index, rope_omega
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum0(x):
+    """Sum over axis 0 through tl.reduce with our own combine function: tl.sum is a jit function of triton's
+    standard library, which stays compiled-only when triton was imported before TRITON_INTERPRET was set."""
+    return tl.reduce(x, 0, _add)
+
+
+@triton.jit
 def _angles(POS, OMEGA, axis, pairs, pmask, g, l_idx, L, HALF: tl.constexpr):
     """cos, sin [BLOCK_P] of token l_idx in head group g (near-fp64 angles, see the module docstring)."""
     w_hi = tl.load(OMEGA + pairs, mask=pmask, other=0.0)            # float64 frequencies split in hi + lo,
@@ -82,11 +94,11 @@ def _rope_kernel(Q, K, OQ, OK, POS, OMEGA, AXIS, GSTART, DPOS, L, H,
             sf = s1[None, :]
             dang = q1 * (x0 * cf - x1 * sf) - q0 * (x0 * sf + x1 * cf) \
                 + k1 * (y0 * cf - y1 * sf) - k0 * (y0 * sf + y1 * cf)
-            dang = tl.sum(tl.where(m, dang, 0.0), axis=0) * w           # [BLOCK_P]: d loss / d angle * omega
+            dang = _sum0(tl.where(m, dang, 0.0)) * w           # [BLOCK_P]: d loss / d angle * omega
             base = DPOS + ((b * G + g) * L + l_idx) * 3
-            tl.store(base + 0, tl.sum(tl.where(axis == 0, dang, 0.0), axis=0))
-            tl.store(base + 1, tl.sum(tl.where(axis == 1, dang, 0.0), axis=0))
-            tl.store(base + 2, tl.sum(tl.where(axis == 2, dang, 0.0), axis=0))
+            tl.store(base + 0, _sum0(tl.where(axis == 0, dang, 0.0)))
+            tl.store(base + 1, _sum0(tl.where(axis == 1, dang, 0.0)))
+            tl.store(base + 2, _sum0(tl.where(axis == 2, dang, 0.0)))
         tl.store(oq, (q0 * c - q1 * s).to(OQ.dtype.element_ty), mask=m)
         tl.store(oq + 1, (q0 * s + q1 * c).to(OQ.dtype.element_ty), mask=m)
         tl.store(ok, (k0 * c - k1 * s).to(OK.dtype.element_ty), mask=m)

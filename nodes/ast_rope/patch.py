@@ -15,11 +15,11 @@ from torch import Tensor
 from ...kernels import BACKENDS, rope_split
 from ..common import log
 from ..host.protocol import WanDiT
-from .positions import AlphaHolder, RopeAlphas, check_alphas, check_latent, heuristic_alphas, position_fn
+from .positions import AlphaHolder, HeadSplit, RopeAlphas, check_alphas, check_latent, heuristic_alphas, position_fn
 from .predictor import AlphaPredictor
 
 MODES = ("off", "manual", "heuristic", "learned")
-VARIANTS = ("global", "warped")
+VARIANTS = ("paper", "global", "warped")
 
 
 def check_rope_model(dit: WanDiT) -> None:
@@ -37,22 +37,42 @@ def check_rope_model(dit: WanDiT) -> None:
 
 
 def apply_ast_rope(dit: WanDiT, alphas: RopeAlphas | AlphaHolder, backend: str = "auto") -> WanDiT:
-    """A new adapter with AST-RoPE positions and RoPE application through kernels/ (backend auto/triton/torch)."""
+    """A new adapter with AST-RoPE positions and RoPE application through kernels/ (backend auto/triton/torch).
+    The paper variant (alphas.split set) gives each head group its own positions in the same attention call."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     check_rope_model(dit)
-    fn = alphas if isinstance(alphas, AlphaHolder) else position_fn(check_alphas(alphas))
+    heads = dit.dims.num_heads
+    if isinstance(alphas, AlphaHolder):
+        alphas.heads = heads
+        fn = alphas
+    else:
+        fn = position_fn(check_alphas(alphas), heads)
     return dit.with_fused_rope(backend).with_rope_positions(fn)
+
+
+def variant_alphas(a: RopeAlphas, variant: str, split: Optional[HeadSplit] = None) -> RopeAlphas:
+    """The alphas of one variant from per-step ones: global/paper use the mean alpha_T step (paper also the
+    head split, default HeadSplit()); warped keeps them."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+    if variant == "warped":
+        return a
+    t = a.alpha_t.mean() if isinstance(a.alpha_t, Tensor) and a.alpha_t.ndim == 1 else a.alpha_t
+    return RopeAlphas(a.alpha_s, t, True if variant == "paper" else a.anchor_first,
+                      (split or HeadSplit()) if variant == "paper" else None)
 
 
 def choose_alphas(mode: str, *, latent: Optional[Tensor] = None, alpha_s: float = 1.0, alpha_t: float = 1.0,
                   variant: str = "global", alpha_max: float = 2.0, strength: float = 1.0,
-                  predictor: Optional[AlphaPredictor] = None, anchor_first: bool = True) -> Optional[RopeAlphas]:
+                  predictor: Optional[AlphaPredictor] = None, anchor_first: bool = True,
+                  split: Optional[HeadSplit] = None) -> Optional[RopeAlphas]:
     """The alphas a mode uses; None for "off" (no patch at all).
 
-    manual: alpha_s, alpha_t (global; "warped" spreads alpha_t as equal steps, which is the same positions).
-    heuristic: warped alpha_T from the source latent's motion (positions.heuristic_alphas); "global" uses the
-    mean step. learned: the predictor on the source latent ("global" uses the mean step)."""
+    manual: alpha_s, alpha_t (global; "warped" spreads alpha_t as equal steps, which is the same positions;
+    "paper": the per-head-group mapping with `split`). heuristic: warped alpha_T from the source latent's motion
+    (positions.heuristic_alphas); "global"/"paper" use the mean step. learned: the predictor on the source
+    latent (a per-video alpha_T for "paper"/"global"; a v1 predictor's per-step values for "warped")."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
     if variant not in VARIANTS:
@@ -60,7 +80,7 @@ def choose_alphas(mode: str, *, latent: Optional[Tensor] = None, alpha_s: float 
     if mode == "off":
         return None
     if mode == "manual":
-        return check_alphas(RopeAlphas(float(alpha_s), float(alpha_t), anchor_first))
+        return check_alphas(variant_alphas(RopeAlphas(float(alpha_s), float(alpha_t), anchor_first), variant, split))
     if latent is None:
         raise ValueError(f"mode '{mode}' needs the source video: connect source_latent, or source_images and a VAE.")
     latent = check_latent(latent, "source latent")
@@ -72,7 +92,6 @@ def choose_alphas(mode: str, *, latent: Optional[Tensor] = None, alpha_s: float 
         with torch.no_grad():
             p_s, p_t = predictor(latent.to(next(predictor.parameters()).device))
         a = RopeAlphas(p_s[0].float().cpu(), p_t[0].float().cpu(), anchor_first)
-    if variant == "global":
-        a = RopeAlphas(a.alpha_s, a.alpha_t.mean() if isinstance(a.alpha_t, Tensor) else a.alpha_t, anchor_first)
+    a = variant_alphas(a, variant, split)
     log.info("FFP AST-RoPE: mode %s -> %s", mode, a.describe())
     return check_alphas(a)

@@ -1,8 +1,18 @@
-"""AST-RoPE position remap (SEED_SPEC 3.3, an engineering reading; FreeProp gives no equation).
+"""AST-RoPE position remap: FreeProp's per-head-group mapping (SEED_SPEC 3.6) and two earlier readings (3.3).
 
-A token at stock position (f, y, x) gets p' = (tau(f), alpha_S * y, alpha_S * x):
+global / warped (3.3, one position set for all heads): a token at stock position (f, y, x) gets
+p' = (tau(f), alpha_S * y, alpha_S * x):
   global (variant A):  tau(f) = alpha_T * f
   warped (variant B):  tau(0) = 0, tau(f) = sum_{k=1..f} alpha_T(k)  (one step per latent frame)
+paper (3.6, the default): the heads are split statically into spatial heads (the first `spatial_ratio` of
+them) and temporal heads (the rest); height/width positions are unchanged in both:
+  temporal heads:  time [0, 1, ..., F-1] -> [0, alpha_T, ..., alpha_T (F-1)]
+  spatial heads:   only the first latent frame moves, from 0 to (1 - alpha_S) * F'  ("shifted", default) or to
+                   alpha_S * F' ("literal", the notes' wording, which is the stock model at alpha_S = 0, not 1);
+                   F' = F - 1 (the last latent frame) unless given. With alpha_S < 1 frame 0 sits closer to the
+                   late frames, as the notes say; "shifted" keeps alpha = 1 = the stock model.
+The paper mapping returns positions per head group, [G, L, 3] (kernels/ rotates each group's heads with its own
+rows): G = H / gcd(H, H_S) equal groups, group 0..G_S-1 spatial, the rest temporal.
 Positions stay real numbers (no integer table). RoPE attention depends only on position differences, so the
 origin matters only where the id grid does not start at 0: with `anchor_first` the remap is taken relative to
 the first latent frame of the grid (that frame keeps its stock position, e.g. under a t_start offset); without
@@ -24,19 +34,48 @@ from ..common import log_once
 from ..host.protocol import RopePositionFn
 
 ALPHA_MIN, ALPHA_MAX = 0.05, 20.0
+FIRST_FRAME = ("shifted", "literal")
 """Accepted range of every alpha (outside it RoPE angles collapse or alias; ValueError)."""
 
 Alpha = Union[float, Tensor]
 
 
 @dataclass(frozen=True)
+class HeadSplit:
+    """The paper variant's static head split and first-frame mapping (SEED_SPEC 3.6; the notes give neither).
+
+    spatial_ratio: share of heads that are spatial (the first ones). f_prime: F' of the spatial heads' first
+    frame index; None = F - 1 of the clip. first_frame: "shifted" ((1 - alpha_S) F') or "literal" (alpha_S F')."""
+
+    spatial_ratio: float = 0.5
+    f_prime: Optional[float] = None
+    first_frame: str = "shifted"
+
+    def groups(self, heads: int) -> tuple[int, int]:
+        """(G, G_S): equal head groups, the first G_S of them spatial; ValueError when the split is not whole."""
+        n_s = self.spatial_ratio * heads
+        if self.first_frame not in FIRST_FRAME:
+            raise ValueError(f"first_frame must be one of {FIRST_FRAME}; got {self.first_frame!r}.")
+        if not 0.0 <= self.spatial_ratio <= 1.0 or abs(n_s - round(n_s)) > 1e-6:
+            raise ValueError(
+                f"spatial_ratio {self.spatial_ratio} of {heads} attention heads is {n_s:g} heads, not a whole number "
+                f"(heads not divisible by the split); pick a ratio k/{heads} (0.5 needs an even head count) or the "
+                "variant 'global'."
+            )
+        g = heads // math.gcd(heads, int(round(n_s))) if round(n_s) else 1
+        return g, int(round(n_s)) * g // heads
+
+
+@dataclass(frozen=True)
 class RopeAlphas:
     """alpha_s: spatial scale (float or 0-d tensor). alpha_t: a float / 0-d tensor (global, variant A) or a
-    1-d tensor of F-1 per-step scales (warped, variant B: step k goes from latent frame k-1 to k)."""
+    1-d tensor of F-1 per-step scales (warped, variant B: step k goes from latent frame k-1 to k).
+    split: a HeadSplit for the paper variant (per-head-group positions; alpha_t must be one number)."""
 
     alpha_s: Alpha = 1.0
     alpha_t: Alpha = 1.0
     anchor_first: bool = True
+    split: Optional[HeadSplit] = None
 
     @property
     def warped(self) -> bool:
@@ -57,7 +96,11 @@ class RopeAlphas:
             tau = torch.cat([torch.zeros(1), self.alpha_t.detach().float().cpu().cumsum(0)])
             return (f"alpha_S={s:.3f}; alpha_T per step (warped)=[{steps}]; "
                     f"tau(f)=[{', '.join(f'{v:.2f}' for v in tau.tolist())}]")
-        return f"alpha_S={s:.3f}; alpha_T={float(torch.as_tensor(self.alpha_t).detach()):.3f} (global)"
+        t = float(torch.as_tensor(self.alpha_t).detach())
+        if self.split is not None:
+            return (f"alpha_S={s:.3f}; alpha_T={t:.3f} (paper: {self.split.spatial_ratio:g} of heads spatial, "
+                    f"first frame {self.split.first_frame})")
+        return f"alpha_S={s:.3f}; alpha_T={t:.3f} (global)"
 
 
 def check_alphas(alphas: RopeAlphas) -> RopeAlphas:
@@ -72,6 +115,9 @@ def check_alphas(alphas: RopeAlphas) -> RopeAlphas:
                 f"{name} must be finite and in [{ALPHA_MIN}, {ALPHA_MAX}]; got {t.tolist()}. 1 = the stock model; "
                 "values below 1 pull positions together (alpha_T < 1: frames closer to the edited frame 0)."
             )
+    if alphas.split is not None and (alphas.warped or not alphas.anchor_first):
+        raise ValueError("the paper variant takes one alpha_T (not per-step values) and remaps relative to the "
+                         "first latent frame (anchor_first=True).")
     return alphas
 
 
@@ -96,10 +142,31 @@ def tau(frames: Tensor, alpha_t: Alpha) -> Tensor:
     return table[lo.long()] * (1 - w) + table[hi.long()] * w
 
 
-def remap_positions(ids: Tensor, alphas: RopeAlphas) -> Tensor:
-    """ids [L, 3] (t, h, w) -> p' [L, 3] per the module docstring. Exact identity when every alpha is 1."""
+def paper_positions(ids: Tensor, alphas: RopeAlphas, heads: int) -> Tensor:
+    """ids [L, 3] -> per-head-group positions [G, L, 3] of the paper variant (module docstring)."""
+    g, g_s = alphas.split.groups(heads)
+    t = ids[:, 0]
+    origin = t.min()
+    a_s = torch.as_tensor(alphas.alpha_s, dtype=ids.dtype, device=ids.device)
+    a_t = torch.as_tensor(alphas.alpha_t, dtype=ids.dtype, device=ids.device)
+    f_prime = alphas.split.f_prime if alphas.split.f_prime is not None else t.max() - origin
+    first = (1 - a_s) * f_prime if alphas.split.first_frame == "shifted" else a_s * f_prime
+    spatial = ids.clone()
+    spatial[:, 0] = torch.where(t == origin, origin + first, t)
+    temporal = ids.clone()
+    temporal[:, 0] = origin + a_t * (t - origin)
+    return torch.stack([spatial] * g_s + [temporal] * (g - g_s))
+
+
+def remap_positions(ids: Tensor, alphas: RopeAlphas, heads: Optional[int] = None) -> Tensor:
+    """ids [L, 3] (t, h, w) -> p' [L, 3] per the module docstring, or [G, L, 3] for the paper variant (needs the
+    model's head count). Exact identity (the same tensor) when every alpha is 1."""
     if alphas.is_identity():
         return ids
+    if alphas.split is not None:
+        if heads is None:
+            raise ValueError("the paper variant needs the model's attention head count to split its heads.")
+        return paper_positions(ids, alphas, heads)
     t, y, x = ids.unbind(-1)
     a_s = torch.as_tensor(alphas.alpha_s, dtype=ids.dtype, device=ids.device) if not isinstance(alphas.alpha_s, Tensor) \
         else alphas.alpha_s.to(ids.device, ids.dtype)
@@ -112,13 +179,18 @@ def remap_positions(ids: Tensor, alphas: RopeAlphas) -> Tensor:
     return torch.stack([new_t, a_s * y, a_s * x], dim=-1)
 
 
-def position_fn(alphas: RopeAlphas) -> RopePositionFn:
-    """The hook the host adapters take (`WanDiT.with_rope_positions`): ids [L, 3] -> remapped ids. Marked
-    `static` (same ids -> same positions) unless an alpha is being trained, so hosts may cache the tables."""
+def position_fn(alphas: RopeAlphas, heads: Optional[int] = None) -> RopePositionFn:
+    """The hook the host adapters take (`WanDiT.with_rope_positions`): ids [L, 3] -> remapped ids ([G, L, 3] per
+    head group for the paper variant). Marked `static` (same ids -> same positions) unless an alpha is being
+    trained, so hosts may cache the tables."""
     check_alphas(alphas)
+    if alphas.split is not None:
+        if not heads:
+            raise ValueError("the paper variant needs the model's attention head count to split its heads.")
+        alphas.split.groups(heads)
 
     def fn(ids: Tensor) -> Tensor:
-        return remap_positions(ids, alphas)
+        return remap_positions(ids, alphas, heads)
     fn.static = not any(isinstance(v, Tensor) and v.requires_grad for v in (alphas.alpha_s, alphas.alpha_t))
     return fn
 
@@ -127,11 +199,12 @@ class AlphaHolder:
     """A mutable slot read by a position hook at every forward: set `.alphas` between steps (training), so
     one hooked model serves all steps. Differentiable when the alphas carry grad."""
 
-    def __init__(self, alphas: Optional[RopeAlphas] = None):
+    def __init__(self, alphas: Optional[RopeAlphas] = None, heads: Optional[int] = None):
         self.alphas = alphas or RopeAlphas()
+        self.heads = heads           # the model's head count (paper variant); set by apply_ast_rope
 
     def __call__(self, ids: Tensor) -> Tensor:
-        return remap_positions(ids, self.alphas)
+        return remap_positions(ids, self.alphas, self.heads)
 
 
 # ---- training-free heuristic -------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""Learned alpha predictor (SEED_SPEC 3.3): a small transformer over the pooled source latent.
+"""Learned alpha predictor: a small transformer over the pooled source latent.
 
 Input: source latent [B, 16, F, h, w]. Each latent frame is average-pooled to a grid x grid map; tokens carry
-the latent and its difference to the previous frame (motion), plus a frame and a cell embedding. Output:
-alpha_S (one per clip) and alpha_T (one step per latent frame k = 1..F-1, variant B), each
-alpha = exp(tanh(s) * ln alpha_max). The head is zero-initialised, so a fresh predictor gives alpha = 1,
-i.e. exactly the stock model. Saved as safetensors with its config in the metadata.
+the latent and its difference to the previous frame (motion), plus a frame and a cell embedding. Two heads:
+  arch "paper" (SEED_SPEC 3.6, default, file version 2): the tokens are mean-pooled and a two-headed MLP gives
+    one alpha_S and one alpha_T per clip (the global / paper variants);
+  arch "frames" (SEED_SPEC 3.3, version-1 files): a linear head per frame gives alpha_S (their mean) and one
+    alpha_T step per latent frame k = 1..F-1 (the warped variant).
+Each alpha = exp(tanh(s) * ln alpha_max), in [1/alpha_max, alpha_max]. The last layers are zero-initialised,
+so a fresh predictor gives alpha = 1, i.e. exactly the stock model. Saved as safetensors with its kind, file
+version and config in the metadata; version-1 files load as arch "frames", newer versions get a clear error.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from ..common import atomic_write
 from .positions import ALPHA_MAX, RopeAlphas, check_latent
 
 KIND = "ffprop.ast_rope_predictor"
-VERSION = 1
+VERSION = 2
+ARCHS = ("paper", "frames")
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,11 @@ class PredictorConfig:
     grid: int = 4
     alpha_max: float = 2.0
     max_frames: int = 64
+    arch: str = "paper"
 
     def check(self) -> "PredictorConfig":
+        if self.arch not in ARCHS:
+            raise ValueError(f"predictor arch must be one of {ARCHS}; got {self.arch!r}.")
         if self.width % self.heads or self.width < 8 or self.depth < 1 or self.grid < 1:
             raise ValueError(f"bad predictor config {self}: width must be a multiple of heads, depth >= 1, grid >= 1.")
         if not 1.0 < self.alpha_max <= ALPHA_MAX:
@@ -43,7 +51,8 @@ class PredictorConfig:
 
 
 class AlphaPredictor(nn.Module):
-    """source latent [B, 16, F, h, w] -> (alpha_s [B], alpha_t [B, F-1]); alpha = 1 at initialisation."""
+    """source latent [B, 16, F, h, w] -> (alpha_s [B], alpha_t [B] (arch paper) or [B, F-1] (arch frames));
+    alpha = 1 at initialisation."""
 
     def __init__(self, config: PredictorConfig = PredictorConfig(), seed: int = 0):
         super().__init__()
@@ -57,7 +66,11 @@ class AlphaPredictor(nn.Module):
                                                norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(c.width)
-            self.head = nn.Linear(c.width, 2)           # per frame: (s_T, s_S)
+            if c.arch == "frames":
+                self.head = nn.Linear(c.width, 2)       # per frame: (s_T, s_S)
+            else:                                       # the two-headed MLP on the pooled tokens
+                self.mlp_s = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, 1))
+                self.mlp_t = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, 1))
         self.reset_parameters(torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -81,11 +94,12 @@ class AlphaPredictor(nn.Module):
                 m.bias.zero_()
         for p in (self.frame_pos, self.cell_pos):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        self.head.weight.zero_()
-        self.head.bias.zero_()
+        for last in ((self.head,) if self.config.arch == "frames" else (self.mlp_s[-1], self.mlp_t[-1])):
+            last.weight.zero_()
+            last.bias.zero_()
 
-    def raw(self, latent: Tensor) -> Tensor:
-        """latent -> s [B, F, 2] (pre-tanh scores)."""
+    def features(self, latent: Tensor) -> Tensor:
+        """latent -> per-frame features [B, F, width] (the encoder's tokens mean-pooled per frame)."""
         z = check_latent(latent, "source latent").to(self.embed.weight.dtype)
         b, _, f, _, _ = z.shape
         g, n = self.config.grid, self.config.grid ** 2
@@ -98,14 +112,17 @@ class AlphaPredictor(nn.Module):
         diff = torch.cat([torch.zeros_like(pooled[:, :, :1]), pooled[:, :, 1:] - pooled[:, :, :-1]], dim=2)
         tok = torch.cat([pooled, diff], dim=1).permute(0, 2, 3, 4, 1).reshape(b, f, n, 32)
         h = self.embed(tok) + self.frame_pos[:f, None] + self.cell_pos[None]
-        h = self.norm(self.encoder(h.reshape(b, f * n, -1))).reshape(b, f, n, -1).mean(dim=2)
-        return self.head(h)
+        return self.norm(self.encoder(h.reshape(b, f * n, -1))).reshape(b, f, n, -1).mean(dim=2)
 
     def forward(self, latent: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.raw(latent)
+        h = self.features(latent)
         ln_max = math.log(self.config.alpha_max)
-        alpha = torch.exp(torch.tanh(s) * ln_max)
-        alpha_t = alpha[:, 1:, 0]                                     # steps k = 1..F-1
+        if self.config.arch == "paper":
+            pooled = h.mean(dim=1)                                    # [B, width]
+            s_s, s_t = self.mlp_s(pooled)[:, 0], self.mlp_t(pooled)[:, 0]
+            return torch.exp(torch.tanh(s_s) * ln_max), torch.exp(torch.tanh(s_t) * ln_max)
+        s = self.head(h)                                              # [B, F, 2] (s_T, s_S) per frame
+        alpha_t = torch.exp(torch.tanh(s[:, 1:, 0]) * ln_max)         # steps k = 1..F-1
         alpha_s = torch.exp(torch.tanh(s[:, :, 1].mean(dim=1)) * ln_max)
         return alpha_s, alpha_t
 
@@ -146,8 +163,14 @@ def load_predictor(path: str | os.PathLike, device="cpu") -> AlphaPredictor:
             f"'{path.name}' is not an FFProp AST-RoPE predictor (metadata kind {meta.get('kind')!r}, expected {KIND!r}); "
             f"it has {len(state)} tensors, e.g. {sorted(state)[:3]}. Select a file written by 'Train AST-RoPE Predictor'."
         )
+    version = meta.get("version", "1")
+    if version not in [str(v) for v in range(1, VERSION + 1)]:
+        raise ValueError(f"'{path.name}' is an AST-RoPE predictor of file version {version!r}; this FFProp reads "
+                         f"versions 1-{VERSION}. Update FFProp, or re-train the predictor with this one.")
     try:
         raw = json.loads(meta.get("config", "{}"))
+        if version == "1":                    # version 1 had one architecture: the per-frame head
+            raw["arch"] = "frames"
         known = {f.name for f in fields(PredictorConfig)}
         config = PredictorConfig(**{k: v for k, v in raw.items() if k in known}).check()
     except (TypeError, ValueError) as e:
@@ -159,7 +182,8 @@ def load_predictor(path: str | os.PathLike, device="cpu") -> AlphaPredictor:
     bad = [k for k, v in state.items() if k in ref and ref[k].shape != v.shape]
     if missing or unexpected or bad:
         raise ValueError(
-            f"'{path.name}' does not match the AST-RoPE predictor architecture of its config {config}: "
+            f"'{path.name}' (file version {version}) does not match the AST-RoPE predictor architecture of its "
+            f"config {config}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {bad[:3]}."
         )
     model.load_state_dict(state)

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from ..common import OnStep, ShouldStop, log, report
 from ..host.protocol import WanCond, WanDiT, training_context
-from .patch import VARIANTS, apply_ast_rope
-from .positions import AlphaHolder, RopeAlphas, check_latent
+from .patch import VARIANTS, apply_ast_rope, variant_alphas
+from .positions import AlphaHolder, HeadSplit, RopeAlphas, check_latent
 from .predictor import AlphaPredictor, PredictorConfig
 
 Encode = Callable[[Tensor], Tensor]
@@ -62,6 +62,7 @@ class PredictorTrainSettings:
     distill_blocks: Optional[tuple[int, ...]] = None   # None: the middle block
     mmd_tokens: int = 256
     grad_clip: float = 1.0
+    split: HeadSplit = HeadSplit()          # the paper variant's head split
 
 
 @dataclass
@@ -162,7 +163,8 @@ def drift_loss(hs: Tensor, ht: Tensor, max_tokens: int = 256) -> Tensor:
 
 
 def evaluate_loss(dit: WanDiT, predictor: AlphaPredictor, samples: list[PredictorSample], points: int = 6,
-                  seed: int = 123, backend: str = "auto", variant: str = "warped") -> float:
+                  seed: int = 123, backend: str = "auto", variant: str = "warped",
+                  split: Optional[HeadSplit] = None) -> float:
     """Flow-matching loss of the patched model on a fixed grid of t = (i + 0.5) / points with seeded noise
     (deterministic, so before/after training compare). Mean over samples and points."""
     holder = AlphaHolder()
@@ -171,8 +173,7 @@ def evaluate_loss(dit: WanDiT, predictor: AlphaPredictor, samples: list[Predicto
     total = 0.0
     with torch.no_grad():
         for s in samples:
-            a = predictor.alphas(s.source_latent)
-            holder.alphas = replace(a, alpha_t=a.alpha_t.mean()) if variant == "global" else a
+            holder.alphas = variant_alphas(predictor.alphas(s.source_latent), variant, split)
             for i in range(points):
                 t = (i + 0.5) / points
                 noise = torch.randn(s.target.shape, generator=gen).to(s.target)
@@ -214,10 +215,8 @@ def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: Predi
     result = PredictorTrainResult(predictor)
 
     def alphas_for(s: PredictorSample) -> RopeAlphas:
-        a = predictor.alphas(s.source_latent, settings.anchor_first)
-        if settings.variant == "global":
-            a = replace(a, alpha_t=a.alpha_t.mean())
-        return a
+        return variant_alphas(predictor.alphas(s.source_latent, settings.anchor_first), settings.variant,
+                              settings.split)
 
     with torch.inference_mode(False), torch.enable_grad(), frozen(dit.module), training_context(hooked):
         for step in range(1, settings.steps + 1):
@@ -249,42 +248,7 @@ def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: Predi
     predictor.eval()
     with torch.no_grad():
         a = alphas_for(samples[0])
-        result.alphas = RopeAlphas(a.alpha_s.detach().cpu(), a.alpha_t.detach().cpu(), a.anchor_first)
+        result.alphas = replace(a, alpha_s=a.alpha_s.detach().cpu(), alpha_t=a.alpha_t.detach().cpu())
     log.info("FFP AST-RoPE: trained predictor for %d steps, loss %.4g -> %.4g; %s", settings.steps,
              result.losses[0], result.losses[-1], result.alphas.describe())
     return result
-
-
-VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
-
-
-def find_pairs(folder: str) -> list[tuple[str, str]]:
-    """(source, edited) clip paths in `folder`: files named <name>_source.<ext> and <name>_edited.<ext>."""
-    from pathlib import Path
-
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"pairs folder '{root}' does not exist; give a folder of <name>_source.mp4 + <name>_edited.mp4 clips.")
-    files = {p.stem: p for p in root.iterdir() if p.suffix.lower() in VIDEO_EXTS}
-    pairs = [(str(files[k]), str(files[k[:-7] + "_edited"])) for k in sorted(files)
-             if k.endswith("_source") and k[:-7] + "_edited" in files]
-    if not pairs:
-        raise ValueError(f"no clip pairs in '{root}': expected files named <name>_source.<ext> and <name>_edited.<ext> "
-                         f"({', '.join(VIDEO_EXTS)}).")
-    return pairs
-
-
-def load_pair(source_path: str, edited_path: str, max_frames: int = 33) -> tuple[Tensor, Tensor]:
-    """Read one pair as IMAGE clips of equal 4k+1 length (trimmed to <= max_frames) and size (multiple of 16)."""
-    from ..video.frames import fix_frame_count, fix_size, resize_frames
-    from ..video.io import read_video
-
-    src, _ = read_video(source_path, max_frames=max_frames)
-    ed, _ = read_video(edited_path, max_frames=max_frames)
-    n = min(src.shape[0], ed.shape[0])
-    src, _ = fix_frame_count(src[:n], "trim")
-    ed, _ = fix_frame_count(ed[:n], "trim")
-    src, _ = fix_size(src, "crop")
-    if tuple(ed.shape[1:3]) != tuple(src.shape[1:3]):
-        ed = resize_frames(ed, src.shape[1], src.shape[2])
-    return src, ed

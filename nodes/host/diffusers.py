@@ -21,6 +21,7 @@ from .protocol import (
     check_context,
     compose_position_fns,
     model_input,
+    shared_positions,
     stock_rope_ids,
     timesteps,
 )
@@ -82,7 +83,10 @@ class PositionRope(nn.Module):
         pos = apply_position_fn(self.fn, ids)
         if self.state is not None:
             self.state.positions = pos.float()
-        out = self._tables(pos, ids.shape[0])
+        elif pos.ndim == 3:
+            raise RuntimeError("per-head-group RoPE positions need the fused RoPE processors (with_fused_rope); "
+                               "a rope table holds one position set.")
+        out = self._tables(shared_positions(pos), ids.shape[0])
         if getattr(self.fn, "static", False) and not pos.requires_grad:
             self._cache = (key, pos.float(), out)
         return out
@@ -182,7 +186,8 @@ class DiffusersWan:
         """A new adapter over a shallow copy of the model (own `_modules`, shared weights) with RoPE from fn(ids)."""
         rope = self.model.rope
         if isinstance(rope, PositionRope):
-            rope = PositionRope(rope.stock, compose_position_fns(fn, rope.fn), rope.theta, rope.state)
+            chained = fn if rope.fn is _identity else compose_position_fns(fn, rope.fn)
+            rope = PositionRope(rope.stock, chained, rope.theta, rope.state)
         else:
             rope = PositionRope(rope, fn)
         twin = copy.copy(self.model)
@@ -246,7 +251,7 @@ class FusedRopeProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         pos = self.state.positions
-        if encoder_hidden_states is not None or pos is None or pos.shape[0] != hidden_states.shape[1]:
+        if encoder_hidden_states is not None or pos is None or pos.shape[-2] != hidden_states.shape[1]:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections, dispatch_attention_fn
 
@@ -259,7 +264,8 @@ class FusedRopeProcessor:
         backend = resolve_backend(self.state.backend, query.device.type)
         tables = None
         if backend == "torch":  # PositionRope's (cos, sin) [1, L, 1, D] hold these values pairwise repeated: reuse
-            if rotary_emb is not None and tuple(rotary_emb[0].shape) == (1, query.shape[1], 1, query.shape[-1]):
+            if pos.ndim == 2 and rotary_emb is not None and tuple(rotary_emb[0].shape) == (1, query.shape[1], 1,
+                                                                            query.shape[-1]):
                 tables = (rotary_emb[0][0, :, 0, 0::2], rotary_emb[1][0, :, 0, 1::2])
             else:
                 tables = self.state.tables.get(pos, query.shape[-1], query.device)

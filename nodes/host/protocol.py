@@ -18,7 +18,8 @@ MASK_CHANNELS = 4
 CLIP_DIM = 1280
 
 RopePositionFn = Callable[[Tensor], Tensor]
-"""fn(ids [L, 3] float, columns (t, h, w), token order t, h, w) -> positions [L, 3]."""
+"""fn(ids [L, 3] float, columns (t, h, w), token order t, h, w) -> positions [L, 3], or [G, L, 3]: one set per
+contiguous group of H / G attention heads (AST-RoPE's paper variant; only the fused RoPE path applies those)."""
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,23 @@ def stock_rope_ids(frames: int, height: int, width: int, device=None, dtype=torc
 
 
 def apply_position_fn(fn: RopePositionFn, ids: Tensor) -> Tensor:
-    """Run a position hook on ids [L, 3] and check it kept the shape."""
+    """Run a position hook on ids [L, 3] and check it returned [L, 3] (or [G, L, 3] per head group)."""
+    if ids.ndim == 3:
+        raise ValueError("a RoPE position hook after a per-head-group one: the per-group hook must come last.")
     out = fn(ids)
-    if not isinstance(out, Tensor) or out.shape != ids.shape:
+    if not isinstance(out, Tensor) or tuple(out.shape[-2:]) != tuple(ids.shape) or out.ndim not in (2, 3):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
             f"RoPE position function must return a tensor shaped like its input {tuple(ids.shape)} "
-            f"(columns t, h, w); it returned {got}."
+            f"(columns t, h, w), or [G, {ids.shape[0]}, 3] per head group; it returned {got}."
         )
     return out
+
+
+def shared_positions(pos: Tensor) -> Tensor:
+    """[L, 3] -> itself; per-head-group [G, L, 3] -> the last group's [L, 3] (what a consumer that takes one
+    position set, e.g. a stock rope table, gets; the fused RoPE path applies every group)."""
+    return pos[-1] if pos.ndim == 3 else pos
 
 
 def compose_position_fns(first: RopePositionFn, then: RopePositionFn) -> RopePositionFn:

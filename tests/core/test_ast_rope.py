@@ -19,7 +19,7 @@ from ffprop.nodes.ast_rope.predictor import AlphaPredictor, PredictorConfig, loa
 from ffprop.nodes.common import Cancelled
 from ffprop.nodes.host.protocol import stock_rope_ids
 
-SMALL = PredictorConfig(width=32, depth=1, heads=2, grid=2, alpha_max=2.0)
+SMALL = PredictorConfig(width=32, depth=1, heads=2, grid=2, alpha_max=2.0, arch="frames")   # per-step alphas (v1)
 
 
 # ---- positions --------------------------------------------------------------------------------------------

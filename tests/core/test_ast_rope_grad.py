@@ -34,7 +34,7 @@ from ffprop.nodes.host.protocol import WanCond  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TRITON_OK, TRITON_WHY = triton_status("cuda" if DEVICE == "cuda" else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY))]
-SMALL = PredictorConfig(width=32, depth=1, heads=2, grid=2, alpha_max=2.0)
+SMALL = dict(width=32, depth=1, heads=2, grid=2, alpha_max=2.0)
 F, H, W = 3, 4, 4
 
 
@@ -67,19 +67,22 @@ def wan() -> DiffusersWan:
     return tiny()
 
 
-def run(wan, backend: str, distill: bool = False):
-    settings = PredictorTrainSettings(steps=4, learning_rate=5e-2, backend=backend, self_distill=distill, seed=3)
-    return train_predictor(wan, [sample(pair=distill)], settings, config=SMALL)
+def run(wan, backend: str, distill: bool = False, variant: str = "warped"):
+    settings = PredictorTrainSettings(steps=4, learning_rate=5e-2, backend=backend, self_distill=distill, seed=3,
+                                      variant=variant)
+    config = PredictorConfig(**SMALL, arch="paper" if variant == "paper" else "frames")
+    return train_predictor(wan, [sample(pair=distill)], settings, config=config)
 
 
-@pytest.mark.parametrize("distill", [False, True], ids=["flow_matching", "self_distill"])
+@pytest.mark.parametrize("distill,variant", [(False, "warped"), (True, "warped"), (False, "paper")],
+                         ids=["flow_matching", "self_distill", "paper_heads"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_predictor_learns_on_every_backend(wan, backend, distill):
-    res = run(wan, backend, distill)
+def test_predictor_learns_on_every_backend(wan, backend, distill, variant):
+    res = run(wan, backend, distill, variant)
     moved = float((res.alphas.alpha_t - 1).abs().max())
     assert moved > 1e-3, f"{backend}: alpha_T stayed at 1 ({res.alphas.describe()}): no gradient reached the predictor"
     if backend != "torch":                              # the same training as the reference path
-        ref = run(wan, "torch", distill)
+        ref = run(wan, "torch", distill, variant)
         torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(res.alphas.alpha_t, ref.alphas.alpha_t, rtol=1e-3, atol=1e-4)
 

@@ -1,0 +1,154 @@
+"""FreeProp training (LoRA + AST-RoPE predictor, flow matching + the identity teacher) on a tiny diffusers Wan:
+the teacher terms are 0 when student and teacher inputs are equal and positive and falling otherwise;
+checkpoints resume to the same state; the one-file model round-trips; 2 DDP processes equal 1 process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="the diffusers host needs `pip install diffusers`")
+try:
+    from diffusers import WanTransformer3DModel
+except (ImportError, RuntimeError) as e:
+    pytest.skip(f"diffusers' WanTransformer3DModel does not import here: {e}", allow_module_level=True)
+
+from ffprop.nodes.ast_rope.freeprop import (  # noqa: E402
+    FreePropSettings,
+    load_freeprop,
+    save_freeprop,
+    train_freeprop,
+)
+from ffprop.nodes.ast_rope.predictor import PredictorConfig  # noqa: E402
+from ffprop.nodes.ast_rope.train import PredictorSample  # noqa: E402
+from ffprop.nodes.common import Cancelled  # noqa: E402
+from ffprop.nodes.host.diffusers import DiffusersWan  # noqa: E402
+from ffprop.nodes.host.protocol import WanCond  # noqa: E402
+
+F, H, W = 3, 4, 4
+FAST = FreePropSettings(steps=6, rank=4, learning_rate=1e-2, backend="torch",
+                        predictor=PredictorConfig(width=32, depth=1, heads=2, grid=2))
+
+
+def tiny(seed: int = 0) -> DiffusersWan:
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                      in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48,
+                                      num_layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return DiffusersWan(model.eval())
+
+
+def pair(seed: int = 1, same: bool = False) -> PredictorSample:
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(1, 4, F, H, W)
+    keep[:, :, 0] = 1
+    src = torch.randn(1, 16, F, H, W, generator=g).cumsum(2)
+    ctx = torch.randn(1, 8, 32, generator=g)
+    src_cond = WanCond(keep, torch.randn(1, 16, F, H, W, generator=g), ctx)
+    if same:                                   # the teacher task is the student task
+        return PredictorSample(src, src, src_cond, src, src_cond)
+    edited = src + 0.7 * torch.randn(src.shape, generator=g)
+    return PredictorSample(src, edited, WanCond(keep, torch.randn(1, 16, F, H, W, generator=g), ctx), src, src_cond)
+
+
+@pytest.fixture(scope="module")
+def wan() -> DiffusersWan:
+    return tiny()
+
+
+def test_teacher_terms_are_zero_for_equal_inputs_and_positive_falling_otherwise(wan):
+    same = train_freeprop(wan, [pair(same=True)], 1, replace(FAST, steps=2))
+    assert all(p["motion"] == 0.0 and p["mmd"] == 0.0 for p in same.parts), same.parts
+    res = train_freeprop(wan, [pair(2)], 1, replace(FAST, steps=8))
+    motion = [p["motion"] for p in res.parts]
+    assert min(motion) > 0 and min(p["mmd"] for p in res.parts) >= 0 and max(p["mmd"] for p in res.parts) > 0
+    assert sum(motion[-3:]) < sum(motion[:3]), motion
+    assert res.model.predictor is not None and res.model.lora.rank == 4
+    assert all(p.grad is None for p in wan.model.parameters()), "the DiT stays frozen"
+
+
+def test_ablations_and_bad_input(wan):
+    plain = train_freeprop(wan, [pair(2)], 1, replace(FAST, steps=2, ast_rope=False, teacher=False))
+    assert plain.model.predictor is None and set(plain.parts[0]) == {"fm"}
+    with pytest.raises(ValueError, match="teacher"):
+        train_freeprop(wan, [replace(pair(2), teacher_cond=None)], 1, replace(FAST, steps=1))
+    with pytest.raises(ValueError, match="no training pairs"):
+        train_freeprop(wan, [], 0, FAST)
+
+
+def test_checkpoint_resume_equals_one_run(wan, tmp_path):
+    data = [pair(4), pair(5)]
+    full = train_freeprop(wan, data, 2, replace(FAST, steps=4))
+    ck = tmp_path / "run.pt"
+    with pytest.raises(Cancelled):                   # Cancel after step 3 keeps a checkpoint of step 3
+        train_freeprop(wan, data, 2, replace(FAST, steps=4), checkpoint=ck, should_stop=_stop_after(2))
+    resumed = train_freeprop(wan, data, 2, replace(FAST, steps=4), checkpoint=ck, resume=True)
+    assert resumed.losses == full.losses[3:]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable FreeProp training checkpoint"):
+        train_freeprop(wan, data, 2, FAST, checkpoint=tmp_path / "junk.pt", resume=True)
+
+
+def _stop_after(n: int):
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > n
+    return stop
+
+
+def test_one_file_model_round_trips(wan, tmp_path):
+    from safetensors.torch import save_file
+
+    res = train_freeprop(wan, [pair(6)], 1, replace(FAST, steps=2))
+    path = save_freeprop(tmp_path / "fp.safetensors", res.model)
+    loaded = load_freeprop(path)
+    assert loaded.variant == "paper" and loaded.predictor.config == FAST.predictor
+    for (k, a), b in zip(res.model.predictor.state_dict().items(), loaded.predictor.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert sorted(loaded.lora.paths) == sorted(res.model.lora.paths)
+    for p, la in res.model.lora.items():
+        assert torch.equal(la.up, loaded.lora[p].up) and torch.equal(la.down, loaded.lora[p].down), p
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an FFProp FreeProp model"):
+        load_freeprop(tmp_path / "other.safetensors")
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        res = train_freeprop(tiny(), [pair(7), pair(8)], 2, replace(FAST, steps=3, batch=2))
+        if rank == 0:
+            torch.save({k: v.detach() for k, v in res.model.state_dict().items()}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(tmp_path):
+    """gloo, 2 ranks x 1 sample vs 1 process x 2 samples per step: the same weights (float rounding)."""
+    one = train_freeprop(tiny(), [pair(7), pair(8)], 2, replace(FAST, steps=3, batch=2))
+    out = str(tmp_path / "ddp.pt")
+    torch.multiprocessing.start_processes(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2,
+                                          start_method="spawn")
+    two = torch.load(out, weights_only=True)
+    ref = one.model.state_dict()
+    assert set(two) == set(ref)
+    moved = 0.0
+    for k, v in ref.items():
+        torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6)
+    for k, v in ref.items():
+        if k.startswith("lora.") and k.endswith(".up"):
+            moved = max(moved, float(v.abs().max()))
+    assert moved > 0, "training moved the LoRA"
+    assert os.path.exists(out)
