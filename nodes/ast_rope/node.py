@@ -14,10 +14,11 @@ from ...kernels import BACKENDS
 from .._comfy import io, progress, ui
 from ..common import log, log_once, safe_output_path
 from ..host.comfy import ComfyWan
+from .pairs import PairSet
 from .patch import MODES, VARIANTS, apply_ast_rope, choose_alphas
-from .positions import check_latent
+from .positions import FIRST_FRAME, HeadSplit, check_latent
 from .predictor import AlphaPredictor, PredictorConfig, load_predictor, save_predictor
-from .train import PredictorTrainSettings, find_pairs, i2v_samples, load_pair, train_predictor
+from .train import PredictorTrainSettings, i2v_samples, train_predictor
 
 FOLDER = "ast_rope"
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -46,6 +47,21 @@ def _encode(model, vae):
     return encode
 
 
+def _pair_conditioning(pair, context: torch.Tensor, clip, clip_vision) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A folder pair's own text embedding (its prompt through `clip`; zeros shaped like the node's when it has
+    none or no clip is connected) and CLIP-vision tokens of its own first frame (None without clip_vision)."""
+    if pair.prompt is not None and clip is not None:
+        ctx = clip.encode_from_tokens_scheduled(clip.tokenize(pair.prompt))[0][0].float()
+    else:
+        log_once(f"ffp-pair-noprompt-{pair.name}", "FFP AST-RoPE: pair '%s' trains with a zero text embedding (%s).",
+                 pair.name, "no prompt file" if pair.prompt is None else "no clip connected")
+        ctx = torch.zeros_like(context)
+    tokens = None
+    if clip_vision is not None:
+        tokens = clip_vision.encode_image(pair.source[:1]).penultimate_hidden_states.float()
+    return ctx, tokens
+
+
 def _source_latent(model, source_latent, source_images, vae):
     if source_latent is not None:
         raw = check_latent(source_latent["samples"].float(), "source_latent")  # before broadcasting can hide it
@@ -60,8 +76,13 @@ def _source_latent(model, source_latent, source_images, vae):
     return None
 
 
+def _split(spatial_ratio: float, first_frame: str, f_prime: float) -> HeadSplit:
+    return HeadSplit(float(spatial_ratio), None if f_prime <= 0 else float(f_prime), first_frame)
+
+
 def _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend, predictor,
-           source_latent=None, source_images=None, vae=None, predictor_model=None) -> tuple:
+           source_latent=None, source_images=None, vae=None, predictor_model=None, spatial_ratio=0.5,
+           first_frame="shifted", f_prime=0.0) -> tuple:
     if mode == "off":
         return model.clone(), "AST-RoPE off: stock RoPE (alpha_S = alpha_T = 1, no patch)."
     dit = ComfyWan(model)
@@ -78,7 +99,8 @@ def _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_f
         pred = load_predictor(folder_paths.get_full_path_or_raise(FOLDER, predictor))
     latent = _source_latent(model, source_latent, source_images, vae) if mode in ("heuristic", "learned") else None
     alphas = choose_alphas(mode, latent=latent, alpha_s=alpha_s, alpha_t=alpha_t, variant=variant,
-                           alpha_max=alpha_max, strength=strength, predictor=pred, anchor_first=anchor_first)
+                           alpha_max=alpha_max, strength=strength, predictor=pred, anchor_first=anchor_first,
+                           split=_split(spatial_ratio, first_frame, f_prime))
     patched = apply_ast_rope(dit, alphas, backend)
     return patched.patcher, f"AST-RoPE {mode}: {alphas.describe()}"
 
@@ -89,12 +111,16 @@ def _rope_inputs() -> list:
                        tooltip="off: stock model. manual: the alpha widgets. heuristic: alpha_T per latent frame "
                                "from the source's motion (training-free, unverified benefit). learned: a trained "
                                "predictor over the source latent."),
-        io.Combo.Input("variant", options=list(VARIANTS), default="warped",
-                       tooltip="global: one alpha_T for all frames (tau = alpha_T * f). warped: one step per latent "
-                               "frame (tau = cumulative steps); heuristic/learned only, manual is always global."),
+        io.Combo.Input("variant", options=list(VARIANTS), default="paper",
+                       tooltip="paper (FreeProp, CVPR 2026 notes): half the heads (spatial_ratio) are spatial and "
+                               "move only the first frame's time index to (1 - alpha_S) * F'; the others are "
+                               "temporal with time alpha_T * f; height/width unchanged. global: every head gets "
+                               "(alpha_T * f, alpha_S * y, alpha_S * x). warped: one alpha_T step per latent frame "
+                               "(heuristic/learned; manual is the same as global)."),
         io.Float.Input("alpha_s", default=1.0, min=0.25, max=4.0, step=0.01,
-                       tooltip="Spatial scale of RoPE positions (1 = stock). Below 1: less spatially local "
-                               "attention, more tolerant of large displacements."),
+                       tooltip="1 = stock. paper: below 1 moves the edited first frame's time index towards the "
+                               "last frames in the spatial heads. global/warped: spatial scale of the positions "
+                               "(below 1: less spatially local attention)."),
         io.Float.Input("alpha_t", default=1.0, min=0.25, max=4.0, step=0.01,
                        tooltip="Temporal scale (manual mode; 1 = stock). Below 1 pulls every frame toward the "
                                "edited frame 0 (stronger appearance anchoring); above 1 stretches time."),
@@ -106,10 +132,9 @@ def _rope_inputs() -> list:
                          tooltip="Remap time relative to the first latent frame of the sequence, so frame 0 (the "
                                  "edited frame) keeps its position even when the ids start elsewhere."),
         io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                       tooltip="RoPE kernel: auto = fused Triton on CUDA when available, else torch. For debugging. Used only "
-                               "where the host's self-attention is the code the fused path was proven equal to "
-                               "(ComfyUI 0.3.64); on 0.28 the host's own RoPE runs with our positions and this "
-                               "is unused (logged once)."),
+                       tooltip="RoPE kernel: auto = fused Triton on CUDA when available, else torch. For debugging. "
+                               "ComfyUI 0.3.64: used for every variant. 0.28: used for the paper variant's "
+                               "per-head positions; global/warped run the host's own RoPE at our positions."),
         io.Combo.Input("predictor", options=_predictor_files(), default=NONE,
                        tooltip="Learned mode: a predictor file from models/ast_rope (written by the trainer)."),
         io.Latent.Input("source_latent", optional=True,
@@ -119,6 +144,20 @@ def _rope_inputs() -> list:
         io.Vae.Input("vae", optional=True, tooltip="The Wan 2.1 VAE, to encode source_images."),
         Predictor.Input("predictor_model", optional=True,
                         tooltip="A predictor straight from 'Train AST-RoPE Predictor' (overrides the file)."),
+    ] + _split_inputs()
+
+
+def _split_inputs() -> list:
+    return [
+        io.Float.Input("spatial_ratio", default=0.5, min=0.0, max=1.0, step=0.0625, optional=True,
+                       tooltip="paper variant: share of each layer's heads that are spatial (the first ones; the "
+                               "paper does not state it). heads x ratio must be a whole number."),
+        io.Combo.Input("first_frame", options=list(FIRST_FRAME), default="shifted", optional=True,
+                       tooltip="paper variant, spatial heads' first-frame time index: shifted = (1 - alpha_S) * F' "
+                               "(alpha 1 = stock model); literal = alpha_S * F' (the notes' wording; stock only at "
+                               "alpha_S = 0)."),
+        io.Float.Input("f_prime", default=0.0, min=0.0, max=1024.0, step=1.0, optional=True,
+                       tooltip="paper variant: F' in latent frames; 0 = the clip's last latent frame index (F - 1)."),
     ]
 
 
@@ -144,9 +183,11 @@ class FFPASTRoPE(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend, predictor,
-                source_latent=None, source_images=None, vae=None, predictor_model=None) -> io.NodeOutput:
+                source_latent=None, source_images=None, vae=None, predictor_model=None, spatial_ratio=0.5,
+                first_frame="shifted", f_prime=0.0) -> io.NodeOutput:
         patched, text = _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend,
-                               predictor, source_latent, source_images, vae, predictor_model)
+                               predictor, source_latent, source_images, vae, predictor_model, spatial_ratio,
+                               first_frame, f_prime)
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
 
 
@@ -171,7 +212,7 @@ class FFPASTRoPELoader(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name, weight_dtype, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first,
                 backend, predictor, source_latent=None, source_images=None, vae=None,
-                predictor_model=None) -> io.NodeOutput:
+                predictor_model=None, spatial_ratio=0.5, first_frame="shifted", f_prime=0.0) -> io.NodeOutput:
         options = {}
         if weight_dtype.startswith("fp8_e4m3fn"):
             options["dtype"] = torch.float8_e4m3fn
@@ -182,7 +223,8 @@ class FFPASTRoPELoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         model = comfy.sd.load_diffusion_model(path, model_options=options)
         patched, text = _patch(model, mode, variant, alpha_s, alpha_t, alpha_max, strength, anchor_first, backend,
-                               predictor, source_latent, source_images, vae, predictor_model)
+                               predictor, source_latent, source_images, vae, predictor_model, spatial_ratio,
+                               first_frame, f_prime)
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
 
 
@@ -206,8 +248,10 @@ class FFPASTRoPETrain(io.ComfyNode):
                 io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of the predictor."),
-                io.Combo.Input("variant", options=list(VARIANTS), default="warped",
-                               tooltip="warped: one alpha_T step per latent frame; global: their mean."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="paper",
+                               tooltip="paper: one alpha_S and alpha_T per clip applied per head group (FreeProp's "
+                                       "predictor: transformer + two-headed MLP); global: one alpha pair for all "
+                                       "heads; warped: one alpha_T step per latent frame (per-frame head)."),
                 io.Float.Input("alpha_max", default=2.0, min=1.05, max=4.0, step=0.05,
                                tooltip="alpha = exp(tanh(s) ln alpha_max): every alpha stays in [1/alpha_max, alpha_max]."),
                 io.Int.Input("width", default=256, min=16, max=1024, step=16, tooltip="Predictor transformer width."),
@@ -228,15 +272,24 @@ class FFPASTRoPETrain(io.ComfyNode):
                                tooltip="The edited version of source_video (same size/length): trains FFP "
                                        "(edited frame 1 -> edited clip) instead of reconstructing the source."),
                 io.String.Input("pairs_folder", default="", optional=True,
-                                tooltip="A folder of <name>_source.mp4 + <name>_edited.mp4 pairs to train on as well."),
+                                tooltip="A folder of pairs to train on as well: <name>/source.mp4 + <name>/edited.mp4 "
+                                        "(+ <name>/prompt.txt), or <name>_source.mp4 + <name>_edited.mp4 (+ "
+                                        "<name>.txt). Each pair uses its own prompt (encoded with 'clip') and its "
+                                        "own first frame (with 'clip_vision'), never those of source_video."),
                 io.Int.Input("max_frames", default=33, min=5, max=257, step=4, optional=True,
                              tooltip="Frames read per clip from pairs_folder (4k+1)."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True,
-                                          tooltip="CLIP-vision output of the first frame (I2V image tokens)."),
+                                          tooltip="CLIP-vision output of source_video's first frame (I2V image "
+                                                  "tokens; used for source_video only)."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto", optional=True,
-                               tooltip="RoPE kernel used while training (auto: Triton on CUDA when available). Unused on hosts "
-                                       "whose self-attention differs from ComfyUI 0.3.64 (e.g. 0.28): the host's "
-                                       "own RoPE runs there."),
+                               tooltip="RoPE kernel used while training (auto: Triton on CUDA when available; both "
+                                       "carry the alpha gradient). On ComfyUI 0.28 used for the paper variant only."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Text encoder for the pairs' own prompts (prompt.txt). Without it, or for a "
+                                      "pair without a prompt, that pair trains with a zero text embedding."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="CLIP vision model for the pairs' own first frames (I2V image tokens); "
+                                            "without it pairs train without image tokens."),
             ],
             outputs=[
                 Predictor.Output(display_name="predictor", tooltip="The trained predictor (connect to Apply AST-RoPE)."),
@@ -258,16 +311,18 @@ class FFPASTRoPETrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, source_video, steps, learning_rate, variant, alpha_max, width, depth,
                 self_distill, lambda_motion, lambda_mmd, seed, filename, edited_video=None, pairs_folder="",
-                max_frames=33, clip_vision_output=None, backend="auto") -> io.NodeOutput:
+                max_frames=33, clip_vision_output=None, backend="auto", clip=None, clip_vision=None) -> io.NodeOutput:
         _predictor_path(filename)                    # a bad file name fails now, not after training
         dit = ComfyWan(model)
         encode = _encode(model, vae)
         context = positive[0][0].float()
-        clip = None if clip_vision_output is None else clip_vision_output.penultimate_hidden_states.float()
-        samples = [i2v_samples(source_video, encode, context, clip, edited_video)]
-        for src_path, ed_path in find_pairs(pairs_folder) if pairs_folder.strip() else []:
-            src, ed = load_pair(src_path, ed_path, max_frames)
-            samples.append(i2v_samples(src, encode, context, clip, ed))
+        image_tokens = None if clip_vision_output is None else clip_vision_output.penultimate_hidden_states.float()
+        samples = [i2v_samples(source_video, encode, context, image_tokens, edited_video)]
+        pairs = PairSet.from_folder(pairs_folder, max_frames) if pairs_folder.strip() else PairSet([])
+        for i in range(len(pairs)):
+            pair = pairs[i]
+            ctx, tokens = _pair_conditioning(pair, context, clip, clip_vision)
+            samples.append(i2v_samples(pair.source, encode, ctx, tokens, pair.edited))
         if self_distill and edited_video is None and len(samples) == 1:
             raise ValueError("self_distill needs edited clips: connect edited_video or set pairs_folder.")
         if edited_video is None and len(samples) > 1:
@@ -275,7 +330,8 @@ class FFPASTRoPETrain(io.ComfyNode):
         settings = PredictorTrainSettings(steps=steps, learning_rate=learning_rate, seed=seed, variant=variant,
                                           backend=backend, self_distill=self_distill, lambda_motion=lambda_motion,
                                           lambda_mmd=lambda_mmd)
-        config = PredictorConfig(width=width, depth=depth, heads=max(1, width // 64), alpha_max=alpha_max)
+        config = PredictorConfig(width=width, depth=depth, heads=max(1, width // 64), alpha_max=alpha_max,
+                                 arch="frames" if variant == "warped" else "paper")
         on_step, should_stop = progress(steps)
         result = train_predictor(dit, samples, settings, AlphaPredictor(config, seed=seed), on_step=on_step,
                                  should_stop=should_stop)

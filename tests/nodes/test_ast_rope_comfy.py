@@ -181,7 +181,7 @@ def test_node_modes_and_errors():
     _, text = FFPASTRoPE.execute(model, "heuristic", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
                                  source_latent=latent).result
     assert "warped" in text
-    pred = AlphaPredictor(PredictorConfig(width=32, depth=1, heads=2, grid=2))
+    pred = AlphaPredictor(PredictorConfig(width=32, depth=1, heads=2, grid=2, arch="frames"))
     _, text = FFPASTRoPE.execute(model, "learned", "warped", 1.0, 1.0, 2.0, 1.0, True, "auto", "none",
                                  source_latent=latent, predictor_model=pred).result
     assert "1.000, 1.000, 1.000" in text                                   # a fresh predictor: alpha = 1
@@ -214,7 +214,7 @@ def test_trainer_on_the_comfy_host_lowers_the_loss():
     src = torch.randn(1, 16, F, H, W, generator=g)
     sample = PredictorSample(src, src, make_cond("i2v"))
     torch.manual_seed(0)
-    pred = AlphaPredictor(PredictorConfig(width=32, depth=1, heads=2, grid=2))
+    pred = AlphaPredictor(PredictorConfig(width=32, depth=1, heads=2, grid=2, arch="frames"))
     before = evaluate_loss(dit, pred, [sample], backend="torch")
     res = train_predictor(dit, [sample], PredictorTrainSettings(steps=30, learning_rate=3e-2, backend="torch"), pred)
     after = evaluate_loss(dit, res.predictor, [sample], backend="torch")
@@ -315,3 +315,97 @@ def test_predictor_trainer_leaves_the_global_rng_alone_and_repeats_itself():
     assert first.losses == second.losses
     assert all(torch.equal(a, b) for a, b in zip(first.predictor.state_dict().values(),
                                                  second.predictor.state_dict().values()))
+
+
+# ---- the paper variant: per-head-group positions (issue 14) -----------------------------------------------
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["i2v", "fun_control"])
+def test_paper_variant_on_the_comfy_host(kind):
+    """Two heads (dim 256): alpha = 1 is the stock model; all heads temporal = the global variant; the split gives
+    block 0's self-attention an output equal to fp64 attention computed head by head at each group's positions."""
+    import math
+
+    from ffprop.kernels import rope_reference
+    from ffprop.nodes.ast_rope.positions import HeadSplit, paper_positions
+
+    dit = ComfyWan(load_tiny_comfy_wan(kind, dim=256))
+    x, c = noisy(), make_cond(kind)
+    stock = dit.predict(x, 0.5, c)
+    paper = HeadSplit()
+    for backend in ("auto", "torch"):
+        assert torch.equal(apply_ast_rope(dit, RopeAlphas(1.0, 1.0, split=paper), backend).predict(x, 0.5, c), stock)
+    all_t = apply_ast_rope(dit, RopeAlphas(0.3, 0.6, split=HeadSplit(spatial_ratio=0.0)), "torch").predict(x, 0.5, c)
+    glob = apply_ast_rope(dit, RopeAlphas(1.0, 0.6), "torch").predict(x, 0.5, c)
+    torch.testing.assert_close(all_t, glob, rtol=0, atol=1e-6)     # 0.28: host kernel vs ours for the global one
+    alphas = RopeAlphas(0.4, 0.5, split=paper)
+    patched = apply_ast_rope(dit, alphas, "torch")
+    attn = dit.module.blocks[0].self_attn                            # child modules are shared with the patch
+    got = {}
+    hooks = [attn.norm_q.register_forward_hook(lambda m, a, o: got.__setitem__("q", o)),
+             attn.norm_k.register_forward_hook(lambda m, a, o: got.__setitem__("k", o)),
+             attn.v.register_forward_hook(lambda m, a, o: got.__setitem__("v", o)),
+             attn.o.register_forward_pre_hook(lambda m, a: got.__setitem__("out", a[0]))]
+    try:
+        out = patched.predict(x, 0.5, c)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (out - glob).abs().max() > 1e-5 and (out - stock).abs().max() > 1e-5
+    pos = paper_positions(stock_rope_ids(F, H // 2, W // 2), alphas, heads=2).double()
+    q, k, v = (got[n].double().unflatten(2, (2, -1)) for n in ("q", "k", "v"))
+    heads = []
+    for h in range(2):
+        qh, kh = rope_reference(q[:, :, h:h + 1], pos[h]), rope_reference(k[:, :, h:h + 1], pos[h])
+        w = torch.softmax(torch.einsum("bld,bmd->blm", qh[:, :, 0], kh[:, :, 0]) / math.sqrt(128), dim=-1)
+        heads.append(w @ v[:, :, h])
+    torch.testing.assert_close(got["out"].double(), torch.stack(heads, 2).flatten(2), rtol=0, atol=1e-5)
+    one_head = ComfyWan(load_tiny_comfy_wan(kind))
+    with pytest.raises(ValueError, match="heads not divisible by the split"):
+        apply_ast_rope(one_head, alphas)
+
+
+def test_trainer_node_gives_each_pair_its_own_prompt_and_image_tokens(tmp_path, monkeypatch):
+    """Pairs in a folder used the node's prompt and source_video's CLIP-vision tokens (the bug): now each pair has
+    its own prompt.txt through `clip`, a zero embedding without one, and no borrowed image tokens."""
+    import folder_paths
+    from ffprop.nodes.ast_rope import node as rope_node
+    from ffprop.nodes.video.io import write_video
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ast_rope", ([str(tmp_path)], {".safetensors"}))
+    g = torch.Generator().manual_seed(0)
+    for name, prompt in (("p1", "first prompt"), ("p2", None)):
+        (tmp_path / "pairs" / name).mkdir(parents=True)
+        write_video(tmp_path / "pairs" / name / "source.mp4", torch.rand(9, 32, 48, 3, generator=g), 8)
+        write_video(tmp_path / "pairs" / name / "edited.mp4", torch.rand(9, 32, 48, 3, generator=g), 8)
+        if prompt:
+            (tmp_path / "pairs" / name / "prompt.txt").write_text(prompt)
+
+    class TextEncoder:                      # a CLIP's two calls the node makes; the embedding names the text
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[torch.full((1, 8, 4096), float(len(tokens))), {}]]
+
+    seen = {}
+    real = rope_node.train_predictor
+
+    def spy(dit, samples, *a, **k):
+        seen["samples"] = samples
+        return real(dit, samples, *a, **k)
+
+    monkeypatch.setattr(rope_node, "train_predictor", spy)
+    model = load_tiny_comfy_wan("i2v", dim=256)                         # 2 heads: the paper variant's split
+    clip = torch.rand(9, 32, 48, 3, generator=g)
+    positive = [[torch.randn(1, 8, 4096, generator=g), {}]]
+    vision = type("CV", (), {"penultimate_hidden_states": torch.randn(1, 257, 1280, generator=g)})()
+    FFPASTRoPETrain_ = rope_node.FFPASTRoPETrain
+    FFPASTRoPETrain_.execute(model, StubVAE(), positive, clip, 1, 1e-2, "paper", 2.0, 32, 1, True, 1.0, 1.0, 0, "",
+                             edited_video=clip.flip(2), pairs_folder=str(tmp_path / "pairs"),
+                             clip_vision_output=vision, backend="torch", clip=TextEncoder())
+    own, p1, p2 = seen["samples"]
+    assert torch.equal(own.cond.context, positive[0][0]) and own.cond.clip_tokens is not None
+    assert torch.equal(p1.cond.context, torch.full((1, 8, 4096), float(len("first prompt"))))
+    assert torch.equal(p2.cond.context, torch.zeros(1, 8, 4096))          # no prompt.txt: zeros, not the node's
+    assert p1.cond.clip_tokens is None and p2.cond.clip_tokens is None     # never source_video's image tokens
