@@ -194,7 +194,7 @@ def test_default_kind_conditions_every_chunk_on_its_source_slice(parts):
 
 
 def test_wan22_pair_switches_experts_at_the_boundary_inside_every_chunk(parts):
-    """Two experts (Wan 2.2): in each of the 3 chunks the high-noise expert runs exactly the steps at sigma >=
+    """Two experts (Wan 2.2): in each of the 2 chunks the high-noise expert runs exactly the steps at sigma >=
     0.9 and the low-noise expert the rest, on the same schedule."""
     clip, _, vae, context = parts
 
@@ -210,10 +210,10 @@ def test_wan22_pair_switches_experts_at_the_boundary_inside_every_chunk(parts):
             return self.dit.predict(x_t, t, cond)
 
     high, low = Counting(tiny_dit(seed=0)), Counting(tiny_dit(seed=1))
-    plan = plan_chunks(25, 9, 1)
+    plan = plan_chunks(17, 9, 1)
     gen = wan_generator(high, vae.encode, vae.decode, context, steps=4, shift=5.0, low_noise_dit=low, boundary=0.9)
-    res = chain_chunks(plan, clip.source, clip.edited[0], gen, drift=NO_DRIFT_CONTROL)
+    res = chain_chunks(plan, clip.source[:17], clip.edited[0], gen, drift=NO_DRIFT_CONTROL)
     sig = [float(s) for s in flow_sigmas(4, 5.0)[:-1]]
     k = sum(s >= 0.9 for s in sig)
-    assert 0 < k < 4 and len(plan) == 3 and res.video.shape == clip.source.shape
+    assert 0 < k < 4 and len(plan) == 2 and res.video.shape == clip.source[:17].shape
     assert high.ts == sig[:k] * len(plan) and low.ts == sig[k:] * len(plan)
