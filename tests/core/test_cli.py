@@ -293,3 +293,47 @@ def test_edit_of_another_aspect_is_refused_without_a_mask(work):
     assert ok.returncode == 0, message(ok)[-3000:]
     assert "note: edited first frame 160x96 -> 128x96 by crop (aspect 1.667 vs clip 1.333)" in ok.stdout
     assert read_video(work / "out.mkv")[0].shape == (4, 96, 128, 3)
+
+
+# ---- --keyframe (issue 15) ----------------------------------------------------------------------------------------
+
+def test_propagate_keyframes_and_the_span_cache(clip_dir, tmp_path):
+    """Two keyframes: two spans computed into ffprop_cache/ next to -o; the same run again takes both from the
+    cache and writes the same video; one keyframe re-edited recomputes only its span."""
+    clip = synthetic_clip(12, 96, 128)
+    work = tmp_path / "kf"
+    work.mkdir()
+    for name in ("src.mp4", "edit.png"):
+        (work / name).write_bytes((clip_dir / name).read_bytes())
+    write_image(work / "e8.png", clip.edited[8])
+    args = ("propagate", "--video", "src.mp4", "--keyframe", "0:edit.png", "--keyframe", "8:e8.png", "-o", "out.mp4")
+    first = ffprop(*args, cwd=work)
+    assert first.returncode == 0, message(first)
+    assert "2 span(s), 2 computed, 0 from the cache" in first.stdout and "frames 8-11 (forward" in first.stdout
+    assert len(list((work / "ffprop_cache").glob("*.safetensors"))) == 2
+    video = read_video(work / "out.mp4")[0]
+    assert video.shape[0] == 12
+    again = ffprop(*args, cwd=work)
+    assert again.returncode == 0 and "0 computed, 2 from the cache" in again.stdout, message(again)
+    assert torch.equal(read_video(work / "out.mp4")[0], video)
+    write_image(work / "edit.png", clip.source[0] + 0.8 * (clip.edited[0] - clip.source[0]))   # re-edit keyframe 0
+    third = ffprop(*args, cwd=work)
+    assert "1 computed, 1 from the cache" in third.stdout and "frames 0-8 (between keyframes 0 and 8): computed" \
+        in third.stdout, message(third)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--keyframe", "0:edit.png", "--keyframe", "0:edit.png"), "frame(s) [0] more than once"),
+    (("--keyframe", "zero:edit.png"), "expected INDEX:PATH"),
+    (("--edited-first-frame", "edit.png", "--keyframe", "0:edit.png"), "both give frame 1's edit"),
+    (("--keyframe", "0:edit.png", "--keyframe", "40:edit.png"), "[40] are past the clip's end: it has 12 frames"),
+    (("--engine", "wan", "--model", ".", "--keyframe", "0:edit.png", "--keyframe", "5:edit.png"),
+     "--engine wan takes the edit of frame 1 only"),
+    ((), "give the edit: --edited-first-frame IMG"),
+])
+def test_propagate_keyframe_errors_write_nothing(clip_dir, extra, words):
+    before = snapshot(clip_dir)
+    run = ffprop("propagate", "--video", "src.mp4", *extra, "-o", "bad.mp4", cwd=clip_dir)
+    assert run.returncode == 2, message(run)
+    assert words in message(run)
+    assert snapshot(clip_dir) == before
