@@ -14,6 +14,7 @@ input and leaves its logits in `Injection.mask_logits`. strength 0 (or an untrai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Optional
 
@@ -71,26 +72,39 @@ class Injection:
             enc = self._converted[1]
         return enc
 
+    @staticmethod
+    def _precision(x: Tensor, enc: ContentEncoder):
+        """Training a float32 encoder next to a generator computing in bf16/fp16 (a memory preset): autocast."""
+        if enc.patch_embed.weight.dtype == x.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=x.dtype)
+
     def on_block(self, i: int, hidden_in: Tensor, out: Tensor, run_block: RunBlock) -> Tensor:
         """Generator block i ran on hidden_in and gave out [B, L, D]; returns out plus block i's injection."""
         if self.strength == 0.0 or i >= self.encoder.depth:
             return out
         enc = self._encoder_for(hidden_in)
         if i == 0:
-            src = self.source_latent
-            self.feats = enc.features(hidden_in, enc.source_tokens(src), self.task, run_block)
-            if self.probe is not None:
-                moved = enc.features(hidden_in, enc.source_tokens(src + self.probe.to(src)), self.task, run_block)
-                self.probed = (self.feats, moved)
+            with self._precision(hidden_in, enc):
+                self._run_sce(enc, hidden_in, run_block)
         if self.feats is None:
             raise RuntimeError("the content encoder's features are missing: generator block 0 did not run first.")
         return out + (self.strength * self.feats[i]).to(out.dtype)
+
+    def _run_sce(self, enc: ContentEncoder, hidden_in: Tensor, run_block: RunBlock) -> None:
+        """The SCE on the generator's patch tokens (and, with a probe, once more on the probed source)."""
+        src = self.source_latent
+        self.feats = enc.features(hidden_in, enc.source_tokens(src), self.task, run_block)
+        if self.probe is not None:
+            moved = enc.features(hidden_in, enc.source_tokens(src + self.probe.to(src)), self.task, run_block)
+            self.probed = (self.feats, moved)
 
     def before_last(self, hidden_in: Tensor, run_block: RunBlock) -> None:
         """The last generator block is about to run on hidden_in (the penultimate block's output)."""
         if self.want_mask:
             enc = self._encoder_for(hidden_in)
-            self.mask_logits = enc.mask_logits(hidden_in, run_block, self.grid)
+            with self._precision(hidden_in, enc):
+                self.mask_logits = enc.mask_logits(hidden_in, run_block, self.grid).float()
 
 
 def _block_indices(encoder: ContentEncoder, num_layers: int) -> set[int]:
