@@ -39,7 +39,8 @@ def strip_ui(source, keys: Keyframes) -> dict:
     """What web/js/ffp_keyframes.js draws: the clip length, the keyframe indices, thumbnails of evenly spaced
     source frames (every keyframe's frame among them) and of the edited keyframes."""
     t = source.shape[0]
-    frames = sorted({round(i * (t - 1) / max(THUMBS - 1, 1)) for i in range(min(THUMBS, t))} | set(keys.indices))
+    n = min(THUMBS, t)
+    frames = sorted({round(i * (t - 1) / max(n - 1, 1)) for i in range(n)} | set(keys.indices))
     tag = hashlib.sha256(to_uint8(source[frames]).tobytes() + to_uint8(keys.frames).tobytes()).hexdigest()[:12]
     return {"ffp_keyframes": [{
         "frames": t, "indices": list(keys.indices), "edited": list(keys.edited),

@@ -40,7 +40,8 @@ export function parseIndices(text) {
 // Evenly spaced frames of a clip of `count` frames (at most `n`), plus the keyframes, sorted and unique.
 export function stripFrames(count, indices, n = THUMBS) {
   const picked = new Set(indices.filter((i) => i >= 0 && (!count || i < count)));
-  if (count) for (let i = 0; i < Math.min(n, count); i++) picked.add(Math.round((i * (count - 1)) / Math.max(n - 1, 1)));
+  const k = Math.min(n, count || 0);
+  for (let i = 0; i < k; i++) picked.add(Math.round((i * (count - 1)) / Math.max(k - 1, 1)));
   return [...picked].sort((a, b) => a - b);
 }
 
@@ -114,7 +115,11 @@ class KeyframeStrip {
 
   async getFrame(file, frame) {
     const q = new URLSearchParams({ filename: file, type: "input", subfolder: "", frame: String(frame) });
-    const res = await fetch(api.apiURL(`/ffprop/frame?${q}`), { cache: "no-store" });
+    let res = await fetch(api.apiURL(`/ffprop/frame?${q}`), { cache: "no-store" });
+    for (let retry = 0; res.status === 503 && retry < 20; retry++) { // the route is busy (the editor decodes too)
+      await new Promise((r) => setTimeout(r, 250 + 250 * retry));
+      res = await fetch(api.apiURL(`/ffprop/frame?${q}`), { cache: "no-store" });
+    }
     if (!res.ok) throw new Error((await res.json().catch(() => ({}))).error || `${res.status}`);
     const count = Number(res.headers.get("X-FFP-Frame-Count")) || null;
     return { url: URL.createObjectURL(await res.blob()), count };
@@ -141,6 +146,7 @@ class KeyframeStrip {
           this.thumbs.set(next, (await this.getFrame(file, next)).url);
         } catch (e) {
           (this.failed ??= new Set()).add(next); // e.g. an index past the end: shown as a mark without a picture
+          this.problem = `frame ${next}: ${e.message || e}`;
         }
         this.status = "";
         this.render();
@@ -223,6 +229,7 @@ class KeyframeStrip {
       this.frames ? `${this.frames} frames` : "clip length unknown",
       `keyframes: ${[...keys].join(", ") || "none"}`,
       bad.length ? `past the clip's end: ${bad.join(", ")}` : "",
+      this.problem && !this.ran ? `not shown: ${this.problem}` : "",
       this.selected != null ? `showing frame ${this.selected}` : "click a frame to see it",
     ].filter(Boolean).join(" · ");
     const shown = [];
