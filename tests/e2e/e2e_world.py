@@ -17,7 +17,6 @@ edited first frame png, the frame-1 edit mask png), with the scores `score_video
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,30 @@ VAE_NAME = "ffp_world_wan21_vae.safetensors"
 FPS = 8
 
 
-def comfy_world_state_dicts() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(DiT state dict in ComfyUI WanModel keys, VAE state dict in ComfyUI WanVAE keys with the latent
-    normalisation folded in), float32."""
-    from ffprop.nodes.world.convert import dit_to_comfy, vae_to_comfy
-    from ffprop.nodes.world.model import load_world_models
+def load_world():
+    """nodes/world/model.py's load_world_models(), importing diffusers with the repo root off sys.path: `python -m
+    pytest` from the root puts it there, and this repo's kernels/ then shadows the Hugging Face `kernels` package
+    that transformers (pulled in by diffusers' Wan VAE) probes for, failing the import."""
+    import sys
 
-    world = load_world_models()
+    root = Path(__file__).resolve().parents[2]
+    hidden = [p for p in sys.path if Path(p or ".").resolve() == root]
+    sys.path[:] = [p for p in sys.path if p not in hidden]
+    try:
+        import diffusers.models.autoencoders.autoencoder_kl_wan  # noqa: F401
+        from ffprop.nodes.world.model import load_world_models
+
+        return load_world_models()
+    finally:
+        sys.path[:0] = hidden
+
+
+def comfy_world_state_dicts(world=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(DiT state dict in ComfyUI WanModel keys, VAE state dict in ComfyUI WanVAE keys with the latent
+    normalisation folded in), float32, of `world` (default: load_world())."""
+    from ffprop.nodes.world.convert import dit_to_comfy, vae_to_comfy
+
+    world = world or load_world()
     vae = world.vae.vae
     sd = {k: v.detach().clone().float() for k, v in vae_to_comfy(vae.state_dict(), vae.config.num_res_blocks).items()}
     world_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float64)
@@ -82,6 +98,15 @@ def comfy_loads_world_vae(sd: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def world_vae_check() -> dict:
+    """{} when this ComfyUI (COMFYUI_DIR) loads the world VAE, else {"skipped": what is missing}."""
+    from comfy_support import import_comfy
+
+    import_comfy()
+    why = comfy_loads_world_vae(comfy_world_state_dicts()[1])
+    return {"skipped": why} if why else {}
+
+
 def write_world_models(models_dir: Path) -> dict:
     """Write the world DiT and VAE (ComfyUI layout) into <models_dir>/diffusion_models and /vae; returns build
     seconds, or {"skipped": why} when this ComfyUI cannot load the world VAE."""
@@ -109,13 +134,14 @@ class WorldCase:
     video: str
     edited: str
     mask: str
+    mask_video: str           # the per-frame edit masks as a video (white = edit)
     box: list[int]            # frame-1 edit region's bounding box [x0, y0, x1, y1] (px, x1/y1 exclusive)
 
 
 def world_case(input_dir: Path, seed_index: int = 0, edit: str = "recolour", frames: int = 17,
                size: tuple[int, int] = (64, 64), tag: str = "world") -> WorldCase:
     """Write HELDOUT_SEEDS[seed_index]'s `edit` sample as <tag>_clip.mp4, <tag>_edit.png (the true edited
-    frame 1) and <tag>_mask.png (frame 1's edit mask, white = edit)."""
+    frame 1), <tag>_mask.png (frame 1's edit mask, white = edit) and <tag>_masks.mp4 (every frame's)."""
     from e2e_media import write_mp4
     from ffprop.nodes.world.scenes import HELDOUT_SEEDS, render_sample
     from PIL import Image
@@ -125,11 +151,12 @@ def world_case(input_dir: Path, seed_index: int = 0, edit: str = "recolour", fra
     input_dir = Path(input_dir)
     write_mp4(input_dir / f"{tag}_clip.mp4", to8(s.source), FPS)
     Image.fromarray(to8(s.edited_first)).save(input_dir / f"{tag}_edit.png")
+    write_mp4(input_dir / f"{tag}_masks.mp4", to8((s.edit_mask > 0.5).float()[..., None].expand(-1, -1, -1, 3)), FPS)
     m = s.edit_mask[0] > 0.5
     Image.fromarray((m.numpy() * 255).astype(np.uint8)).convert("RGB").save(input_dir / f"{tag}_mask.png")
     ys, xs = np.nonzero(m.numpy())
     box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else [0, 0, *size[::-1]]
-    return WorldCase(s, f"{tag}_clip.mp4", f"{tag}_edit.png", f"{tag}_mask.png", box)
+    return WorldCase(s, f"{tag}_clip.mp4", f"{tag}_edit.png", f"{tag}_mask.png", f"{tag}_masks.mp4", box)
 
 
 def read_video(path: Path) -> torch.Tensor:
@@ -141,17 +168,12 @@ def read_video(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).float() / 255
 
 
-def psnr(out: torch.Tensor, truth: torch.Tensor, weight: torch.Tensor | None = None) -> float:
-    """PSNR (dB) over [T, H, W, 3] with per-pixel weights [T, H, W] (None: all)."""
-    se = ((out.double() - truth.double()) ** 2).mean(-1)
-    w = torch.ones_like(se) if weight is None else weight.double()
-    return 10 * math.log10(1 / max(float((se * w).sum() / w.sum()), 1e-10))
-
-
 def score_video(video: torch.Tensor, case: WorldCase) -> dict[str, float]:
     """Scores of an output [T, H, W, 3] vs the ground truth over frames 2..T (psnr, edit_psnr inside the true
     edit masks, bg_psnr outside), and the same scores of two broken answers: the untouched source and the edited
     first frame repeated."""
+    from ffprop.nodes.evaluate.bench import weighted_psnr as psnr
+
     s = case.sample
     if tuple(video.shape) != tuple(s.target.shape):
         raise AssertionError(f"output is {tuple(video.shape)}; the world scene is {tuple(s.target.shape)}")
@@ -175,7 +197,9 @@ LORA_STEPS = 20
 def world_overrides(api: dict, case: WorldCase, steps: int = SAMPLE_STEPS) -> dict:
     """The CI-sized API prompt of a sampling workflow, pointed at the world: the world DiT and VAE for every
     loader, the world scene's files for LoadVideo / LoadImage / LoadImageMask, frame 1's edit box as the mask
-    prompt, the world's render size and length, `steps` Euler steps at shift 3 and cfg 1 (the world DiT ignores
+    prompt; FFPMaskOps (the loose box) gets the world's per-frame edit masks (oracle masks, as the benchmark's
+    lora_edit row: click segmentation is the masks room's to measure), min area 4 px; the world's render size and
+    length, `steps` Euler steps at shift 3 and cfg 1 (the world DiT ignores
     text), stage-1 LoRA training of LORA_STEPS at LoRA-Edit's rate. Changes `api` in place and returns it."""
     t, h, w = case.sample.source.shape[:3]
     for node in list(api.values()):
@@ -201,6 +225,12 @@ def world_overrides(api: dict, case: WorldCase, steps: int = SAMPLE_STEPS) -> di
             inputs.update(steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple")
         elif kind == "FFPChunkPlan":
             inputs.update(chunk_length=17, overlap_frames=1, last_chunk="pad_repeat")
+        elif kind == "FFPMaskOps":
+            api["world_masks"] = {"class_type": "LoadVideo", "inputs": {"file": case.mask_video}}
+            api["world_masks_frames"] = {"class_type": "GetVideoComponents", "inputs": {"video": ["world_masks", 0]}}
+            api["world_masks_mask"] = {"class_type": "ImageToMask",
+                                       "inputs": {"image": ["world_masks_frames", 0], "channel": "red"}}
+            inputs.update(mask=["world_masks_mask", 0], min_area=4)
         elif kind == "FFPTrainLoRAEdit":
             inputs.update(steps=LORA_STEPS, steps_stage2=0, learning_rate=1e-4, rank=16)
         if kind == "FFPChunkSample" and not any(n["class_type"] == "ModelSamplingSD3" for n in api.values()):

@@ -18,34 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 import comfy.latent_formats  # noqa: E402
 import folder_paths  # noqa: E402
 from e2e_models import save_safetensors  # noqa: E402
-from e2e_world import DIT_NAME, VAE_NAME, comfy_loads_world_vae, comfy_world_state_dicts  # noqa: E402
+from e2e_world import DIT_NAME, VAE_NAME, comfy_loads_world_vae, comfy_world_state_dicts, load_world  # noqa: E402
 from ffprop.nodes.host.comfy import ComfyWan, check_wan_model  # noqa: E402
 from ffprop.nodes.host.protocol import WanCond  # noqa: E402
 
 import nodes  # noqa: E402
 
-# `python -m pytest` from the repo root puts the root on sys.path, where this repo's kernels/ shadows the
-# Hugging Face `kernels` package that transformers (pulled in by diffusers) probes for; import diffusers without it.
-_ROOT = Path(__file__).resolve().parents[2]
-_hidden = [p for p in sys.path if Path(p or ".").resolve() == _ROOT]
-sys.path[:] = [p for p in sys.path if p not in _hidden]
 try:
-    import diffusers.models.autoencoders.autoencoder_kl_wan  # noqa: E402, F401
-    from ffprop.nodes.world.model import load_world_models  # noqa: E402
-    from ffprop.nodes.world.scenes import HELDOUT_SEEDS, render_sample  # noqa: E402
-
-    WORLD = load_world_models()
+    WORLD = load_world()
 except (ImportError, RuntimeError) as e:
     pytest.skip(f"the bundled world models are not loadable here: {e}", allow_module_level=True)
-finally:
-    sys.path[:0] = _hidden
+from ffprop.nodes.world.scenes import HELDOUT_SEEDS, render_sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The converted world DiT and VAE in folders ComfyUI's loaders search (restored afterwards)."""
     root = tmp_path_factory.mktemp("world_models")
-    dit, vae = comfy_world_state_dicts()
+    dit, vae = comfy_world_state_dicts(WORLD)
     save_safetensors(dit, root / "diffusion_models" / DIT_NAME, "world DiT (test)")
     save_safetensors(vae, root / "vae" / VAE_NAME, "world VAE (test)")
     saved = {k: folder_paths.folder_names_and_paths[k] for k in ("diffusion_models", "vae")}
