@@ -344,5 +344,54 @@ class FFPASTRoPETrain(io.ComfyNode):
         return io.NodeOutput(result.predictor, "" if path is None else str(path), text, ui=ui.PreviewText(text))
 
 
-NODES = [FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain]
+class FFPFreePropApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FFPFreePropApply",
+            display_name="Apply FreeProp Model · FFP",
+            category="FFP/model_patches",
+            description="Applies a FreeProp model file (LoRA + AST-RoPE predictor in one .safetensors, written by "
+                        "'ffprop train freeprop') to a Wan MODEL: the LoRA as weight patches and AST-RoPE at the "
+                        "alphas its predictor gives for the source video. Then sample with the stock sampler "
+                        "(WanImageToVideo with the edited first frame, or WanFunControlToVideo for Fun-Control).",
+            inputs=[
+                io.Model.Input("model", tooltip="The Wan 2.1 MODEL the FreeProp model was trained on."),
+                io.Combo.Input("freeprop", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A FreeProp model file in models/ast_rope."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="LoRA strength (1 = as trained)."),
+                io.Latent.Input("source_latent", optional=True,
+                                tooltip="The source video encoded by the Wan VAE (the predictor's input)."),
+                io.Image.Input("source_images", optional=True, tooltip="Or the source frames (4k+1) plus 'vae'."),
+                io.Vae.Input("vae", optional=True, tooltip="The Wan 2.1 VAE, to encode source_images."),
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, model, freeprop, strength, source_latent=None, source_images=None, vae=None) -> io.NodeOutput:
+        from .freeprop import load_freeprop
+        from .patch import variant_alphas
+
+        loaded = load_freeprop(folder_paths.get_full_path_or_raise(FOLDER, freeprop))
+        patched, _ = comfy.sd.load_lora_for_models(model, None, loaded.lora.comfy_state_dict(), strength, 0)
+        if loaded.predictor is None:
+            text = "FreeProp (trained without AST-RoPE): LoRA only, stock RoPE."
+            return io.NodeOutput(patched, text, ui=ui.PreviewText(text))
+        latent = _source_latent(model, source_latent, source_images, vae)
+        if latent is None:
+            raise ValueError("this FreeProp model has an AST-RoPE predictor: connect source_latent, or source_images "
+                             "and a VAE.")
+        with torch.no_grad():
+            alphas = variant_alphas(loaded.predictor.alphas(latent), loaded.variant, loaded.split)
+        from dataclasses import replace
+
+        alphas = replace(alphas, alpha_s=alphas.alpha_s.detach(), alpha_t=alphas.alpha_t.detach())
+        out = apply_ast_rope(ComfyWan(patched), alphas, "auto").patcher
+        text = f"FreeProp: LoRA x{strength:g}; AST-RoPE {alphas.describe()}"
+        return io.NodeOutput(out, text, ui=ui.PreviewText(text))
+
+
+NODES = [FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain, FFPFreePropApply]
 """This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""

@@ -409,3 +409,41 @@ def test_trainer_node_gives_each_pair_its_own_prompt_and_image_tokens(tmp_path, 
     assert torch.equal(p1.cond.context, torch.full((1, 8, 4096), float(len("first prompt"))))
     assert torch.equal(p2.cond.context, torch.zeros(1, 8, 4096))          # no prompt.txt: zeros, not the node's
     assert p1.cond.clip_tokens is None and p2.cond.clip_tokens is None     # never source_video's image tokens
+
+
+def test_freeprop_model_file_applies_lora_and_ast_rope(tmp_path, monkeypatch):
+    """A FreeProp file (LoRA + predictor) trained on the comfy host loads as one model: output = the host's LoRA
+    patch + AST-RoPE at the predictor's alphas; the input MODEL is untouched."""
+    import folder_paths
+    from ffprop.nodes.ast_rope.freeprop import FreePropSettings, save_freeprop, train_freeprop
+    from ffprop.nodes.ast_rope.node import FFPFreePropApply
+    from ffprop.nodes.ast_rope.train import PredictorSample
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ast_rope", ([str(tmp_path)], {".safetensors"}))
+    model = load_tiny_comfy_wan("i2v", dim=256)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1, 16, F, H, W, generator=g)
+    c = make_cond("i2v")
+    sample = PredictorSample(src, src + 0.5 * torch.randn(src.shape, generator=g), c, src, make_cond("i2v", 5))
+    st = FreePropSettings(steps=2, rank=4, learning_rate=1e-2, backend="torch",
+                          predictor=PredictorConfig(width=32, depth=1, heads=2, grid=2))
+    res = train_freeprop(ComfyWan(model), [sample], 1, st)
+    with torch.no_grad():
+        res.model.predictor.mlp_t[-1].bias.fill_(-0.5)                   # a clearly non-stock alpha_T
+    save_freeprop(tmp_path / "fp.safetensors", res.model)
+    out, text = FFPFreePropApply.execute(model, "fp.safetensors", 1.0, source_latent={"samples": src}).result
+    assert "alpha_T=0.7" in text and "paper" in text and not model.object_patches
+    x = noisy()
+    with torch.no_grad():
+        got = ComfyWan(out).predict(x, 0.5, c)
+        lora_only = ComfyWan(comfy_lora(model, res.model.lora)).predict(x, 0.5, c)
+        stock = ComfyWan(model).predict(x, 0.5, c)
+    assert (got - lora_only).abs().max() > 1e-6 and (lora_only - stock).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="source_latent"):
+        FFPFreePropApply.execute(model, "fp.safetensors", 1.0)
+
+
+def comfy_lora(model, lora):
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, None, lora.comfy_state_dict(), 1.0, 0)[0]
