@@ -141,7 +141,7 @@ class FFPKeyframePropagate(io.ComfyNode):
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="wan: sampler steps per chunk."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="wan: classifier-free guidance (Wan / LoRA-Edit use 5)."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="wan: seed of each span's first chunk."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="wan: sampler, as in KSampler."),

@@ -83,7 +83,7 @@ def workflow(indices: str = "6") -> dict:
                   {"name": "edit_mask", "type": "MASK", "links": None}, {"name": "confidence", "type": "MASK",
                                                                          "links": None},
                   {"name": "report", "type": "STRING", "links": None}],
-                 ["flow", 81, 30, 5.0, 0, "euler", "simple", True, 2048]),
+                 ["flow", 81, 30, 5.0, 0, "fixed", "euler", "simple", True, 2048]),
             node(7, "PreviewImage", [920, 600], [320, 300], [{"name": "images", "type": "IMAGE", "link": 7}], [], []),
         ],
     }
