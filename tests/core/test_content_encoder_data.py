@@ -118,3 +118,21 @@ def test_folder_of_clips_with_masks_loads_and_bad_folders_say_what_is_missing(tm
         load_folder(tmp_path / "nope")
     with pytest.raises(ValueError, match="must be"):
         Clip(c.frames, c.masks[:, :3])
+
+
+def test_bench_row_needs_world_models_and_an_encoder_trained_on_them(monkeypatch, tmp_path):
+    import ffprop.nodes.content_encoder.bench as bench
+    from ffprop.nodes.content_encoder.files import read_encoder_file
+
+    assert bench.engines(None, None) == {}
+    monkeypatch.setattr(bench, "WEIGHTS", tmp_path / "missing.safetensors")
+    assert bench.engines(object(), None) == {}
+    monkeypatch.undo()
+    trained_on = read_encoder_file(bench.WEIGHTS)[2]["world_dit_sha256"]
+    monkeypatch.setattr(bench, "world_dit_digest", lambda: "0" * 64)           # the world DiT was retrained
+    assert bench.engines(object(), None) == {}
+    monkeypatch.setattr(bench, "world_dit_digest", lambda: trained_on)
+    monkeypatch.setattr(bench, "content_encoder_engine", lambda world, settings: "engine")
+    assert bench.engines(object(), None) == {"content_encoder": "engine"}
+    assert bench.task_for("colour_fill") == "colour_fill" and bench.task_for("removal") == "copy_paste"
+    assert bench.task_for("recolour") == "mask_fill"
