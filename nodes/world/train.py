@@ -223,11 +223,16 @@ def new_dit(config: dict | None = None):
 
 @torch.no_grad()
 def mute_text(model) -> None:
-    """Zero and freeze every cross-attention output projection: the DiT ignores its text context."""
+    """Make every cross-attention output independent of the text context, keeping what it adds for the
+    training context (zeros: softmax over equal keys returns the value bias b_v, so the block adds
+    W_o (W_v e + b_v) + b_o with e = the text embedder's output for a zero token): that vector becomes the
+    output bias, the output weight is zeroed; both are frozen. A fresh model's cross-attention starts muted; a
+    warm-started one is muted again (its training context was zeros, so its function is unchanged)."""
+    e = model.condition_embedder.text_embedder(torch.zeros(1, model.config.text_dim))[0]
     for block in model.blocks:
-        out = block.attn2.to_out[0]
+        out, v = block.attn2.to_out[0], block.attn2.to_v
+        out.bias.copy_(out.weight @ v(e) + out.bias)
         out.weight.zero_()
-        out.bias.zero_()
         out.weight.requires_grad_(False)
         out.bias.requires_grad_(False)
 
@@ -315,6 +320,7 @@ def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int =
     channels cond [N, C, F, h, w]; returns (model, losses)."""
     gen = torch.Generator().manual_seed(seed)
     model = seeded_init(new_dit, seed) if model is None else model
+    mute_text(model)                                       # a warm start too (its text path stays frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     sched = warmup_cosine(opt, steps)
