@@ -28,18 +28,16 @@ class DerivedMask:
 def derive_mask(source_first: torch.Tensor, edited_first: torch.Tensor, threshold: float) -> DerivedMask:
     """Where the edited first frame [H, W, 3] differs from the source's: [H, W] in {0, 1}, cleaned.
 
-    Per-pixel max channel difference, lightly blurred, thresholded (hysteresis: a region grows into pixels
-    over threshold/2 from pixels over threshold), opened and closed; then regions that lie (almost) within
-    the border band, and small faint ones (mean difference under STRONG x threshold), are dropped. Raises
-    when nothing is left."""
+    Per-pixel max channel difference, lightly blurred, thresholded and opened; regions that lie (almost)
+    within the border band, and small faint ones (mean difference under STRONG x threshold), are dropped;
+    the rest grows by up to 3 px into pixels over threshold/2 (hysteresis) and is closed. Raises when
+    nothing is left."""
     diff = (edited_first.float() - source_first.float()).abs().amax(-1).numpy().astype(np.float32)
     diff = cv2.GaussianBlur(diff, (5, 5), 0)
     h, w = diff.shape
     strong = (diff > threshold).astype(np.uint8)
     strong = cv2.morphologyEx(strong, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    weak = (diff > threshold / 2).astype(np.uint8) | strong
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(weak, connectivity=8)
-    seeded = np.bincount(labels.ravel(), strong.ravel(), n) > 0
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(strong, connectivity=8)
     band = max(3, round(BORDER * max(h, w)))
     inner = np.zeros((h, w), bool)
     inner[band:h - band, band:w - band] = True
@@ -49,8 +47,6 @@ def derive_mask(source_first: torch.Tensor, edited_first: torch.Tensor, threshol
     keep = np.zeros(n, bool)
     border_px = faint_px = 0
     for k in range(1, n):
-        if not seeded[k]:
-            continue
         area = stats[k, cv2.CC_STAT_AREA]
         if inner_area[k] < min_area:
             border_px += area
@@ -58,7 +54,10 @@ def derive_mask(source_first: torch.Tensor, edited_first: torch.Tensor, threshol
             faint_px += area
         else:
             keep[k] = True
-    mask = keep[labels].astype(np.uint8)
+    kept = keep[labels].astype(np.uint8)
+    weak = (diff > threshold / 2).astype(np.uint8)      # hysteresis: the soft rim of a kept region, 3 px at most
+    mask = kept | (cv2.dilate(kept, np.ones((7, 7), np.uint8)) & weak)
+    mask[~inner] &= kept[~inner]
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
     if not mask.any():
         what = f" (ignored: {_ignored(border_px, faint_px, h * w, band, threshold)})" if border_px or faint_px else ""

@@ -27,8 +27,7 @@ from .track import FlowFn, Track, patch_error, track_frames, track_to_first  # n
 
 MODES = ("auto", "delta", "pixels", "layer")
 FULL_FRAME = 0.9         # an edit region covering this much of frame 1 is a global restyle
-STRUCTURE_LAYER = 0.5    # auto picks 'layer' when this share of the edit region changes structure ...
-BROKEN_VALID = 0.5       # ... or when fewer of the tracked region's pixels than this stay matched and the
+BROKEN_VALID = 0.5       # auto notes a broken chain when fewer of the tracked region's pixels than this match and the
 BROKEN_PIECES = 4        # matched rest falls into this many pieces (each >= 2 % of it; not an occluder)
 BROKEN_FRAMES = 3        # for this many frames in a row (the per-pixel chain broke up)
 GAIN_RANGE = (0.5, 2.0)  # the lighting gain applied to carried pixels is clipped to this
@@ -36,7 +35,7 @@ GAIN_RANGE = (0.5, 2.0)  # the lighting gain applied to carried pixels is clippe
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """mode: 'auto' (delta, or layer for shape changes and when the per-pixel chain breaks up), 'delta'
+    """mode: 'auto' (delta; says so when the per-pixel chain breaks up and layer may do better), 'delta'
     (the edit's change added where it keeps the structure, the relit result elsewhere), 'pixels' (the relit
     edited pixels everywhere), 'layer' (the edit region as one moving layer). quality: DIS preset of the
     direct flow to frame 0 (the accurate one); chain_quality: of the frame-to-frame flow that seeds it (None: quality). mask_threshold:
@@ -99,10 +98,6 @@ class Carried:
     content: np.ndarray | None
 
 
-class ChainBroke(Exception):
-    """The per-pixel chain lost the edit region (auto mode restarts in layer mode)."""
-
-
 def _close(valid: np.ndarray, radius: int) -> np.ndarray:
     """Fill gaps of up to ~2*radius px in the valid map (edge pixels whose patch straddles a motion
     boundary fail the match test although they are tracked): [H, W] bool -> float32."""
@@ -140,7 +135,7 @@ def plan_edit(src0_u8: np.ndarray, edited: torch.Tensor, first_mask: torch.Tenso
     src0 = src0_u8.astype(np.float32) * np.float32(1 / 255)
     m0 = first_mask.numpy().astype(np.float32)
     soft0 = soften(m0, settings.mask_grow, settings.feather)
-    structure = structure_change(src0, edit, soft0)
+    structure = structure_change(src0, edit, m0 > 0.5)
     notes, mode = [], settings.mode
     cover = float((m0 > 0.5).mean())
     share = float(structure[m0 > 0.5].mean()) if (m0 > 0.5).any() else 0.0
@@ -150,9 +145,9 @@ def plan_edit(src0_u8: np.ndarray, edited: torch.Tensor, first_mask: torch.Tenso
         if mode in ("auto", "layer"):
             mode = "delta"
     elif mode == "auto":
-        mode = "layer" if share >= STRUCTURE_LAYER else "delta"
-        notes.append(f"mode auto -> {mode}: {share:.0%} of the edit region changes the image's structure"
-                     + (" (a shape change: moved as one layer)" if mode == "layer" else ""))
+        mode = "delta"
+        notes.append(f"mode auto -> delta: {share:.0%} of the edit region changes the image's structure (the "
+                     "result is carried there, not the change)")
     return EditPlan(edit, src0, m0, soft0, structure, mode, notes)
 
 
@@ -178,7 +173,7 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     """Modes delta/pixels: frames uint8 [H, W, 3] in, (frame, Carried) out, one per frame.
 
     masks(t): the given soft region of frame t [H, W], or None to carry frame 1's along the track.
-    check_broken: raise ChainBroke when the tracked region stays mostly unmatched (auto mode)."""
+    check_broken: note (once, in plan.notes) when the tracked region stays mostly unmatched and in pieces."""
     low, broken = plan.first_mask > 0.5, 0
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
                           settings.chain_quality, settings.flow, settings.light)
@@ -194,8 +189,9 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
         if check_broken and t:
             why = _broken(sample(low.astype(np.float32), track.coords) > 0.5, track.valid)
             broken = broken + 1 if why else 0
-            if broken >= BROKEN_FRAMES:
-                raise ChainBroke(f"frame {t + 1}: {why} ({BROKEN_FRAMES} frames in a row)")
+            if broken == BROKEN_FRAMES:
+                plan.notes.append(f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames "
+                                  "in a row): for a pose or shape change try mode 'layer'")
         yield frame, _content(frame, frame0, track, region, plan, settings)
 
 
@@ -238,19 +234,13 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
 
 def carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
           masks: Callable[[int], np.ndarray | None]) -> Iterator[tuple[np.ndarray, Carried]]:
-    """plan.mode's carrier over the frames (open_frames() gives a fresh pass: layer mode reads twice).
-    In auto's delta, a chain that breaks up restarts the clip in layer mode (plan.mode and notes say so)."""
+    """plan.mode's carrier over the frames (open_frames() gives a fresh pass: layer mode reads twice)."""
     from .layer import carry_layer
 
     if plan.mode == "layer":
         yield from carry_layer(open_frames, plan, settings, masks)
-        return
-    try:
+    else:
         yield from carry_pixels(open_frames(), plan, settings, masks, check_broken=settings.mode == "auto")
-    except ChainBroke as e:
-        plan.mode = "layer"
-        plan.notes.append(f"mode auto -> layer: the per-pixel chain broke up at {e}; restarted as one layer")
-        raise
 
 
 def composite(src: np.ndarray, carried: Carried, out: np.ndarray) -> np.ndarray:
@@ -299,21 +289,16 @@ def prepare(source_first: torch.Tensor, shape: tuple[int, int, int], edited_firs
 
 def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
               masks: Callable[[int], np.ndarray | None], sink: Callable[[int, np.ndarray, Carried], None],
-              t_len: int | None, should_stop: ShouldStop | None = None, on_step: OnStep | None = None) -> None:
-    """Drive carry over every frame, calling sink(t, frame, carried); restarts once in layer mode when auto's
-    chain breaks (the sink then sees frames from 0 again). on_step(t + 1, t_len) after each frame."""
-    for attempt in range(2):
-        try:
-            for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
-                sink(t, frame, carried)
-                if t:
-                    report(None, should_stop, t, (t_len or t + 1) - 1)
-                if on_step is not None:
-                    on_step(t + 1, t_len or t + 1)
-            return
-        except ChainBroke:
-            if attempt:
-                raise
+              t_len: int | None, should_stop: ShouldStop | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> None:
+    """Drive carry over every frame, calling sink(t, frame, carried), then on_step(t + 1, t_len); honours
+    should_stop after each frame but the first."""
+    for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
+        sink(t, frame, carried)
+        if t:
+            report(None, should_stop, t, (t_len or t + 1) - 1)
+        if on_step is not None:
+            on_step(t + 1, t_len or t + 1)
 
 
 def propagate_edit(source: torch.Tensor, edited_first: torch.Tensor, edit_mask: torch.Tensor | None = None,

@@ -28,17 +28,23 @@ from .track import patch_error, track_frames
 if TYPE_CHECKING:
     from .engine import Carried, EditPlan, FlowSettings
 
-STRIDE = 4            # px between the points the motions are fit to
+FIT_POINTS = 40000    # about this many points (a grid over the frame) are the motions fit to
 MOVING = 1.5          # px: a tracked pixel whose track differs this much from the background's is the object
 REMOVAL_SHARE = 0.2   # if less than this share of the revealed region disagrees with the edit, it is a removal
 
 
+def _stride(shape: tuple[int, int]) -> int:
+    return max(1, int((shape[0] * shape[1] / FIT_POINTS) ** 0.5))
+
+
 def _fit_frame(track, m0: np.ndarray, keep_out: np.ndarray, pieces: PieceFit, pts: np.ndarray):
     """(object piecewise affines or None, background affine or None) of one frame's track."""
-    q = track.coords[::STRIDE, ::STRIDE].reshape(-1, 2)
-    ok = track.valid[::STRIDE, ::STRIDE].ravel()
-    inside = sample(m0, q.reshape(-1, 1, 2)).ravel() > 0.5
-    out = sample(keep_out, q.reshape(-1, 1, 2)).ravel() < 0.01
+    stride = _stride(m0.shape)
+    q2 = np.ascontiguousarray(track.coords[::stride, ::stride])
+    q = q2.reshape(-1, 2)
+    ok = track.valid[::stride, ::stride].ravel()
+    inside = sample(m0, q2).ravel() > 0.5
+    out = sample(keep_out, q2).ravel() < 0.01
     obj = pieces.fit(pts[ok & inside], q[ok & inside])
     bg = fit_affine(pts[ok & out], q[ok & out])
     return obj, bg
@@ -54,7 +60,8 @@ def carry_layer(open_frames: Callable[[], Iterator[np.ndarray]], plan: "EditPlan
     ys, xs = np.nonzero(m0)
     pieces = PieceFit((float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1))
     grid = identity_grid(h, w)
-    pts = grid[::STRIDE, ::STRIDE].reshape(-1, 2).astype(np.float64)
+    stride = _stride((h, w))
+    pts = grid[::stride, ::stride].reshape(-1, 2).astype(np.float64)
     grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (15, 15))
     keep_out = cv2.dilate(m0, grow)
     edit_u8 = (np.clip(plan.edit, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -117,7 +124,7 @@ def carry_layer(open_frames: Callable[[], Iterator[np.ndarray]], plan: "EditPlan
         omap = pieces.map(obj, grid.reshape(-1, 2).astype(np.float64)).reshape(h, w, 2).astype(np.float32)
         given = masks(t)
         alpha = sample(alpha0, omap)
-        region = np.maximum(given if given is not None else sample(plan.soft0, omap), alpha)
+        region = given if given is not None else np.maximum(sample(plan.soft0, omap), alpha)
         box = _bbox(region)
         if box is None:
             yield frame, Carried(region, None, None)

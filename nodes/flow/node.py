@@ -26,10 +26,14 @@ class FFPFlowPropagate(io.ComfyNode):
                               tooltip="Where the edit is (white = edited). One mask for frame 1 (carried by "
                                       "flow) or one per frame (e.g. from SAM2). Unconnected: derived from the "
                                       "difference between the edited and the source frame 1."),
-                io.Combo.Input("mode", options=list(MODES), default="delta",
-                               tooltip="delta: add the edit's change to every source frame (keeps the clip's "
-                                       "lighting and shading; best for recolours and textures). pixels: paste "
-                                       "the edited pixels (best for replacing an object's look outright)."),
+                io.Combo.Input("mode", options=list(MODES), default="auto",
+                               tooltip="auto: delta (the log says when the tracking breaks up and layer may do better). "
+                                       "delta: add the edit's change where it keeps the picture's structure "
+                                       "(keeps the clip's lighting; recolours, textures) and carry the edited "
+                                       "result, relit, where it changes it (a removed part: no ghost). pixels: "
+                                       "carry the edited pixels everywhere, relit. layer: move the whole edit "
+                                       "region as one piece with the object's motion over a rebuilt "
+                                       "background (pose and shape changes; never tears)."),
                 io.Combo.Input("size_policy", options=list(FIT_POLICIES), default="auto",
                                tooltip="How an edited frame of another size is fitted to the clip: auto = "
                                        "resize if the aspect ratio matches, else centre-crop."),
@@ -47,6 +51,10 @@ class FFPFlowPropagate(io.ComfyNode):
                                tooltip="How closely (0..1 mean colour difference) a pixel must match frame 1 "
                                        "to keep the edit. Lower hides the edit under occluders sooner; higher "
                                        "keeps it through lighting changes."),
+                io.Boolean.Input("light_tolerant", default=True,
+                                 tooltip="Keep the edit through lighting changes (shade, exposure): when most "
+                                         "of a frame stops matching frame 1, compare lighting-normalised "
+                                         "patches, and relight the carried pixels with the clip's light."),
             ],
             outputs=[
                 io.Video.Output(display_name="video", tooltip="The edited clip (source fps and audio kept)."),
@@ -57,10 +65,11 @@ class FFPFlowPropagate(io.ComfyNode):
 
     @classmethod
     def execute(cls, source_video, edited_first_frame, mode, size_policy, flow_quality, mask_threshold,
-                mask_grow, feather, match_tolerance, edit_mask=None) -> io.NodeOutput:
+                mask_grow, feather, match_tolerance, light_tolerant=True, edit_mask=None) -> io.NodeOutput:
         frames, fps, audio = unpack_video(source_video)
         settings = FlowSettings(mode=mode, quality=flow_quality, mask_threshold=mask_threshold,
-                                mask_grow=mask_grow, feather=feather, match_tolerance=match_tolerance)
+                                mask_grow=mask_grow, feather=feather, match_tolerance=match_tolerance,
+                                light=light_tolerant)
         on_step, should_stop = progress(frames.shape[0])
         result = propagate_edit(frames, edited_first_frame.cpu(), None if edit_mask is None else edit_mask.cpu(),
                                 settings, size_policy, on_step, should_stop)

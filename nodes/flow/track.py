@@ -20,6 +20,7 @@ from .dis import DenseFlow, identity_grid, inside, sample, to_gray
 FlowFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 """flow(gray_a, gray_b, init=None) -> [H, W, 2] float32 flow from grey uint8 frame a to frame b."""
 
+RELIT_SHARE = 0.5      # when fewer pixels than this match frame 0 plainly, the frame counts as relit
 LIGHT_WINDOW = 15      # px: local brightness/colour cast removed over this window by the lighting-tolerant test
 
 
@@ -96,10 +97,11 @@ def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
     return sample(coords, snapped, nearest=True) + (target - snapped)
 
 
-def _keep_better(coords: np.ndarray, err: np.ndarray, cand: np.ndarray, frame: np.ndarray, frame0: np.ndarray) -> None:
+def _keep_better(coords: np.ndarray, err: np.ndarray, cand: np.ndarray, frame: np.ndarray, frame0: np.ndarray,
+                 error: Callable[[np.ndarray, np.ndarray], np.ndarray] = patch_error_u8) -> None:
     """Per pixel, replace coords [H, W, 2] and its patch error err [H, W] (in place) by the candidate's where
-    the candidate's patch matches frame 0 better."""
-    cand_err = patch_error_u8(frame, sample(frame0, cand))
+    the candidate's patch matches frame 0 better (by `error`)."""
+    cand_err = error(frame, sample(frame0, cand))
     better = cand_err < err
     np.copyto(coords, cand, where=better[..., None])
     np.copyto(err, cand_err, where=better)
@@ -121,8 +123,9 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     direct flow removes the chain's drift (textured square moving 3.4 px per frame, 12 frames: median error
     0.22 px, 2.3 px with the chain alone); a cheaper chain (fast, ultrafast) seeds it worse on real motion
     (synthetic disc IoU 0.38 at fast vs 0.70 at medium), so chain_quality defaults to quality. A pixel is
-    trusted (valid) when that patch error is below match_tolerance (0..1 grey levels), or, with
-    light_tolerant, when its lighting-normalised error is: drift-free, and occluders fail both.
+    trusted (valid) when that patch error is below match_tolerance (0..1 grey levels): drift-free, and
+    occluders fail it. light_tolerant: in a frame where most pixels fail the plain test (the light changed),
+    candidates are compared, and trusted, by the lighting-normalised light_error (under match_tolerance / 2).
 
     threaded: the chain's flow on its own DIS estimator in a worker thread, one frame ahead. Off: one
     estimator for both flows, in turn (the first release's sequence). DIS keeps state between calls (a flow
@@ -159,12 +162,13 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             err = patch_error_u8(cur, sample(frame0, coords))
             filled = _fill_from_trusted(coords, err < match_tolerance, grid)
             direct = grid + anchor(gray, gray0, coords - grid) if anchor is not None else None  # seeded by the chain
-            _keep_better(coords, err, filled, cur, frame0)
-            if direct is not None:
-                _keep_better(coords, err, direct, cur, frame0)
-            valid = err < match_tolerance
-            if light_tolerant and not valid.all():
-                valid |= light_error(cur, sample(frame0, coords)) < match_tolerance / 4
+            relit = light_tolerant and float((err < match_tolerance).mean()) < RELIT_SHARE
+            if relit:                                      # the light changed: compare lighting-normalised
+                err = light_error(cur, sample(frame0, coords))
+            for cand in (filled, direct):
+                if cand is not None:
+                    _keep_better(coords, err, cand, cur, frame0, light_error if relit else patch_error_u8)
+            valid = err < (match_tolerance / 2 if relit else match_tolerance)
             valid &= inside(coords, h, w)
             yield cur, Track(coords, valid)
             cur = nxt

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import av
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from ..common import atomic_write
+from ..common import atomic_write, log
 from .formats import IMAGE_SUFFIXES, VIDEO_FORMATS, VIDEO_SUFFIXES
 from .frames import check_video, from_uint8, to_uint8
 
@@ -25,40 +27,84 @@ STILL_IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
     """A video file (mp4/webm/mov/...) or a folder of image frames -> (IMAGE [T, H, W, 3], fps).
 
-    A folder has no frame rate; it reads as 25 fps. A still image is refused (it is not a clip)."""
-    path = Path(path)
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1; got {max_frames}.")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_frames]
-        if not files:
-            raise ValueError(f"no image frames ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder '{path}'.")
-        return torch.stack([read_image(p) for p in files]), 25.0
-    if not path.is_file():
-        raise ValueError(f"video file '{path}' does not exist.")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        raise ValueError(f"'{path}' is a still image, not a video. Give a video file (mp4, webm, mov, mkv) or a "
-                         "folder of numbered frames.")
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            if container.format.name in STILL_IMAGE_FORMATS:
-                raise ValueError(f"'{path}' is a still image ({container.format.name}), not a video. Give a video "
-                                 "file (mp4, webm, mov, mkv) or a folder of numbered frames.")
-            if not container.streams.video:
-                raise ValueError(f"'{path}' has no video stream.")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read video '{path}': {e}. Is it a video file (mp4, webm, mov, mkv)?") from e
+    A folder has no frame rate; it reads as 25 fps. A still image is refused (it is not a clip). A frame of
+    another size than the first is resized to it (logged)."""
+    reader = VideoReader(path, max_frames)
+    frames = list(reader)
     if not frames:
         raise ValueError(f"video '{path}' has no decodable frames.")
-    return from_uint8(np.stack(frames)), float(rate)
+    for note in reader.notes:
+        log.info("FFP video: %s", note)
+    return from_uint8(np.stack(frames)), reader.fps
+
+
+class VideoReader:
+    """Frame-by-frame decode of a video file or a folder of frames: iterate for uint8 [H, W, 3] frames (one
+    in memory at a time). fps; frames: the container's frame count (0 when unknown); notes: frames of
+    another size than the first (resized to it). Each iteration decodes from the start."""
+
+    def __init__(self, path: str | os.PathLike, max_frames: int | None = None):
+        self.path = Path(path)
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1; got {max_frames}.")
+        self.max_frames, self.notes = max_frames, []
+        if self.path.is_dir():
+            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_frames]
+            if not self.files:
+                raise ValueError(f"no image frames ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder '{self.path}'.")
+            self.fps, self.frames = 25.0, len(self.files)
+            return
+        self.files = None
+        if not self.path.is_file():
+            raise ValueError(f"video file '{self.path}' does not exist.")
+        if self.path.suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"'{self.path}' is a still image, not a video. Give a video file (mp4, webm, mov, "
+                             "mkv) or a folder of numbered frames.")
+        with self._open() as container:
+            stream = container.streams.video[0]
+            self.fps = float(stream.average_rate or stream.guessed_rate or Fraction(25))
+            self.frames = min(int(stream.frames or 0), max_frames or 1 << 62)
+
+    def _open(self):
+        try:
+            container = av.open(str(self.path))
+        except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read video '{self.path}': {e}. Is it a video file (mp4, webm, mov, mkv)?") from e
+        if container.format.name in STILL_IMAGE_FORMATS:
+            container.close()
+            raise ValueError(f"'{self.path}' is a still image ({container.format.name}), not a video. Give a "
+                             "video file (mp4, webm, mov, mkv) or a folder of numbered frames.")
+        if not container.streams.video:
+            container.close()
+            raise ValueError(f"'{self.path}' has no video stream.")
+        return container
+
+    def _decoded(self):
+        if self.files is not None:
+            for p in self.files:
+                yield (read_image(p).numpy() * 255 + 0.5).astype(np.uint8)
+            return
+        try:
+            with self._open() as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for n, frame in enumerate(container.decode(stream)):
+                    if self.max_frames is not None and n >= self.max_frames:
+                        break
+                    yield frame.to_ndarray(format="rgb24")
+        except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read video '{self.path}': {e}. Is it a video file (mp4, webm, mov, mkv)?") from e
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        size, self.notes = None, []
+        for n, frame in enumerate(self._decoded()):
+            if size is None:
+                size = frame.shape[:2]
+            elif frame.shape[:2] != size:
+                self.notes.append(f"frame {n + 1} is {frame.shape[1]}x{frame.shape[0]} but the clip is "
+                                  f"{size[1]}x{size[0]}: resized to the clip's size")
+                frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            yield frame
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
@@ -110,33 +156,72 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
     Odd sizes are padded to even (see encoded_size). audio_from: a video file whose first audio stream is kept
     for the written clip's duration (T / fps; copied when the container takes its codec, else re-encoded)."""
     check_video(frames, "frames to write")
-    path = Path(path)
-    if path.suffix.lower() not in VIDEO_FORMATS:
-        raise ValueError(f"cannot write video '{path}': the name must end in {', '.join(VIDEO_SUFFIXES)}.")
-    fmt, codec, options, audio_encoder, audio_copy = VIDEO_FORMATS[path.suffix.lower()]
-    data = to_uint8(frames)
-    t, h, w, _ = data.shape
-    eh, ew = encoded_size(h, w)
-    if (eh, ew) != (h, w):
-        data = np.pad(data, ((0, 0), (0, eh - h), (0, ew - w), (0, 0)), mode="edge")
-    rate = Fraction(fps).limit_denominator(1001)
-    has_audio = audio_from is not None and audio_codec(audio_from) is not None
-    with atomic_write(path) as tmp, av.open(str(tmp), mode="w", format=fmt, options=BITEXACT) as container, \
-            (av.open(str(audio_from)) if has_audio else contextlib.nullcontext()) as src:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = ew, eh
-        stream.pix_fmt = "yuv420p"
-        stream.options = {**options, "crf": str(crf if codec == "libx264" else crf + 7)}
-        mux_audio = _audio_muxer(container, src, t / fps, audio_encoder, audio_copy) if has_audio else None
-        for frame in data:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-        if mux_audio is not None:
-            mux_audio()
-    return path
+    t, h, w, _ = frames.shape
+    with VideoWriter(path, fps, (h, w), crf, audio_from) as writer:
+        for i in range(t):
+            writer.write(to_uint8(frames[i]))
+    return Path(path)
 
 
-def _audio_muxer(container, src, duration: float, encoder: str, copyable: tuple[str, ...]) -> Callable[[], None]:
+class VideoWriter:
+    """Frame-by-frame encode, atomically (the file appears on a clean close): `with VideoWriter(path, fps,
+    (h, w)) as out: out.write(uint8 [h, w, 3])`. Same formats, padding and audio as write_video."""
+
+    def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int], crf: int = 17,
+                 audio_from: str | os.PathLike | None = None):
+        self.path = Path(path)
+        if self.path.suffix.lower() not in VIDEO_FORMATS:
+            raise ValueError(f"cannot write video '{self.path}': the name must end in {', '.join(VIDEO_SUFFIXES)}.")
+        self.fps, self.size, self.crf, self.count = fps, size, crf, 0
+        self.audio_from = audio_from if audio_from is not None and audio_codec(audio_from) is not None else None
+
+    def __enter__(self) -> "VideoWriter":
+        fmt, codec, options, self._audio_encoder, self._audio_copy = VIDEO_FORMATS[self.path.suffix.lower()]
+        self._stack = contextlib.ExitStack()
+        try:
+            tmp = self._stack.enter_context(atomic_write(self.path))
+            self._container = self._stack.enter_context(av.open(str(tmp), mode="w", format=fmt, options=BITEXACT))
+            self._src = self._stack.enter_context(av.open(str(self.audio_from))) if self.audio_from else None
+            h, w = self.size
+            eh, ew = encoded_size(h, w)
+            self._pad = ((0, eh - h), (0, ew - w), (0, 0))
+            stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
+            stream.width, stream.height = ew, eh
+            stream.pix_fmt = "yuv420p"
+            stream.options = {**options, "crf": str(self.crf if codec == "libx264" else self.crf + 7)}
+            self._stream = stream
+            self._mux_audio = (_audio_muxer(self._container, self._src, self._audio_encoder, self._audio_copy)
+                               if self._src is not None else None)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def write(self, frame: np.ndarray) -> None:
+        """One uint8 frame [h, w, 3] of the size given."""
+        if frame.shape != (*self.size, 3):
+            raise ValueError(f"frame {self.count + 1} is {tuple(frame.shape)}; this video is {(*self.size, 3)}.")
+        if any(p[1] for p in self._pad):
+            frame = np.pad(frame, self._pad, mode="edge")
+        self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
+                                                                           format="rgb24")))
+        self.count += 1
+
+    def __exit__(self, kind, value, tb) -> bool:
+        try:
+            if kind is None:
+                if self.count == 0:
+                    raise ValueError(f"no frames written to '{self.path}'.")
+                self._container.mux(self._stream.encode())
+                if self._mux_audio is not None:
+                    self._mux_audio(self.count / self.fps)
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        return self._stack.__exit__(kind, value, tb)
+
+
+def _audio_muxer(container, src, encoder: str, copyable: tuple[str, ...]) -> Callable[[float], None]:
     """Add an audio stream for src's first audio stream to `container` now (before anything is muxed) and return
     the function that muxes its first `duration` seconds, timed from src's first video frame: packets copied
     when the container takes the codec, else decoded and re-encoded with `encoder`."""
@@ -147,7 +232,7 @@ def _audio_muxer(container, src, duration: float, encoder: str, copyable: tuple[
         out = container.add_stream_from_template(a)
         shift = round(start / a.time_base)
 
-        def copy() -> None:
+        def copy(duration: float) -> None:
             for packet in src.demux(a):
                 if packet.pts is None or not 0 <= (packet.pts - shift) * a.time_base < duration:
                     continue
@@ -157,7 +242,7 @@ def _audio_muxer(container, src, duration: float, encoder: str, copyable: tuple[
         return copy
     out = container.add_stream(encoder, rate=48000 if encoder == "libopus" else a.codec_context.sample_rate)
 
-    def encode() -> None:
+    def encode(duration: float) -> None:
         for frame in src.decode(a):
             if frame.time is not None and 0 <= frame.time - start < duration:
                 frame.pts = None

@@ -1,0 +1,155 @@
+"""The flow engine frame by frame: file -> file streaming, determinism, derived-mask cleanup, lighting changes,
+removed parts, layer mode, bad input (a frame of another size, a whole-frame edit)."""
+
+import hashlib
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from ffprop.nodes.flow.edit_mask import derive_mask
+from ffprop.nodes.flow.engine import FlowSettings, propagate_edit
+from ffprop.nodes.flow.stream import propagate_file
+from ffprop.nodes.video.frames import from_uint8, to_uint8
+from ffprop.nodes.video.io import read_video, write_image, write_video
+from ffprop.nodes.video.synthetic import synthetic_clip, texture
+
+H, W, S = 96, 128, 32          # frame, square side
+
+
+def square_scene(t_len=10, v=(2.0, 1.0), gain=None, seed=3):
+    """Static textured background, textured square moving by v px per frame from (20, 20); gain(t): a
+    global illumination factor. -> (source uint8 [T, H, W, 3], square masks bool [T, H, W], bg, tex)."""
+    rng = np.random.default_rng(seed)
+    bg, tex = texture(H, W, rng, 2.0), texture(S, S, rng, 1.5) * np.float32([1.0, 0.4, 0.3])
+    frames, masks = [], []
+    for t in range(t_len):
+        x, y = 20 + v[0] * t, 20 + v[1] * t
+        m = np.float32([[1, 0, x], [0, 1, y]])
+        patch = cv2.warpAffine(tex, m, (W, H), flags=cv2.INTER_LINEAR)
+        cover = cv2.warpAffine(np.ones((S, S), np.float32), m, (W, H), flags=cv2.INTER_LINEAR)[..., None]
+        f = bg * (1 - cover) + patch * cover
+        frames.append(f * (gain(t) if gain else 1.0))
+        masks.append(cover[..., 0] > 0.5)
+    return (np.clip(np.stack(frames), 0, 1) * 255 + 0.5).astype(np.uint8), np.stack(masks), bg, tex
+
+
+def test_file_to_file_matches_the_tensor_engine(tmp_path):
+    clip = synthetic_clip(9, 64, 96)
+    write_video(tmp_path / "src.mp4", clip.source, 25)
+    source, _ = read_video(tmp_path / "src.mp4")
+    first = (clip.mask[:1] > 0.5).float()
+    res = propagate_file(tmp_path / "src.mp4", clip.edited[0], tmp_path / "out.mp4", first,
+                         mask_out=tmp_path / "m.mp4")
+    assert res.frames == 9
+    out, _ = read_video(tmp_path / "out.mp4")
+    ref = propagate_edit(source, clip.edited[0], first)
+    assert out.shape == ref.video.shape
+    assert (out - ref.video).abs().mean() < 0.02          # two encodes apart, same engine
+    masks, _ = read_video(tmp_path / "m.mp4")
+    assert ((masks.mean(-1) > 0.5) == (ref.mask > 0.5)).float().mean() > 0.98
+
+
+def test_same_output_across_runs_and_processes(tmp_path):
+    clip = synthetic_clip(9, 64, 96)
+    a = propagate_edit(clip.source, clip.edited[0])
+    b = propagate_edit(clip.source, clip.edited[0])
+    assert torch.equal(a.video, b.video) and torch.equal(a.mask, b.mask)
+    torch.save({"s": clip.source, "e": clip.edited[0]}, tmp_path / "in.pt")
+    code = ("import sys, torch, hashlib; from ffprop.nodes.flow.engine import propagate_edit; "
+            "d = torch.load(sys.argv[1], weights_only=True); "
+            "print(hashlib.sha256(propagate_edit(d['s'], d['e']).video.numpy().tobytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt")], check=True,
+                              capture_output=True, text=True).stdout.strip() for _ in range(2)}
+    assert digests == {hashlib.sha256(a.video.numpy().tobytes()).hexdigest()}
+
+
+def test_derived_mask_ignores_border_noise_and_recompression():
+    rng = np.random.default_rng(0)
+    src = torch.from_numpy(texture(H, W, rng, 2.0))
+    edited = src.clone()
+    edited[30:60, 40:80] = torch.tensor([0.9, 0.1, 0.1])                  # the real edit
+    edited[:, :2] = torch.rand(H, 2, 3, generator=torch.Generator().manual_seed(1))  # editor noise at the border
+    edited = (edited + 0.05 * torch.sin(torch.arange(W) * 0.7)[None, :, None]).clamp(0, 1)   # faint change
+    got = derive_mask(src, edited, 0.08)
+    truth = torch.zeros(H, W)
+    truth[30:60, 40:80] = 1
+    assert got.mask[:, :3].sum() == 0                                      # nothing kept at the border
+    grown = torch.zeros(H, W)
+    grown[26:64, 36:84] = 1
+    assert got.mask[truth > 0].min() == 1 and got.mask[grown == 0].sum() == 0   # the edit, a rim of <= 4 px
+    assert "border" in got.ignored
+
+
+def test_lighting_change_keeps_the_edit():
+    """The whole scene darkens to 55 % for frames 4-7: the patch test against frame 1 must not drop the edit."""
+    gain = lambda t: 0.55 if 4 <= t <= 7 else 1.0                         # noqa: E731
+    src, masks, _, _ = square_scene(10, gain=gain)
+    edited = src[0].copy()
+    edited[masks[0]] = edited[masks[0]][:, [2, 1, 0]]                    # recolour: swap red and blue
+    src_t, ed_t = from_uint8(src), from_uint8(edited)
+    kept = {}
+    for light in (True, False):
+        res = propagate_edit(src_t, ed_t, settings=FlowSettings(light=light))
+        kept[light] = [float(res.mask[t][torch.from_numpy(masks[t])].mean()) for t in range(4, 8)]
+    # measured: 0.41-0.76 of the square keeps the edit (the flow itself degrades in the dark); plain: 0.0
+    assert min(kept[True]) > 0.35 and min(np.subtract(kept[True], kept[False])) > 0.3, kept
+
+
+def test_removed_part_shows_background_not_a_ghost():
+    """The edit removes the square (frame 1 shows the background there). Where the square is in later frames
+    the output must not show the square's texture (a guard for the result carry; the first release passed it
+    too on this rigid square: its ghosts came with appearance changes)."""
+    src, masks, bg, tex = square_scene(10)
+    edited = (bg * 255 + 0.5).astype(np.uint8)
+    res = propagate_edit(from_uint8(src), from_uint8(edited))
+    out = to_uint8(res.video).astype(np.float32)
+    for t in (5, 9):
+        m = masks[t]
+        ghost = np.abs(out[t][m] - src[t][m].astype(np.float32)).mean()   # distance from the old square
+        assert ghost > 40, f"frame {t}: output within {ghost:.1f} levels of the removed square"
+
+
+def test_layer_mode_moves_the_edit_as_one_piece():
+    """A new shape (a disc) pasted over the square moves with the square's motion, in one piece."""
+    src, masks, _, _ = square_scene(10)
+    edited = src[0].copy()
+    cv2.circle(edited, (36, 36), 14, (250, 250, 40), -1)
+    res = propagate_edit(from_uint8(src), from_uint8(edited), settings=FlowSettings(mode="layer"))
+    out = to_uint8(res.video)
+    for t in range(10):
+        yellow = (out[t, ..., 2] < 100) & (out[t, ..., 0] > 200) & (out[t, ..., 1] > 200)
+        n, _, stats, cent = cv2.connectedComponentsWithStats(yellow.astype(np.uint8))
+        big = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] > 20]
+        assert len(big) == 1, f"frame {t}: the disc is in {len(big)} pieces"
+        assert np.allclose(cent[big[0]], (36 + 2 * t, 36 + t), atol=1.5), f"frame {t}: disc at {cent[big[0]]}"
+
+
+def test_frame_of_another_size_mid_clip_is_resized(tmp_path):
+    clip = synthetic_clip(6, 64, 96)
+    folder = tmp_path / "frames"
+    for t in range(6):
+        frame = clip.source[t]
+        if t == 3:
+            frame = torch.nn.functional.interpolate(frame.permute(2, 0, 1)[None], size=(48, 80))[0].permute(1, 2, 0)
+        write_image(folder / f"{t:03d}.png", frame)
+    res = propagate_file(folder, clip.edited[0], tmp_path / "out.mp4")
+    assert res.frames == 6 and any("frame 4 is 80x48 but the clip is 96x64" in n for n in res.notes)
+    assert read_video(folder)[0].shape == (6, 64, 96, 3)
+
+
+def test_whole_frame_edit_is_carried_as_a_colour_change_and_says_so():
+    clip = synthetic_clip(5, 64, 96)
+    restyled = 1 - clip.source[0]
+    res = propagate_edit(clip.source, restyled)
+    assert any("global restyle" in n for n in res.notes)
+    assert (res.video[1:] - (1 - clip.source[1:])).abs().mean() < (clip.source[1:] - (1 - clip.source[1:])).abs().mean() / 3
+
+
+def test_per_frame_masks_longer_than_the_file_are_refused(tmp_path):
+    clip = synthetic_clip(5, 64, 96)
+    write_video(tmp_path / "src.mp4", clip.source, 25)
+    with pytest.raises(ValueError, match="3 frames but the video has 5"):
+        propagate_file(tmp_path / "src.mp4", clip.edited[0], tmp_path / "o.mp4", torch.ones(3, 64, 96))
