@@ -46,8 +46,8 @@ def run(path: str) -> None:
     src, mask = clip_and_mask()
     with torch.inference_mode():
         model = load_tiny_comfy_wan("i2v")
-        _, lora, _ = FFPTrainLoRAEdit.execute(model, FakeVAE(), src, positive(), 4, 0, 1e-2, 4, "all_linears", 0,
-                                              "24GB", "trim", "crop", edit_mask=mask).args
+        _, lora, *_ = FFPTrainLoRAEdit.execute(model, FakeVAE(), src, positive(), 4, 0, 1e-2, 4, "all_linears", 0,
+                                               "24GB", "trim", "crop", edit_mask=mask).args
     out["lora"] = {k: v.float().clone() for k, v in lora.comfy_state_dict().items()}
 
     g = torch.Generator().manual_seed(0)
