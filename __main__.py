@@ -581,7 +581,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one scene per edit type and short LoRA training (under 10 minutes on 2 cores)")
     bench.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     bench.set_defaults(func=cmd_bench, check=check_bench)
+
+    train = sub.add_parser("train", help="train a model on a dataset (FreeProp, GenProp content encoder)",
+                           description="Dataset training; each runs on one process or under torchrun (DDP).", **fmt)
+    trainers = train.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    for room in TRAINERS.values():
+        room.add_parser(trainers)
+    train.set_defaults(func=cmd_train)
     return parser
+
+
+def _trainers() -> dict:
+    """`ffprop train NAME` -> the room's cli module (add_parser(sub), run(args); neither imports torch at parse)."""
+    from .nodes.ast_rope import cli as freeprop
+    from .nodes.content_encoder import cli as content_encoder
+
+    return {"freeprop": freeprop, "content-encoder": content_encoder}
+
+
+TRAINERS = _trainers()
+
+
+def cmd_train(args) -> int:
+    return TRAINERS[args.trainer].run(args)
 
 
 def check_bench(args) -> None:
