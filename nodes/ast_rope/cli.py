@@ -18,8 +18,6 @@ import os
 import sys
 from dataclasses import replace
 
-import torch
-
 
 def add_parser(sub) -> None:
     """Add `freeprop` to a `train` subparsers object."""
@@ -51,6 +49,8 @@ def add_parser(sub) -> None:
 
 def _models(args, device):
     """(dit, encode, context, kind) for --model."""
+    import torch
+
     from ..host.diffusers import load_diffusers_wan
     from ..host.vae import load_diffusers_wan_vae
 
@@ -72,6 +72,8 @@ def _models(args, device):
 
 
 def run(args) -> int:
+    import torch
+
     from ..common import Cancelled
     from .freeprop import FreePropSettings, pair_sample, save_freeprop, train_freeprop
     from .pairs import PairSet, write_world_pairs
