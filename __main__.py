@@ -30,9 +30,9 @@ from .nodes.video.formats import FIT_POLICIES, VIDEO_SUFFIXES  # noqa: E402
 
 # The flow engine's choices and defaults (nodes/flow/engine.py FlowSettings, MODES; nodes/flow/dis.py QUALITY),
 # repeated here because those modules import torch; tests/core/test_cli.py checks that they agree.
-FLOW_MODES = ("delta", "pixels")
+FLOW_MODES = ("auto", "delta", "pixels", "layer")
 FLOW_QUALITIES = ("ultrafast", "fast", "medium")
-FLOW_DEFAULTS = {"mode": "delta", "quality": "medium", "mask_threshold": 0.08, "mask_grow": 4, "feather": 3,
+FLOW_DEFAULTS = {"mode": "auto", "quality": "medium", "mask_threshold": 0.08, "mask_grow": 4, "feather": 3,
                  "match_tolerance": 0.06}
 
 
@@ -382,17 +382,62 @@ def _propagate_keyframes(args, source, mask, settings, images: list):
     return result
 
 
+def _check_mask_size(mask, path: str, h: int, w: int) -> None:
+    if mask.shape[1:] != (h, w):
+        raise ValueError(f"mask '{path}' is {mask.shape[2]}x{mask.shape[1]} but the video is {w}x{h}; export the "
+                         "mask at the video's size.")
+
+
+def _propagate_stream(args, settings) -> int:
+    """The flow engine from one edited frame, file to file (nodes/flow/stream.py): decode -> engine -> encode
+    one frame at a time, so memory stays flat whatever the clip's length."""
+    from .nodes.flow.stream import propagate_file
+    from .nodes.video.frames import from_uint8
+    from .nodes.video.io import VideoReader, audio_codec, encoded_size, read_image, read_mask
+
+    first = next(iter(VideoReader(args.video, 1)), None)
+    if first is None:
+        raise ValueError(f"video '{args.video}' has no decodable frames.")
+    h, w = first.shape[:2]
+    mask = read_mask(args.mask) if args.mask else None
+    if mask is not None:
+        _check_mask_size(mask, args.mask, h, w)
+        if mask.shape[0] > 1 and args.max_frames:
+            mask = mask[: args.max_frames]
+    fitted, note = fit_edit(read_image(args.keys[0][1]), from_uint8(first), args.size_policy, mask is not None,
+                            args.mask_threshold)
+    if note:
+        print(f"note: {note}")
+    bar = Bar("propagating")
+    result = propagate_file(args.video, fitted, args.output, mask, settings, args.size_policy,
+                            mask_out=args.mask_out, max_frames=args.max_frames, on_step=bar)
+    bar.close()
+    for n in result.notes:
+        print(f"note: {n}")
+    size_note = _size_note(Path(args.output), h, w)
+    if size_note:
+        print(f"note: {size_note}")
+    eh, ew = encoded_size(h, w)
+    print(f"wrote {args.output} ({result.frames} frames, {ew}x{eh}, {result.fps:g} fps)")
+    if args.mask_out:
+        print(f"wrote {args.mask_out}")
+    audio = audio_codec(args.video)
+    print(f"audio: kept the source's ({audio})" if audio else "audio: the source has none")
+    return 0
+
+
 def cmd_propagate(args) -> int:
     settings = _settings(args)
+    if not args.keyframe and args.engine != "wan":
+        return _propagate_stream(args, settings)
     from .nodes.video.io import audio_codec, read_image, read_mask, read_video, write_video
 
     source, fps = read_video(args.video, args.max_frames)
     images = [read_image(path) for _, path in args.keys]
     edited = images[0]
     mask = read_mask(args.mask) if args.mask else None
-    if mask is not None and mask.shape[1:] != source.shape[1:3]:
-        raise ValueError(f"mask '{args.mask}' is {mask.shape[2]}x{mask.shape[1]} but the video is "
-                         f"{source.shape[2]}x{source.shape[1]}; export the mask at the video's size.")
+    if mask is not None:
+        _check_mask_size(mask, args.mask, *source.shape[1:3])
     if mask is not None and mask.shape[0] > 1:
         mask = mask[: source.shape[0]]
     audio = audio_codec(args.video)
@@ -404,27 +449,12 @@ def cmd_propagate(args) -> int:
             print(f"wrote {write_video(args.mask_out, result.mask[..., None].expand(-1, -1, -1, 3), fps)}")
         print(f"audio: kept the source's ({audio})" if audio else "audio: the source has none")
         return 0
-    fitted, note = fit_edit(edited, source[0], args.size_policy, mask is not None, args.mask_threshold)
-    if args.engine == "wan":
-        from .nodes.lora_edit.cli import run_wan
+    from .nodes.lora_edit.cli import run_wan  # --engine wan (the flow engine without keyframes streams)
 
-        frames = run_wan(args, source, fps, edited, mask, Bar)
-        out = write_video(args.output, frames, fps, audio_from=args.video)
-        _wrote(out, frames, fps)
-    else:
-        from .nodes.flow.engine import propagate_edit
-
-        if note:
-            print(f"note: {note}")
-        bar = Bar("propagating")
-        result = propagate_edit(source, fitted, mask, settings, args.size_policy, on_step=bar)
-        bar.close()
-        for n in result.notes:
-            print(f"note: {n}")
-        out = write_video(args.output, result.video, fps, audio_from=args.video)
-        _wrote(out, result.video, fps)
-        if args.mask_out:
-            print(f"wrote {write_video(args.mask_out, result.mask[..., None].expand(-1, -1, -1, 3), fps)}")
+    fit_edit(edited, source[0], args.size_policy, mask is not None, args.mask_threshold)  # its refusals apply
+    frames = run_wan(args, source, fps, edited, mask, Bar)
+    out = write_video(args.output, frames, fps, audio_from=args.video)
+    _wrote(out, frames, fps)
     print(f"audio: kept the source's ({audio})" if audio else "audio: the source has none")
     return 0
 
@@ -486,8 +516,10 @@ def _add_flow_options(p: argparse.ArgumentParser) -> None:
     d = FLOW_DEFAULTS
     g = p.add_argument_group("engine flow (optical flow on the CPU, no weights)")
     g.add_argument("--mode", choices=FLOW_MODES, default=d["mode"],
-                   help="delta: add the edit's colour change to each frame (keeps the source's lighting); "
-                        "pixels: paste the warped edited pixels")
+                   help="auto: delta, and a note when the per-pixel chain breaks up; delta: add the edit's change "
+                        "where it keeps the picture's structure (keeps the source's lighting), the relit edited "
+                        "result elsewhere; pixels: the relit edited pixels everywhere; layer: the edit region "
+                        "moves as one piece with the object")
     g.add_argument("--quality", choices=FLOW_QUALITIES, default=d["quality"], help="optical-flow (DIS) preset")
     g.add_argument("--mask-threshold", type=_fraction, default=d["mask_threshold"],
                    help="colour difference (0..1) that counts as edited when no --mask is given")
@@ -584,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model on a dataset (FreeProp, GenProp content encoder)",
                            description="Dataset training; each runs on one process or under torchrun (DDP).", **fmt)
-    trainers = train.add_subparsers(dest="trainer", required=True, metavar="TRAINER")
+    trainers = train.add_subparsers(dest="trainer", required=True, metavar="TRAINER", help="what to train")
     for room in TRAINERS.values():
         room.add_parser(trainers)
     train.set_defaults(func=cmd_train)

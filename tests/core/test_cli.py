@@ -118,7 +118,7 @@ def test_help_shows_defaults_version_and_exit_codes(tmp_path):
     version = ffprop("--version", cwd=tmp_path)
     assert re.fullmatch(r"ffprop \d+\.\d+\.\d+\n", version.stdout)
     demo = ffprop("demo", "--help", cwd=tmp_path).stdout
-    for expect in ("(default: 49)", "(default: ffprop_out/demo)", "(default: 0.08)", "(default: delta)"):
+    for expect in ("(default: 49)", "(default: ffprop_out/demo)", "(default: 0.08)", "(default: auto)"):
         assert expect in demo, (expect, demo)
     ev = ffprop("eval", "--help", cwd=tmp_path).stdout
     assert "(default: auto)" in ev and "(default: 4)" in ev and "(default: None)" not in ev
