@@ -10,6 +10,7 @@ at its frame. `identity` names everything a result depends on besides the tensor
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,19 +34,21 @@ def unedited(source: Tensor) -> SpanResult:
     return SpanResult(source.clone(), source.new_zeros(source.shape[:3]))
 
 
-class SpanEngine:
-    """Base: `forward` must be provided; `between` falls back to forward from the first keyframe."""
+class SpanEngine(ABC):
+    """Base: `identity` and `forward` must be provided; `between` falls back to forward from the first keyframe."""
 
     name = "engine"
     two_ended = False
 
     @property
+    @abstractmethod
     def identity(self) -> str:
-        raise NotImplementedError
+        """What the span cache keys this engine by (its code, settings and model)."""
 
+    @abstractmethod
     def forward(self, source: Tensor, key: Tensor, mask: Optional[Tensor], on_step: Optional[OnStep] = None,
                 should_stop: Optional[ShouldStop] = None) -> SpanResult:
-        raise NotImplementedError
+        """The span from its keyframe `key` at frame 0 onwards."""
 
     def between(self, source: Tensor, first: Tensor, last: Tensor, mask: Optional[Tensor],
                 on_step: Optional[OnStep] = None, should_stop: Optional[ShouldStop] = None) -> SpanResult:
