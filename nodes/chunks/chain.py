@@ -105,6 +105,9 @@ def check_inputs(plan: ChunkPlan, source: Tensor, edit_mask: Optional[Tensor], n
     if mask.shape[0] not in (1, plan.num_frames):
         raise ValueError(f"edit_mask has {mask.shape[0]} frames but the clip has {plan.num_frames}; give one mask "
                          "for frame 1 or one per frame.")
+    if not bool((mask > 0.5).any()):
+        raise ValueError("edit_mask is empty (no pixel > 0.5), so nothing would be edited. Leave it unconnected "
+                         "for a global edit, or check the mask node (inverted mask? wrong threshold?).")
     return mask
 
 
@@ -242,7 +245,7 @@ def condition_video(kind: str, source: Tensor, edit_mask: Optional[Tensor], head
             from ..lora_edit.conditioning import masked_condition_video
         except ImportError as e:
             raise RuntimeError(f"conditioning kind 'lora_edit' needs nodes/lora_edit ({e}); use 'i2v' meanwhile.") from e
-        return masked_condition_video(source, edit_mask, head)
+        return masked_condition_video(source, edit_mask, head, allow_empty=True)  # the object may be gone here
     if kind not in KINDS:
         raise ValueError(f"unknown conditioning kind '{kind}'; use one of {KINDS}.")
     n = head.shape[0]

@@ -27,12 +27,14 @@ def binarize_edit_mask(mask: Tensor) -> Tensor:
     return (mask > EDIT_THRESHOLD).to(torch.float32)
 
 
-def _edit_per_frame(edit_mask: Tensor, source: Tensor, name: str = "edit_mask") -> Tensor:
-    """Validate and binarise a MASK for `source` [T, H, W, 3]; one frame is repeated to all T. -> [T, H, W]."""
+def _edit_per_frame(edit_mask: Tensor, source: Tensor, name: str = "edit_mask", allow_empty: bool = False) -> Tensor:
+    """Validate and binarise a MASK for `source` [T, H, W, 3]; one frame is repeated to all T. -> [T, H, W].
+    allow_empty: a slice of a clip whose mask was validated whole (a training window, a chunk) may hold no edit
+    pixel (the object has left the frame): then nothing is greyed there; a user's whole mask may not."""
     mask = check_mask(edit_mask.float().cpu() if edit_mask.device.type != source.device.type else edit_mask.float(),
                       name, source)
     edit = binarize_edit_mask(mask).to(source.device)
-    if not bool(edit.any()):
+    if not allow_empty and not bool(edit.any()):
         raise ValueError(
             f"{name} is empty (no pixel > {EDIT_THRESHOLD}), so nothing would be edited. Leave the mask unconnected "
             "for a global edit (frames 2..T are generated whole, LoRA-Edit's stylisation setting), or check the "
@@ -43,13 +45,15 @@ def _edit_per_frame(edit_mask: Tensor, source: Tensor, name: str = "edit_mask") 
     return edit
 
 
-def masked_condition_video(source: Tensor, edit_mask: Optional[Tensor], head: Tensor) -> tuple[Tensor, Tensor]:
+def masked_condition_video(source: Tensor, edit_mask: Optional[Tensor], head: Tensor,
+                           allow_empty: bool = False) -> tuple[Tensor, Tensor]:
     """Build (V_cond [T, H, W, 3], keep [T, H, W]) for Wan I2V.
 
     source: IMAGE [T, H, W, 3] in 0..1. edit_mask: MASK [T, H, W] or [1, H, W] (1 = edit region, binarised
     at > 0.5) or None for a global edit. head: IMAGE [K, H, W, 3] (or [H, W, 3]), 1 <= K <= T.
     Frames 0..K-1 of V_cond are `head` with keep = 1; frames K..T-1 are the source with the edit region set to
-    grey 0.5 and keep = 1 - edit (None: fully grey, keep = 0).
+    grey 0.5 and keep = 1 - edit (None: fully grey, keep = 0). allow_empty: for a slice of a validated clip,
+    an all-zero edit_mask keeps every source frame (see _edit_per_frame); otherwise it is an error.
     """
     check_video(source, "source")
     if head.ndim == 3:
@@ -68,7 +72,7 @@ def masked_condition_video(source: Tensor, edit_mask: Optional[Tensor], head: Te
     if edit_mask is None:
         edit = torch.ones(t, h, w, device=source.device)
     else:
-        edit = _edit_per_frame(edit_mask, source)
+        edit = _edit_per_frame(edit_mask, source, allow_empty=allow_empty)
     keep = 1.0 - edit
     v_cond = torch.where(edit[..., None] > 0, torch.full_like(source, GREY), source)
     v_cond = torch.cat([head, v_cond[k:]], 0)

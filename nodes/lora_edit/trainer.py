@@ -95,7 +95,7 @@ def build_video_samples(source: Tensor, edit_mask: Optional[Tensor], encode: Enc
         n = t if window_frames <= 0 or window_frames >= t else window_frames
         clip = source[s:s + n]
         mask = None if edit_mask is None else edit_mask[s:s + n]
-        v_cond, keep = masked_condition_video(clip, mask, clip[:1])
+        v_cond, keep = masked_condition_video(clip, mask, clip[:1], allow_empty=True)  # a window may miss it
         with torch.no_grad():
             target, cond_lat = encode(clip), encode(v_cond)
         samples.append(TrainSample(target, wan_cond(cond_lat, keep, context, clip_tokens), "video"))

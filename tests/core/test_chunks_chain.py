@@ -196,3 +196,24 @@ def test_bad_input_errors(clip):
     with pytest.raises(ValueError, match="frames"):
         chain_chunks(plan, clip.source, clip.edited[0], gen, edit_mask=clip.mask[:7])
     chain_chunks(plan, clip.source, clip.edited[0], gen, num_prompts=len(plan), drift=NO_DRIFT_CONTROL)
+
+
+def test_a_chunk_the_edited_object_has_left_runs_and_an_empty_whole_mask_is_an_error(clip):
+    """The mask is empty in the last chunk (the object left the frame): lora_edit conditioning keeps that chunk's
+    source (no error, nothing greyed); a mask empty over the whole clip is still refused up front."""
+    plan = plan_chunks(61, 17, 1)
+    mask = clip.mask.clone()
+    mask[40:] = 0
+    seen = []
+
+    def generate(job):
+        video, keep = condition_video("lora_edit", job.source, job.edit_mask, job.head)
+        seen.append((job.chunk.index, float(keep[job.head.shape[0]:].min())))
+        frames = job.source.clone()
+        frames[:job.head.shape[0]] = job.head
+        return ChunkResult(frames)
+
+    chain_chunks(plan, clip.source, clip.edited[0], generate, edit_mask=mask, drift=NO_DRIFT_CONTROL)
+    assert seen[-1] == (len(plan) - 1, 1.0) and seen[0][1] == 0.0
+    with pytest.raises(ValueError, match="empty"):
+        chain_chunks(plan, clip.source, clip.edited[0], generate, edit_mask=torch.zeros_like(clip.mask))

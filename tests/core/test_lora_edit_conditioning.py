@@ -99,3 +99,10 @@ def test_bad_input():
         masked_condition_video(src, None, torch.rand(1, H, W + 16, 3))
     with pytest.raises(ValueError, match="4k\\+1"):
         wan_cond(torch.randn(1, 16, 2, H // 8, W // 8), torch.ones(6, H, W), torch.zeros(1, 4, 8))
+
+
+def test_a_slice_without_edit_pixels_keeps_its_source_when_allowed():
+    """A chunk or training window after the edited object left the frame: nothing greyed, every frame kept."""
+    src = clip()
+    video, keep = masked_condition_video(src, torch.zeros(T, H, W), src[:1], allow_empty=True)
+    assert torch.equal(video, src) and bool((keep == 1).all())
