@@ -174,3 +174,16 @@ def cancelled():
             yield
     finally:
         mm.interrupt_current_processing(False)
+
+
+class FakeVAE:
+    """vae.encode(IMAGE [T, H, W, 3]) -> [1, 16, F, H/8, W/8] like ComfyUI's Wan VAE (a deterministic toy; no ComfyUI needed)."""
+
+    def __init__(self):
+        self.proj = torch.randn(16, 3, generator=torch.Generator().manual_seed(7))
+
+    def encode(self, frames):
+        x = frames.permute(0, 3, 1, 2) * 2 - 1
+        groups = [x[:1]] + [x[i:i + 4].mean(0, keepdim=True) for i in range(1, x.shape[0], 4)]
+        x = torch.nn.functional.avg_pool2d(torch.cat(groups), 8)
+        return torch.einsum("oc,fchw->ofhw", self.proj, x)[None]

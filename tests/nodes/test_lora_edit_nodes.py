@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import cancelled, import_comfy, load_tiny_comfy_wan
+from comfy_support import FakeVAE, cancelled, import_comfy, load_tiny_comfy_wan
 
 import_comfy()
 
@@ -29,18 +29,6 @@ from ffprop.nodes.lora_edit.node import (  # noqa: E402
 
 T, H, W = 9, 32, 32
 
-
-class FakeVAE:
-    """vae.encode(IMAGE [T, H, W, 3]) -> [1, 16, F, H/8, W/8] like ComfyUI's Wan VAE (deterministic toy)."""
-
-    def __init__(self):
-        self.proj = torch.randn(16, 3, generator=torch.Generator().manual_seed(7))
-
-    def encode(self, frames):
-        x = frames.permute(0, 3, 1, 2) * 2 - 1
-        groups = [x[:1]] + [x[i:i + 4].mean(0, keepdim=True) for i in range(1, x.shape[0], 4)]
-        x = torch.nn.functional.avg_pool2d(torch.cat(groups), 8)
-        return torch.einsum("oc,fchw->ofhw", self.proj, x)[None]
 
 
 def clip_and_mask():
