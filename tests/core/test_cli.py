@@ -235,7 +235,17 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(work):
         if re.search(r"\|\s+torch\.", line):
             proc.send_signal(signal.SIGINT)
             break
-    _, rest = proc.communicate(timeout=300)
+    # A Ctrl-C that lands inside a C extension's own initialisation can be swallowed there (seen once in ~10
+    # runs on a loaded machine: the run then went on); like a user, press it again until the process stops.
+    for _ in range(100):
+        try:
+            _, rest = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+    else:
+        proc.kill()
+        _, rest = proc.communicate()
     err = "".join(log) + rest
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "cancelled" in err
