@@ -12,7 +12,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers host needs `pip install diffusers`")
 try:
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel  # noqa: F401  (the skip below: the class must import)
 except (ImportError, RuntimeError) as e:
     pytest.skip(f"diffusers' WanTransformer3DModel does not import here: {e}", allow_module_level=True)
 
@@ -27,6 +27,7 @@ from ffprop.nodes.ast_rope.train import PredictorSample  # noqa: E402
 from ffprop.nodes.common import Cancelled  # noqa: E402
 from ffprop.nodes.host.diffusers import DiffusersWan  # noqa: E402
 from ffprop.nodes.host.protocol import WanCond  # noqa: E402
+from tiny_wan import seeded_tiny_wan  # noqa: E402
 
 F, H, W = 3, 4, 4
 FAST = FreePropSettings(steps=6, rank=4, learning_rate=1e-2, backend="torch",
@@ -34,15 +35,7 @@ FAST = FreePropSettings(steps=6, rank=4, learning_rate=1e-2, backend="torch",
 
 
 def tiny(seed: int = 0) -> DiffusersWan:
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                      in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48,
-                                      num_layers=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return DiffusersWan(model.eval())
+    return seeded_tiny_wan(seed)
 
 
 def pair(seed: int = 1, same: bool = False) -> PredictorSample:

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers host needs `pip install diffusers`")
 try:
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel  # noqa: F401  (the skip below: the class must import)
 except (ImportError, RuntimeError) as e:
     pytest.skip(f"diffusers' WanTransformer3DModel does not import here: {e}", allow_module_level=True)
 
@@ -30,6 +30,7 @@ from ffprop.nodes.ast_rope.predictor import PredictorConfig  # noqa: E402
 from ffprop.nodes.ast_rope.train import PredictorSample, PredictorTrainSettings, train_predictor  # noqa: E402
 from ffprop.nodes.host.diffusers import DiffusersWan  # noqa: E402
 from ffprop.nodes.host.protocol import WanCond  # noqa: E402
+from tiny_wan import seeded_tiny_wan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TRITON_OK, TRITON_WHY = triton_status("cuda" if DEVICE == "cuda" else "cpu")
@@ -39,15 +40,7 @@ F, H, W = 3, 4, 4
 
 
 def tiny(seed: int = 0) -> DiffusersWan:
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                      in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48,
-                                      num_layers=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return DiffusersWan(model.eval().to(DEVICE))
+    return seeded_tiny_wan(seed, device=DEVICE)
 
 
 def sample(seed: int = 1, pair: bool = False) -> PredictorSample:
