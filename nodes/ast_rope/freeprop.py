@@ -31,7 +31,7 @@ from ..common import Cancelled, OnStep, ShouldStop, atomic_write, log, report
 from ..host.protocol import WanCond, WanDiT, training_context
 from .patch import VARIANTS, apply_ast_rope, variant_alphas
 from .positions import AlphaHolder, HeadSplit, RopeAlphas
-from .predictor import AlphaPredictor, PredictorConfig
+from .predictor import AlphaPredictor, PredictorConfig, read_safetensors
 from .teacher import LAMBDA_MMD, LAMBDA_MOTION, teacher_losses
 from .train import PredictorSample, capture, frame_tokens, frozen
 
@@ -304,20 +304,10 @@ class FreePropFile:
 
 def load_freeprop(path: str | os.PathLike, device="cpu") -> FreePropFile:
     """Read a file written by save_freeprop; ValueError naming the file for anything else."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from ..lora_edit.lora import LoRA
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no FreeProp model at '{path}'.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path), device=str(device))
-    except Exception as e:
-        raise ValueError(f"'{path.name}' is not a readable safetensors file ({e}).") from e
+    meta, state = read_safetensors(path, device, f"no FreeProp model at '{path}'.")
     if meta.get("kind") != KIND:
         raise ValueError(f"'{path.name}' is not an FFProp FreeProp model (metadata kind {meta.get('kind')!r}); a plain "
                          "LoRA goes into LoraLoaderModelOnly, a predictor into 'Apply AST-RoPE'.")

@@ -144,20 +144,27 @@ def save_predictor(predictor: AlphaPredictor, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_predictor(path: str | os.PathLike, device="cpu") -> AlphaPredictor:
-    """Load a predictor written by save_predictor; ValueError naming the file for anything else."""
+def read_safetensors(path: Path, device, missing: str, unreadable_hint: str = "") -> tuple[dict, dict[str, Tensor]]:
+    """(metadata, tensors) of a safetensors file; FileNotFoundError(missing) when it is absent, ValueError naming
+    the file (+ unreadable_hint) when it cannot be read."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no AST-RoPE predictor at '{path}'; put .safetensors files in models/ast_rope.")
+        raise FileNotFoundError(missing)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path), device=str(device))
+        return meta, load_file(str(path), device=str(device))
     except Exception as e:
-        raise ValueError(f"'{path.name}' is not a readable safetensors file ({e}); re-train or re-download it.") from e
+        raise ValueError(f"'{path.name}' is not a readable safetensors file ({e}){unreadable_hint}.") from e
+
+
+def load_predictor(path: str | os.PathLike, device="cpu") -> AlphaPredictor:
+    """Load a predictor written by save_predictor; ValueError naming the file for anything else."""
+    path = Path(path)
+    meta, state = read_safetensors(path, device, f"no AST-RoPE predictor at '{path}'; put .safetensors files in "
+                                   "models/ast_rope.", "; re-train or re-download it")
     if meta.get("kind") != KIND:
         raise ValueError(
             f"'{path.name}' is not an FFProp AST-RoPE predictor (metadata kind {meta.get('kind')!r}, expected {KIND!r}); "
