@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 from ..nodes.common import log_once
@@ -33,13 +34,18 @@ __all__ = ["BACKENDS", "THETA", "RopeTables", "apply_rope_grouped", "apply_rope_
 
 class RopeTables:
     """Per-forward cache of the torch path's cos/sin: computed once for the current positions, reused by every
-    block (the fused Triton path needs none)."""
+    block (the fused Triton path needs none). Positions that carry a gradient (a trained predictor's) get their
+    tables computed in each block instead: a gradient-checkpointed block re-runs its forward in backward and
+    must record the same ops it did the first time (block 0 would otherwise find the tables cached on its
+    re-run: torch.utils.checkpoint's "different number of tensors saved" error)."""
 
     def __init__(self):
         self._key = None
         self._value = None
 
     def get(self, pos: Tensor, head_dim: int, device, theta: float = THETA) -> tuple[Tensor, Tensor]:
+        if pos.requires_grad and torch.is_grad_enabled():
+            return rope_cos_sin(pos.to(device), head_dim, theta)
         rest = (head_dim, str(device), theta)
         if self._key is None or self._key[0] is not pos or self._key[1] != rest:
             self._value = rope_cos_sin(pos.to(device), head_dim, theta)

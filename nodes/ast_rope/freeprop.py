@@ -11,6 +11,12 @@ L = L_FM + lambda_motion L_motion + lambda_MMD L_MMD (5 and 1, teacher.py) on bl
 Every sample's noise and time come from a generator seeded by (seed, step, sample index), so a run is the same
 on 1 process with batch B as on N processes with batch B / N each (DDP averages the gradients).
 Ablations: ast_rope=False trains the LoRA alone on the stock RoPE; teacher=False drops both relation terms.
+
+Memory: the LoRA-Edit low-VRAM machinery (lora_edit.lowvram.BlockRunner: per-block gradient checkpointing, block
+swap with prefetch, activation offload, split blocks; its presets) runs the DiT's blocks; each sample is its own
+backward (gradient accumulation over the batch), so a recomputed block sees the positions of its own forward.
+Ctrl-C (KeyboardInterrupt) and Cancel write the checkpoint of the last finished step before they propagate; a
+Ctrl-C during the optimizer update lands after it, so the checkpoint is always one whole step.
 """
 
 from __future__ import annotations
@@ -19,21 +25,26 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..common import Cancelled, OnStep, ShouldStop, atomic_write, log, report
-from ..host.protocol import WanCond, WanDiT, training_context
+from ..common import Cancelled, OnStep, ShouldStop, atomic_write, log, log_once, report
+from ..host.protocol import WanCond, WanDiT, host_streams_weights, training_context
 from .patch import VARIANTS, apply_ast_rope, variant_alphas
 from .positions import AlphaHolder, HeadSplit, RopeAlphas
 from .predictor import AlphaPredictor, PredictorConfig, read_safetensors
 from .teacher import LAMBDA_MMD, LAMBDA_MOTION, teacher_losses
 from .train import PredictorSample, capture, frame_tokens, frozen
+
+if TYPE_CHECKING:
+    from ..lora_edit.lowvram import MemorySettings
 
 KIND = "ffprop.freeprop"
 VERSION = 1
@@ -134,23 +145,24 @@ class FreePropModel(nn.Module):
         a = self.alphas(s)
         if a is not None:
             self.holder.alphas = a
-        feats: dict[int, Tensor] = {}
         blocks = self.hooked.blocks()
+        teacher: dict[int, Tensor] = {}
+        if st.teacher:       # first: a checkpointed student block re-runs in backward at the student's positions
+            if s.teacher_cond is None:
+                raise ValueError("the teacher needs (source, edited) pairs: every sample must carry its teacher task.")
+            with torch.no_grad(), capture(blocks, (self.block,), teacher):
+                self.hooked.predict((1 - t) * s.teacher_target + t * noise, t, s.teacher_cond)
+        feats: dict[int, Tensor] = {}
         with capture(blocks, (self.block,) if st.teacher else (), feats):
             v = self.hooked.predict((1 - t) * x0 + t * noise, t, s.cond)
         fm = F.mse_loss(v.float(), (noise - x0).float())
         parts = {"fm": float(fm.detach())}
         loss = fm
         if st.teacher:
-            if s.teacher_cond is None:
-                raise ValueError("the teacher needs (source, edited) pairs: every sample must carry its teacher task.")
-            student = feats[self.block]
-            with torch.no_grad(), capture(blocks, (self.block,), feats):
-                self.hooked.predict((1 - t) * s.teacher_target + t * noise, t, s.teacher_cond)
             f, h, w = x0.shape[2:]
             _, ph, pw = self.dit.dims.patch_size
-            lm, ld = teacher_losses(frame_tokens(student, f), frame_tokens(feats[self.block], f), (h // ph, w // pw),
-                                    st.k_s)
+            lm, ld = teacher_losses(frame_tokens(feats[self.block], f), frame_tokens(teacher[self.block], f),
+                                    (h // ph, w // pw), st.k_s)
             loss = loss + st.lambda_motion * lm + st.lambda_mmd * ld
             parts.update(motion=float(lm.detach()), mmd=float(ld.detach()))
         return loss, parts
@@ -183,16 +195,20 @@ def _dist() -> tuple[int, int]:
 def train_freeprop(dit: WanDiT, samples: Sequence[PredictorSample] | Callable[[int], PredictorSample], count: int,
                    settings: FreePropSettings = FreePropSettings(), checkpoint: Optional[str | os.PathLike] = None,
                    resume: bool = False, on_step: OnStep | None = None,
-                   should_stop: ShouldStop | None = None) -> FreePropResult:
+                   should_stop: ShouldStop | None = None, memory: Optional["MemorySettings"] = None) -> FreePropResult:
     """Train a FreeProp LoRA (+ predictor) on `count` samples (a list, or get(i) -> sample for lazy encoding).
 
     Step k uses samples (k * batch + j) mod count, j < batch; rank r of N takes j = r, r + N, ... When
     torch.distributed is initialised (torchrun), the model is wrapped in DDP (gloo on CPU, nccl on CUDA).
-    checkpoint: a path written every `checkpoint_every` steps and at the end (LoRA, predictor, optimizer,
-    scheduler, step); resume=True continues from it."""
+    checkpoint: a path written every `checkpoint_every` steps, on Cancel / Ctrl-C and at the end (LoRA,
+    predictor, optimizer, scheduler, step); resume=True continues from it. memory: lora_edit.lowvram
+    MemorySettings (a preset(name)); None = no checkpointing, no swap. window_frames does not apply (pairs train
+    whole; shorten them when reading, e.g. `--max-frames`)."""
     from ..lora_edit.lora import attach_hooks, create_lora
+    from ..lora_edit.lowvram import BlockRunner, MemorySettings, is_oom, oom_message
 
     st = settings.check()
+    mem = memory if memory is not None else MemorySettings(gradient_checkpointing=False)
     if count < 1:
         raise ValueError("no training pairs: give at least one (source, edited) pair.")
     rank, world = _dist()
@@ -214,35 +230,88 @@ def train_freeprop(dit: WanDiT, samples: Sequence[PredictorSample] | Callable[[i
     wrapped = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    blocks = model.hooked.blocks()
+    if mem.swap_fraction > 0 and host_streams_weights(dit):
+        log.info("FFP FreeProp: the host streams this model's weights itself; block swap is skipped.")
+        mem = replace(mem, swap_fraction=0.0)
+    runner = BlockRunner(blocks, torch.device(device), mem.gradient_checkpointing, mem.blocks_to_swap(len(blocks)),
+                         should_stop, mem.offload_activations, mem.split_blocks)
+    if mem.window_frames:
+        log_once("freeprop-windows", "FFP FreeProp: memory window_frames %d does not apply (pairs train whole; read "
+                 "them shorter, e.g. --max-frames).", mem.window_frames)
     detach = attach_hooks(dit, lora)
+    done = start
+
+    def keep(reason: str) -> None:
+        if checkpoint is not None and rank == 0:
+            save_checkpoint(checkpoint, model, opt, sched, done)
+            log.warning("FFP FreeProp: %s; checkpoint of step %d written to %s (--resume continues)", reason, done,
+                        checkpoint)
     try:
         with torch.inference_mode(False), torch.enable_grad(), frozen(dit.module), training_context(dit):
+            runner.install()
             for step in range(start + 1, st.steps + 1):
-                mine = [(j, get(((step - 1) * st.batch + j) % count)) for j in range(rank, st.batch, world)]
-                loss = wrapped(mine, step)
+                mine = list(range(rank, st.batch, world))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
-                opt.step()
-                sched.step()
-                result.losses.append(float(loss.detach()))
-                result.parts.append(dict(model.last_parts))
-                result.step = step
+                total, parts = 0.0, {}
+                for n, j in enumerate(mine):       # one backward per sample: gradient accumulation
+                    sync = n == len(mine) - 1 or world == 1
+                    with contextlib.nullcontext() if sync else wrapped.no_sync():
+                        loss = wrapped([(j, get(((step - 1) * st.batch + j) % count))], step) / len(mine)
+                        loss.backward()
+                    total += float(loss.detach())
+                    for k, v in model.last_parts.items():
+                        parts[k] = parts.get(k, 0.0) + v / len(mine)
+                with _sigint_deferred():           # a Ctrl-C here lands after the whole update
+                    torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
+                    opt.step()
+                    sched.step()
+                    result.losses.append(total)
+                    result.parts.append(parts)
+                    result.step = done = step
                 if checkpoint is not None and rank == 0 and st.checkpoint_every and step % st.checkpoint_every == 0:
                     save_checkpoint(checkpoint, model, opt, sched, step)
-                try:
-                    report(on_step, should_stop, step, st.steps)
-                except Cancelled:           # keep what was trained: resume continues after this step
-                    if checkpoint is not None and rank == 0:
-                        save_checkpoint(checkpoint, model, opt, sched, step)
-                    raise
+                report(on_step, should_stop, step, st.steps)
+    except Cancelled:                           # keep what was trained: resume continues after `done`
+        keep("cancelled")
+        raise
+    except KeyboardInterrupt:
+        keep("interrupted (Ctrl-C)")
+        raise
+    except Exception as e:
+        if is_oom(e):
+            f, h, w = get(0).target.shape[2:]
+            raise RuntimeError(oom_message(mem, 4 * (f - 1) + 1, 8 * h, 8 * w)) from e
+        raise
     finally:
+        runner.remove()
         detach()
     if checkpoint is not None and rank == 0:
         save_checkpoint(checkpoint, model, opt, sched, result.step or start)
     if result.losses:
         log.info("FFP FreeProp: %d steps, loss %.4g -> %.4g", len(result.losses), result.losses[0], result.losses[-1])
     return result
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """In the main thread: a SIGINT inside the block is held and raised (as the previous handler would) when it
+    ends, so the parameters and the optimizer state never stop half-updated. Elsewhere (ComfyUI's worker thread,
+    where Cancel is cooperative): nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list = []
+    previous = signal.signal(signal.SIGINT, lambda *a: pressed.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed and previous is not signal.SIG_IGN:
+            if callable(previous):
+                previous(*pressed[0])
+            else:
+                raise KeyboardInterrupt
 
 
 def save_checkpoint(path: str | os.PathLike, model: FreePropModel, opt, sched, step: int) -> Path:

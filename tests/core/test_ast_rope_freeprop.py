@@ -80,8 +80,9 @@ def test_checkpoint_resume_equals_one_run(wan, tmp_path):
     data = [pair(4), pair(5)]
     full = train_freeprop(wan, data, 2, replace(FAST, steps=4))
     ck = tmp_path / "run.pt"
+    done, stop = _stop_after(3)
     with pytest.raises(Cancelled):                   # Cancel after step 3 keeps a checkpoint of step 3
-        train_freeprop(wan, data, 2, replace(FAST, steps=4), checkpoint=ck, should_stop=_stop_after(2))
+        train_freeprop(wan, data, 2, replace(FAST, steps=4), checkpoint=ck, on_step=done, should_stop=stop)
     resumed = train_freeprop(wan, data, 2, replace(FAST, steps=4), checkpoint=ck, resume=True)
     assert resumed.losses == full.losses[3:]
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -92,12 +93,13 @@ def test_checkpoint_resume_equals_one_run(wan, tmp_path):
 
 
 def _stop_after(n: int):
-    calls = {"n": 0}
+    """(on_step, should_stop): Cancel pressed once step n has finished (should_stop is also asked before every
+    block, as ComfyUI's Cancel is, so the press may land inside step n + 1: the checkpoint is still step n)."""
+    seen = {"step": 0}
 
-    def stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] > n
-    return stop
+    def on_step(i, total, *_):
+        seen["step"] = i
+    return on_step, lambda: seen["step"] >= n
 
 
 def test_one_file_model_round_trips(wan, tmp_path):
