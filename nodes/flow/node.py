@@ -2,10 +2,54 @@
 
 from __future__ import annotations
 
+import os
+
+import comfy.model_management as mm
+import folder_paths
+
 from .._comfy import io, pack_video, progress, unpack_video
+from ..common import log
 from ..video.frames import FIT_POLICIES
 from .dis import QUALITY
 from .engine import MODES, FlowSettings, propagate_edit
+from .raft import ITERS, PRECISIONS, RaftFlow, load_raft
+
+OpticalFlow = io.Custom("OPTICAL_FLOW")   # ComfyUI 0.28's Load Optical Flow Model output (a RAFT ModelPatcher)
+FOLDER = "optical_flow"                    # models/optical_flow, ComfyUI's own folder for it where it has one
+DIS = "DIS (built in)"
+
+
+def flow_files() -> list[str]:
+    """models/optical_flow's files; registers the folder where the host does not (ComfyUI before 0.28)."""
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
+                                                       {".safetensors", ".pth", ".pt"})
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def host_raft(optical_flow):
+    """The torchvision RAFT module inside the host's OPTICAL_FLOW (a ModelPatcher: loaded to its device by
+    ComfyUI's model management, never modified) or a bare module."""
+    if hasattr(optical_flow, "model") and hasattr(optical_flow, "load_device"):
+        mm.load_models_gpu([optical_flow])
+        optical_flow = optical_flow.model
+    if type(optical_flow).__name__ != "RAFT" or not type(optical_flow).__module__.startswith("torchvision."):
+        raise ValueError(f"optical_flow holds a {type(optical_flow).__name__}, not torchvision's RAFT; connect "
+                         "Load Optical Flow Model (raft_large), or disconnect it to use DIS.")
+    return optical_flow
+
+
+def flow_backend(optical_flow, flow_model: str, precision: str, iters: int) -> RaftFlow | None:
+    """The chain-flow backend: the connected OPTICAL_FLOW, else flow_model's file, else None (DIS)."""
+    if optical_flow is not None:
+        if flow_model != DIS:
+            log.info("FFP flow: optical_flow is connected; flow_model '%s' is not used", flow_model)
+        return RaftFlow(host_raft(optical_flow), precision, iters)
+    if flow_model == DIS:
+        return None
+    flow_files()
+    return RaftFlow(load_raft(folder_paths.get_full_path_or_raise(FOLDER, flow_model), mm.get_torch_device()),
+                    precision, iters)
 
 
 class FFPFlowPropagate(io.ComfyNode):
@@ -38,8 +82,9 @@ class FFPFlowPropagate(io.ComfyNode):
                                tooltip="How an edited frame of another size is fitted to the clip: auto = "
                                        "resize if the aspect ratio matches, else centre-crop."),
                 io.Combo.Input("flow_quality", options=list(QUALITY), default="medium",
-                               tooltip="OpenCV DIS preset: medium is the most accurate; fast/ultrafast for "
-                                       "quick previews of long or large clips."),
+                               tooltip="OpenCV DIS preset (of the re-anchoring to frame 1, and of the frame-to-"
+                                       "frame flow unless RAFT does it): medium is the most accurate; "
+                                       "fast/ultrafast for quick previews of long or large clips."),
                 io.Float.Input("mask_threshold", default=0.08, min=0.01, max=0.9, step=0.01,
                                tooltip="Colour difference (0..1) that counts as edited when edit_mask is not "
                                        "connected. Raise it if compression noise shows up as edits."),
@@ -55,6 +100,20 @@ class FFPFlowPropagate(io.ComfyNode):
                                  tooltip="Keep the edit through lighting changes (shade, exposure): when most "
                                          "of a frame stops matching frame 1, compare lighting-normalised "
                                          "patches, and relight the carried pixels with the clip's light."),
+                OpticalFlow.Input("optical_flow", optional=True,
+                                  tooltip="RAFT from Load Optical Flow Model (ComfyUI 0.28+, weights in "
+                                          "models/optical_flow). Connected: RAFT computes the frame-to-frame flow "
+                                          "on ComfyUI's device (GPU); the re-anchoring to frame 1 stays DIS at "
+                                          "flow_quality. Unconnected: flow_model decides."),
+                io.Combo.Input("flow_model", options=[DIS, *flow_files()], default=DIS, optional=True,
+                               tooltip="The frame-to-frame flow when optical_flow is not connected: DIS (CPU, no "
+                                       "weights) or a torchvision RAFT file (raft_large / raft_small state dict, "
+                                       ".safetensors or .pth) from models/optical_flow, run on the GPU."),
+                io.Combo.Input("raft_precision", options=list(PRECISIONS), default="auto", optional=True,
+                               tooltip="RAFT only: auto = fp16 on a CUDA GPU (faster, less memory), fp32 elsewhere."),
+                io.Int.Input("raft_iters", default=ITERS, min=1, max=32, optional=True,
+                             tooltip="RAFT only: flow refinement steps per frame pair (12 as trained; fewer is "
+                                     "faster and coarser)."),
             ],
             outputs=[
                 io.Video.Output(display_name="video", tooltip="The edited clip (source fps and audio kept)."),
@@ -65,11 +124,13 @@ class FFPFlowPropagate(io.ComfyNode):
 
     @classmethod
     def execute(cls, source_video, edited_first_frame, mode, size_policy, flow_quality, mask_threshold,
-                mask_grow, feather, match_tolerance, light_tolerant=True, edit_mask=None) -> io.NodeOutput:
-        frames, fps, audio = unpack_video(source_video)
+                mask_grow, feather, match_tolerance, light_tolerant=True, edit_mask=None, optical_flow=None,
+                flow_model=DIS, raft_precision="auto", raft_iters=ITERS) -> io.NodeOutput:
+        frames, fps, audio = unpack_video(source_video)   # the clip once, float32; the engine reads it frame by frame
         settings = FlowSettings(mode=mode, quality=flow_quality, mask_threshold=mask_threshold,
                                 mask_grow=mask_grow, feather=feather, match_tolerance=match_tolerance,
-                                light=light_tolerant)
+                                light=light_tolerant,
+                                flow=flow_backend(optical_flow, flow_model, raft_precision, raft_iters))
         on_step, should_stop = progress(frames.shape[0])
         result = propagate_edit(frames, edited_first_frame.cpu(), None if edit_mask is None else edit_mask.cpu(),
                                 settings, size_policy, on_step, should_stop)
