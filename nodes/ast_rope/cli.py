@@ -9,6 +9,13 @@ trainable part is the LoRA and the predictor, small enough that each rank holds 
 only their gradients; FSDP would shard the DiT too, which the LoRA-Edit low-VRAM path does differently).
 Pairs are encoded lazily (each step encodes only its batch). `--world-pairs N` first renders N training-seed
 pairs of the procedural world into --pairs (never the held-out benchmark seeds).
+
+Memory: --memory-preset picks the LoRA-Edit trainer's presets (gradient checkpointing, block swap, activation
+offload, split blocks; auto = 24GB on CUDA, unlimited on CPU); with a --model folder the transformer is loaded
+to the CPU (block linears in fp8 with --base-weights fp8, auto on CUDA) and all but the swapped blocks then go
+to the GPU. The 8GB preset's 9-frame windows become a 9-frame --max-frames cap (pairs train whole).
+Ctrl-C (or SIGINT from torchrun) writes the checkpoint of the last finished step to --checkpoint and exits 130;
+the same command with --resume continues from it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import argparse
 import os
 import sys
 from dataclasses import replace
+
+from ..lora_edit.options import BASE_WEIGHTS, PRESET_ORDER
 
 
 def add_parser(sub) -> None:
@@ -45,14 +54,33 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="RoPE kernel")
     p.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> when CUDA is available, else cpu")
+    p.add_argument("--memory-preset", choices=("auto", *PRESET_ORDER), default="auto",
+                   help="low-VRAM preset of the LoRA-Edit trainer (auto: 24GB on CUDA, unlimited on CPU)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="compute dtype of a --model folder (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--base-weights", choices=BASE_WEIGHTS, default="auto",
+                   help="storage of a --model folder's frozen block linears: fp8 (half of bf16, computed in bf16 "
+                        "one block at a time; needs a preset with checkpointing), compute (the --dtype), auto: fp8 "
+                        "on CUDA with checkpointing, else compute")
 
 
-def _models(args, device):
-    """(dit, encode, context, kind) for --model."""
+def memory_settings(args, device):
+    """The MemorySettings of --memory-preset on `device`."""
+    from ..lora_edit.lowvram import preset
+
+    name = args.memory_preset
+    if name == "auto":
+        name = "24GB" if str(device).startswith("cuda") else "unlimited"
+    return preset(name)
+
+
+def _models(args, device, mem):
+    """(dit, encode, context, kind) for --model; a folder's swapped blocks stay on the CPU."""
     import torch
 
     from ..host.diffusers import load_diffusers_wan
     from ..host.vae import load_diffusers_wan_vae
+    from ..lora_edit.lowvram import place_for_swap
 
     if args.model == "world":
         from ..world.model import load_world_models
@@ -62,8 +90,20 @@ def _models(args, device):
     else:
         if not args.vae:
             raise ValueError("--model is a folder: give the matching Wan VAE with --vae.")
-        dit, vae = load_diffusers_wan(args.model, device=device), load_diffusers_wan_vae(args.vae, device=device)
-        context = torch.zeros(1, 1, dit.dims.text_dim, device=device)
+        cuda = str(device).startswith("cuda")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+            args.dtype, torch.bfloat16 if cuda else torch.float32)
+        fp8 = args.base_weights == "fp8" or (args.base_weights == "auto" and cuda and mem.gradient_checkpointing)
+        if fp8 and (dtype != torch.bfloat16 or not mem.gradient_checkpointing):
+            raise ValueError("fp8 base weights compute in bf16 one block at a time: use --dtype bf16 and a memory "
+                             "preset with checkpointing (not 'unlimited'), or --base-weights compute.")
+        dit = load_diffusers_wan(args.model, dtype=dtype, device="cpu", storage="fp8" if fp8 else None)
+        swapped = mem.blocks_to_swap(len(dit.blocks()))
+        place_for_swap(dit.module, dit.blocks(), swapped, device)
+        print(f"note: {swapped} of {len(dit.blocks())} blocks stay in CPU RAM, base weights "
+              f"{'fp8' if fp8 else str(dtype).removeprefix('torch.')}", file=sys.stderr)
+        vae = load_diffusers_wan_vae(args.vae, dtype=dtype, device=device)
+        context = torch.zeros(1, 1, dit.dims.text_dim, device=device, dtype=dtype)
     kind = {36: "i2v", 48: "fun_control"}.get(dit.dims.in_channels)
     if kind is None:
         raise ValueError(f"FreeProp trains an I2V (36-channel) or Fun-Control (48-channel) Wan; this model takes "
@@ -90,8 +130,14 @@ def run(args) -> int:
             write_world_pairs(args.pairs, seeds=range(args.seed, args.seed + args.world_pairs))
         if world > 1:
             torch.distributed.barrier()
-        pairs = PairSet.from_folder(args.pairs, args.max_frames)
-        dit, encode, context, kind = _models(args, device)
+        mem = memory_settings(args, device)
+        frames = args.max_frames
+        if mem.window_frames and frames > mem.window_frames:
+            frames = mem.window_frames
+            print(f"note: the {args.memory_preset} preset trains {frames}-frame clips (--max-frames {frames})",
+                  file=sys.stderr)
+        pairs = PairSet.from_folder(args.pairs, frames)
+        dit, encode, context, kind = _models(args, device, mem)
         if args.variant == "paper" and not args.no_ast_rope:
             try:
                 HeadSplit(args.spatial_ratio).groups(dit.dims.num_heads)
@@ -100,7 +146,7 @@ def run(args) -> int:
 
         def get(i: int):
             p = pairs[i]
-            s = pair_sample(p.source.to(device), p.edited.to(device), encode, context.to(device), kind)
+            s = pair_sample(p.source.to(device), p.edited.to(device), lambda x: encode(x).float(), context.to(device), kind)
             return s
 
         settings = replace(FreePropSettings(), steps=args.steps, batch=args.batch, learning_rate=args.lr,
@@ -109,20 +155,24 @@ def run(args) -> int:
                            backend=args.backend, checkpoint_every=args.checkpoint_every)
 
         def bar(i: int, n: int, _p=None) -> None:
-            if rank == 0 and (i == n or i % max(1, n // 20) == 0):
+            if rank == 0 and (i == n or i == 1 or i % max(1, n // 20) == 0):
                 print(f"step {i}/{n}", file=sys.stderr, flush=True)
 
         try:
             res = train_freeprop(dit, get, len(pairs), settings, checkpoint=args.checkpoint, resume=args.resume,
-                                 on_step=bar)
+                                 on_step=bar, memory=mem)
         except (Cancelled, KeyboardInterrupt):
-            print("cancelled; the checkpoint (if --checkpoint) holds the last finished step", file=sys.stderr)
+            if rank == 0:
+                print("cancelled; " + (f"{args.checkpoint} holds the last finished step: run the same command with "
+                                       "--resume to continue" if args.checkpoint else
+                                       "nothing kept (no --checkpoint)"), file=sys.stderr)
             return 130
         if rank == 0:
             save_freeprop(args.out, res.model, {"steps": res.step, "pairs": len(pairs), "kind_base": kind})
             last = res.parts[-1] if res.parts else {}
-            print(f"wrote {args.out}: {res.step} steps, loss {res.losses[0]:.4g} -> {res.losses[-1]:.4g} "
-                  f"({', '.join(f'{k} {v:.4g}' for k, v in last.items())})" if res.losses else f"wrote {args.out}")
+            print(f"wrote {args.out}: {res.step} steps ({len(res.losses)} this run), loss {res.losses[0]:.4g} -> "
+                  f"{res.losses[-1]:.4g} ({', '.join(f'{k} {v:.4g}' for k, v in last.items())})" if res.losses
+                  else f"wrote {args.out}")
         return 0
     finally:
         if world > 1 and torch.distributed.is_initialized():
