@@ -220,6 +220,19 @@ def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1
     return vae.eval(), losses
 
 
+ENCODER_SIDE = ("encoder.", "quant_conv.")      # what fixes every latent (with the config's latents_mean/std)
+
+
+def encoder_digest(state: dict[str, Tensor]) -> str:
+    """sha256 over the names and bytes of a VAE state_dict's encoder side (ENCODER_SIDE), in sorted order: equal
+    digests = the same latents for every input (the DiTs and the content encoder were trained on them)."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if k.startswith(ENCODER_SIDE)):
+        h.update(key.encode())
+        h.update(state[key].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def decoder_params(vae) -> list:
     """The decoder side of a VAE (post_quant_conv + decoder): what `train_decoder` trains."""
     return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
@@ -533,6 +546,7 @@ def decoder_main(args, pool: Tensor, cache: Path | None, t0: float, log) -> int:
         raise SystemExit("vae --decoder-only needs --init DIR (the VAE whose encoder is kept)")
     vae = load_vae_file(args.init)
     init_record = read_manifest(args.init)["models"]["vae"]
+    encoder = encoder_digest(vae.state_dict())
     lat_path = None if cache is None else cache.with_name(
         f"raw_latents_{sha256(args.init / 'vae.safetensors')[:16]}_{len(pool)}.pt")
     if lat_path is not None and lat_path.is_file():
@@ -549,13 +563,16 @@ def decoder_main(args, pool: Tensor, cache: Path | None, t0: float, log) -> int:
     t_train = time.time()
 
     def checkpoint(model, step):
+        if encoder_digest(model.state_dict()) != encoder:
+            raise RuntimeError("decoder-only training changed the encoder side (a bug in train_decoder)")
         curve.append({"step": step, "val_psnr": round(decoded_psnr(model, val_lat, val_clips), 3),
                       "seconds": round(time.time() - t_train, 1)})
         save_model(model, args.out / "vae.safetensors")
         write_entry(args.out, "vae", "vae.safetensors", dict(model.config), args, time.time() - t0,
                     {"steps_done": step, "decoder_only": "encoder + quant_conv + latents_mean/std copied from "
                      "init_from unchanged; post_quant_conv + decoder trained on whole clips", "loss": "mse"
-                     + (f" + {args.l1} l1" if args.l1 else ""), "val_curve": curve, "init_from": init_record})
+                     + (f" + {args.l1} l1" if args.l1 else ""), "encoder_sha256": encoder, "val_curve": curve,
+                     "init_from": init_record | {"encoder_sha256": encoder}})
         tmp = args.out / "decoder_curve.tmp"
         tmp.write_text(json.dumps(curve, indent=1) + "\n")
         os.replace(tmp, args.out / "decoder_curve.json")

@@ -156,8 +156,9 @@ COMMANDS = {
     "write-models": lambda models_dir, cache_dir: write_models(Path(models_dir), Path(cache_dir)),
     "registry-ids": registered_node_ids,
     "write-sam2": lambda models_dir: write_sam2(Path(models_dir)),
-    "write-world": lambda models_dir: __import__("e2e_world").write_world_models(Path(models_dir)),  # e2e_world.py
-    "world-vae-check": lambda: __import__("e2e_world").world_vae_check(),
+    "write-world": lambda models_dir, cache_dir: __import__("e2e_world").write_world_models(  # e2e_world.py
+        Path(models_dir), Path(cache_dir)),
+    "world-vae-check": lambda cache_dir: __import__("e2e_world").world_vae_check(cache_dir),
 }
 
 if __name__ == "__main__":  # python e2e_models.py write-models <models_dir> <cache_dir> | registry-ids

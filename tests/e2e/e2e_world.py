@@ -47,44 +47,25 @@ def load_world():
         sys.path[:0] = hidden
 
 
-def comfy_world_state_dicts(world=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(DiT state dict in ComfyUI WanModel keys, VAE state dict in ComfyUI WanVAE keys with the latent
-    normalisation folded in), float32, of `world` (default: load_world())."""
-    from ffprop.nodes.world.convert import dit_to_comfy, vae_to_comfy
+def comfy_world_state_dicts(world=None, vae_width: int | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, torch.Tensor]]:
+    """(DiT state dict in ComfyUI WanModel keys, VAE state dict in ComfyUI WanVAE keys with the world's latent
+    normalisation folded in: convert.fold_latent_format), float32, of `world` (default: load_world()).
+    vae_width: the VAE zero-padded to that base width first (convert.pad_vae_width: the same function)."""
+    from ffprop.nodes.world.convert import dit_to_comfy, fold_latent_format, pad_vae_width, vae_to_comfy
 
     world = world or load_world()
     vae = world.vae.vae
-    sd = {k: v.detach().clone().float() for k, v in vae_to_comfy(vae.state_dict(), vae.config.num_res_blocks).items()}
-    world_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float64)
-    world_std = torch.tensor(vae.config.latents_std, dtype=torch.float64)
-    wan_mean, wan_std = wan21_latent_stats()
-    a = wan_std / world_std                      # z_comfy = a * z_world + b
-    b = wan_mean - a * world_mean
-    z = len(a)
-    w1, b1 = sd["conv1.weight"].double(), sd["conv1.bias"].double()      # [2z, 2z, 1, 1, 1]: mean, then log-var
-    w1[:z] *= a.view(z, 1, 1, 1, 1)
-    b1[:z] = a * b1[:z] + b
-    w2, b2 = sd["conv2.weight"].double(), sd["conv2.bias"].double()      # [z, z, 1, 1, 1] on z_world
-    inv = (1 / a).view(1, z, 1, 1, 1)
-    b2 = b2 - (w2 * inv * b.view(1, z, 1, 1, 1)).sum((1, 2, 3, 4))
-    w2 = w2 * inv
-    sd.update({"conv1.weight": w1.float(), "conv1.bias": b1.float(), "conv2.weight": w2.float(),
-               "conv2.bias": b2.float()})
+    config = dict(vae.config)
+    sd = vae.state_dict() if vae_width is None else pad_vae_width(vae.state_dict(), config, vae_width)
+    sd = fold_latent_format(vae_to_comfy(sd, config["num_res_blocks"]), config)
     dit = {k: v.detach().clone().float().contiguous() for k, v in dit_to_comfy(world.dit.model.state_dict()).items()}
-    return dit, {k: v.contiguous() for k, v in sd.items()}
-
-
-def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
-    """The real Wan 2.1 VAE's per-channel latents_mean and latents_std, as ComfyUI's Wan21 latent format has them."""
-    import comfy.latent_formats
-
-    fmt = comfy.latent_formats.Wan21()
-    return fmt.latents_mean.flatten().double(), fmt.latents_std.flatten().double()
+    return dit, {k: v.detach().float().contiguous() for k, v in sd.items()}
 
 
 def comfy_loads_world_vae(sd: dict[str, torch.Tensor]) -> str | None:
-    """None when this ComfyUI builds a VAE that fits the world VAE's weights; else what is missing (0.3.64: the
-    Wan 2.1 VAE width is fixed at 96 and the world VAE is 12 wide)."""
+    """None when this ComfyUI builds a VAE that fits the VAE weights `sd` (ComfyUI layout); else why not (0.3.64:
+    the Wan 2.1 VAE width is fixed at 96, the world VAE is 12 wide)."""
     import comfy.sd
 
     try:
@@ -93,35 +74,77 @@ def comfy_loads_world_vae(sd: dict[str, torch.Tensor]) -> str | None:
     except (RuntimeError, ValueError) as e:
         width = int(sd["decoder.head.0.gamma"].shape[0])
         return (f"this ComfyUI cannot load the world VAE (decoder width {width}): its Wan 2.1 VAE loader builds a "
-                f"fixed architecture ({str(e).splitlines()[0][:200]}); it needs ComfyUI's width inference from "
-                "decoder.head.0.gamma (ComfyUI 0.28 has it)")
+                f"fixed architecture ({str(e).splitlines()[0][:200]})")
     return None
 
 
-def world_vae_check() -> dict:
-    """{} when this ComfyUI (COMFYUI_DIR) loads the world VAE, else {"skipped": what is missing}."""
+def wide_world_vae(cache_dir: Path) -> Path:
+    """The world VAE zero-padded to width WAN21_VAE_CONFIG['dim'] (96, what a ComfyUI without width inference
+    builds, e.g. 0.3.64), ComfyUI layout, float16 (about 254 MB), cached in cache_dir under the world VAE's
+    sha256 (a new world VAE gets a new file)."""
+    from e2e_models import WAN21_VAE_CONFIG, save_safetensors
+    from ffprop.nodes.world.model import read_manifest
+
+    width = WAN21_VAE_CONFIG["dim"]
+    digest = read_manifest()["models"]["vae"]["sha256"]
+    path = Path(cache_dir) / f"ffp_world_wan21_vae_w{width}_{digest[:16]}.safetensors"
+    if not path.is_file():
+        sd = comfy_world_state_dicts(vae_width=width)[1]
+        save_safetensors({k: v.half() for k, v in sd.items()}, path,
+                         f"world Wan 2.1 VAE zero-padded to width {width}, ComfyUI latent scale (nodes/world)")
+    return path
+
+
+def world_vae_file(cache_dir: Path) -> tuple[dict[str, torch.Tensor] | Path | None, str | None]:
+    """(what to install as the world VAE, None) for this ComfyUI (COMFYUI_DIR, imported): the world VAE's own
+    state dict when the host infers the Wan 2.1 VAE width from the weights (0.28), else the width-96 padded
+    file (`wide_world_vae`) when the host loads that; (None, why) when neither loads. Capability checks only:
+    each candidate is built by the host's own comfy.sd.VAE."""
+    from safetensors.torch import load_file
+
+    small = comfy_world_state_dicts()[1]
+    why = comfy_loads_world_vae(small)
+    if why is None:
+        return small, None
+    wide = wide_world_vae(cache_dir)
+    why_wide = comfy_loads_world_vae(load_file(str(wide)))
+    return (wide, None) if why_wide is None else (None, f"{why}; the width-96 padded VAE fails too: {why_wide}")
+
+
+def world_vae_check(cache_dir: str | Path) -> dict:
+    """{"vae": "own width" | "padded to 96"} when this ComfyUI loads the world VAE (building and caching the
+    padded file if it needs it), else {"skipped": why}."""
     from comfy_support import import_comfy
 
     import_comfy()
-    why = comfy_loads_world_vae(comfy_world_state_dicts()[1])
-    return {"skipped": why} if why else {}
+    vae, why = world_vae_file(Path(cache_dir))
+    if why:
+        return {"skipped": why}
+    return {"vae": "padded to 96" if isinstance(vae, Path) else "own width"}
 
 
-def write_world_models(models_dir: Path) -> dict:
-    """Write the world DiT and VAE (ComfyUI layout) into <models_dir>/diffusion_models and /vae; returns build
-    seconds, or {"skipped": why} when this ComfyUI cannot load the world VAE."""
+def write_world_models(models_dir: Path, cache_dir: Path) -> dict:
+    """Write the world DiT and VAE (ComfyUI layout) into <models_dir>/diffusion_models and /vae (the VAE as
+    `world_vae_file` picks it: its own width, or a link to the cached width-96 file); returns build seconds and
+    which VAE, or {"skipped": why} when this ComfyUI loads neither."""
     from comfy_support import import_comfy
     from e2e_models import save_safetensors
 
     import_comfy()
     t0 = time.perf_counter()
-    dit, vae = comfy_world_state_dicts()
-    why = comfy_loads_world_vae(vae)
+    vae, why = world_vae_file(Path(cache_dir))
     if why:
         return {"skipped": why}
+    dit = comfy_world_state_dicts()[0]
     save_safetensors(dit, Path(models_dir) / "diffusion_models" / DIT_NAME, "world Wan 2.1 I2V DiT (nodes/world)")
-    save_safetensors(vae, Path(models_dir) / "vae" / VAE_NAME, "world Wan 2.1 VAE, ComfyUI latent scale (nodes/world)")
-    return {"world": time.perf_counter() - t0}
+    dst = Path(models_dir) / "vae" / VAE_NAME
+    if isinstance(vae, Path):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        dst.symlink_to(vae.resolve())
+    else:
+        save_safetensors(vae, dst, "world Wan 2.1 VAE, ComfyUI latent scale (nodes/world)")
+    return {"world": time.perf_counter() - t0, "vae": "padded to 96" if isinstance(vae, Path) else "own width"}
 
 
 # ---- a world scene as workflow inputs, and the scores of an output ------------------------------------------

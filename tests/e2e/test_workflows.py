@@ -68,19 +68,28 @@ WORLD_MIN_PSNR = {"lora_edit": 16.5, "long_clip": 19.7, "ast_rope": 16.9}
 
 
 @pytest.fixture(scope="module")
-def world_models(request, comfy_root, comfy_python) -> dict:
-    """The world DiT and VAE (ComfyUI layout, e2e_world.py) in the server's models dir; skips naming what this
-    ComfyUI lacks, before any server starts."""
+def world_models(request, comfy_root, comfy_python, tmp_path_factory) -> dict:
+    """The world DiT and VAE (ComfyUI layout, e2e_world.py) in the server's models dir: the VAE at its own width
+    where the host infers it (0.28), else zero-padded to width 96 (same function; 0.3.64), that 254 MB file
+    cached in FFP_E2E_CACHE_DIR (or a temp dir removed afterwards) under the world VAE's sha256. Skips naming
+    what this ComfyUI lacks, before any server starts."""
+    import shutil
+
     from e2e_models import in_python
 
-    check = in_python(comfy_python, "world-vae-check")
+    keep = os.environ.get("FFP_E2E_CACHE_DIR")
+    cache = Path(keep) if keep else tmp_path_factory.mktemp("world_vae_cache")
+    check = in_python(comfy_python, "world-vae-check", str(cache))
     if "skipped" in check:
         print(f"world e2e skipped: {check['skipped']}")
         pytest.skip(check["skipped"])
     server = request.getfixturevalue("comfy_server")
-    result = in_python(comfy_python, "write-world", str(server.models_dir))
+    result = in_python(comfy_python, "write-world", str(server.models_dir), str(cache))
     TIMINGS["world models (write)"] = result["world"]
-    return result
+    print(f"world VAE in ComfyUI: {result['vae']}")
+    yield result
+    if not keep:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name", WORLD_PARAMS)

@@ -1,0 +1,99 @@
+"""VAE training paths of nodes/world/train.py: the one-pass decode is diffusers' decode (minus the clamp), and
+decoder-only fine-tuning never touches what fixes the latents (encoder, quant_conv, latents_mean/std)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ffprop.nodes.world import model as M
+from ffprop.nodes.world import train as T
+from ffprop.nodes.world.scenes import HELDOUT_SEEDS, render_clip
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return M.load_vae_file()
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """uint8 [2, 9, 32, 32, 3] held-out clips (9 frames: 3 latent frames, so the chunk-to-chunk cache is used)."""
+    return torch.stack([(render_clip(s, size=(32, 32), frames=9) * 255).round().to(torch.uint8)
+                        for s in HELDOUT_SEEDS[:2]])
+
+
+def test_one_pass_decode_is_diffusers_decode_without_the_clamp(vae, clips):
+    """vae_decode_whole == diffusers' frame-by-frame cached decode (`AutoencoderKLWan.decode`, which clamps) and
+    == vae_decode_raw (the same loop, unclamped), values and gradients, to 1e-5."""
+    with torch.no_grad():
+        z = T.vae_encode_mean(vae, T.to_vae_space(clips))
+        want = vae.decode(z).sample
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    whole, loop = T.vae_decode_whole(vae, za), T.vae_decode_raw(vae, zb)
+    assert whole.shape == want.shape == (2, 3, 9, 32, 32)
+    torch.testing.assert_close(whole.clamp(-1, 1), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole, loop, atol=1e-5, rtol=0)
+    weight = torch.randn(whole.shape, generator=torch.Generator().manual_seed(0))
+    (whole * weight).sum().backward()
+    (loop * weight).sum().backward()
+    torch.testing.assert_close(za.grad, zb.grad, atol=1e-4, rtol=1e-4)
+    assert za.grad.abs().mean() > 1e-4
+
+
+def test_the_training_decode_is_unclamped_so_saturated_pixels_keep_their_gradient(vae, clips):
+    """A latent scaled up drives pixels past +-1: diffusers' decode clamps them (zero gradient there), the
+    training decode keeps their values and gradient."""
+    with torch.no_grad():
+        z = T.vae_encode_mean(vae, T.to_vae_space(clips[:1])) * 3
+    z.requires_grad_()
+    out = T.vae_decode_whole(vae, z)
+    over = out.detach().abs() > 1
+    assert over.any()
+    grad = torch.autograd.grad(out[over].sum(), z)[0]
+    assert grad.abs().sum() > 0
+    with torch.no_grad():
+        assert vae.decode(z).sample.abs().max() <= 1
+
+
+def test_decoder_only_training_keeps_the_encoder_side_bit_identical(vae, clips):
+    """Two steps of train_decoder: the decoder changes, every encoder/quant_conv tensor and the config's latent
+    statistics stay bit-identical (encoder_digest equal), and the loss is the whole-clip MSE."""
+    model = copy.deepcopy(vae)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    latents = T.raw_latents(model, clips)
+    stats = (list(model.config.latents_mean), list(model.config.latents_std))
+    seen = []
+    _, losses = T.train_decoder(model, latents, clips, steps=2, seed=0, batch=2, lr=1e-3, l1=1.0,
+                                log=lambda s: None, checkpoint=lambda m, step: seen.append(step), every=1)
+    after = model.state_dict()
+    for key in before:
+        if key.startswith(T.ENCODER_SIDE):
+            assert torch.equal(after[key], before[key]), key
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+    assert T.encoder_digest(after) == T.encoder_digest(before) != T.encoder_digest(
+        {**before, "quant_conv.bias": before["quant_conv.bias"] + 1e-6})
+    assert (list(model.config.latents_mean), list(model.config.latents_std)) == stats
+    assert seen == [1, 2] and len(losses) == 2 and all(0 < loss < 1 for loss in losses)
+    assert all(p.requires_grad for p in model.parameters())      # handed back trainable as it came
+
+
+def test_the_bundled_vae_keeps_the_encoder_the_dits_were_trained_on():
+    """The DiTs' manifests name the VAE file whose latents they learned; the bundled VAE is that file or a
+    decoder-only fine-tune of it: some record in its init_from chain has that sha256 and the same encoder
+    digest as the bundled file."""
+    from safetensors.torch import load_file
+
+    manifest = M.read_manifest()
+    entry = manifest["models"]["vae"]
+    digest = T.encoder_digest(load_file(str(M.WEIGHTS / entry["file"])))
+    chain, record = [], entry
+    while record is not None:
+        chain.append(record)
+        record = record.get("init_from")
+    for name in ("dit_i2v", "dit_fun_control"):
+        trained_on = manifest["models"][name]["vae_sha256"]
+        same = [r for r in chain if r["sha256"] == trained_on]
+        assert same, f"{name} was trained on VAE {trained_on[:12]}, which is not in the bundled VAE's chain"
+        assert same[0] is entry or same[0].get("encoder_sha256") == digest, name
