@@ -4,6 +4,7 @@ checkpoints resume to the same state; the one-file model round-trips; 2 DDP proc
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from ffprop.nodes.ast_rope.freeprop import (  # noqa: E402
     save_freeprop,
     train_freeprop,
 )
+from ffprop.nodes.ast_rope.positions import HeadSplit  # noqa: E402
 from ffprop.nodes.ast_rope.predictor import PredictorConfig  # noqa: E402
 from ffprop.nodes.ast_rope.train import PredictorSample  # noqa: E402
 from ffprop.nodes.common import Cancelled  # noqa: E402
@@ -74,6 +76,21 @@ def test_ablations_and_bad_input(wan):
         train_freeprop(wan, [replace(pair(2), teacher_cond=None)], 1, replace(FAST, steps=1))
     with pytest.raises(ValueError, match="no training pairs"):
         train_freeprop(wan, [], 0, FAST)
+    with pytest.raises(ValueError, match=r"split 0.25 does not divide this model's 2 attention heads \(heads not "
+                                         r"divisible by the split\)"):
+        train_freeprop(wan, [pair(2)], 1, replace(FAST, steps=1, split=HeadSplit(0.25)))
+
+
+def test_pairs_are_encoded_lazily_one_batch_per_step(wan):
+    """get(i) is asked for step k's batch when step k runs: nothing is encoded ahead or held for the run."""
+    asked: list[tuple[int, int]] = []
+    steps: list[int] = []
+
+    def get(i: int) -> PredictorSample:
+        asked.append((len(steps), i))
+        return pair(20 + i)
+    train_freeprop(wan, get, 5, replace(FAST, steps=3, batch=2), on_step=lambda i, n, *_: steps.append(i))
+    assert asked == [(0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 0)]
 
 
 def test_checkpoint_resume_equals_one_run(wan, tmp_path):
@@ -103,7 +120,8 @@ def _stop_after(n: int):
 
 
 def test_one_file_model_round_trips(wan, tmp_path):
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     res = train_freeprop(wan, [pair(6)], 1, replace(FAST, steps=2))
     path = save_freeprop(tmp_path / "fp.safetensors", res.model)
@@ -117,6 +135,14 @@ def test_one_file_model_round_trips(wan, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an FFProp FreeProp model"):
         load_freeprop(tmp_path / "other.safetensors")
+    state, meta = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    save_file(state, str(tmp_path / "v9.safetensors"), metadata={**meta, "version": "9"})
+    with pytest.raises(ValueError, match="FreeProp file version '9'; this FFProp reads 1"):
+        load_freeprop(tmp_path / "v9.safetensors")
+    wider = {**meta, "predictor_config": json.dumps({**json.loads(meta["predictor_config"]), "width": 64})}
+    save_file(state, str(tmp_path / "arch.safetensors"), metadata=wider)   # another predictor architecture
+    with pytest.raises(ValueError, match="its predictor does not match its config"):
+        load_freeprop(tmp_path / "arch.safetensors")
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
