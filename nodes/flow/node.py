@@ -44,12 +44,16 @@ def flow_backend(optical_flow, flow_model: str, precision: str, iters: int) -> R
     if optical_flow is not None:
         if flow_model != DIS:
             log.info("FFP flow: optical_flow is connected; flow_model '%s' is not used", flow_model)
-        return RaftFlow(host_raft(optical_flow), precision, iters)
-    if flow_model == DIS:
+        flow, origin = RaftFlow(host_raft(optical_flow), precision, iters), "optical_flow input"
+    elif flow_model == DIS:
         return None
-    flow_files()
-    return RaftFlow(load_raft(folder_paths.get_full_path_or_raise(FOLDER, flow_model), mm.get_torch_device()),
-                    precision, iters)
+    else:
+        flow_files()
+        path = folder_paths.get_full_path_or_raise(FOLDER, flow_model)
+        flow, origin = RaftFlow(load_raft(path, mm.get_torch_device()), precision, iters), flow_model
+    log.info("FFP flow: frame-to-frame flow by RAFT (%s) on %s, %s, %d updates", origin, flow.device,
+             "fp16" if flow.half else "fp32", iters)
+    return flow
 
 
 class FFPFlowPropagate(io.ComfyNode):
