@@ -22,7 +22,7 @@ from ffprop.nodes.flow.raft import RaftFlow, load_raft, random_raft  # noqa: E40
 from ffprop.nodes.video.synthetic import synthetic_clip  # noqa: E402
 
 T, H, W = 4, 40, 56
-ITERS = 2
+ITERS = 1
 ARGS = dict(mode="auto", size_policy="auto", flow_quality="ultrafast", mask_threshold=0.08, mask_grow=2, feather=2,
             match_tolerance=0.06, light_tolerant=True)
 
