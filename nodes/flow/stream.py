@@ -1,13 +1,16 @@
 """File to file in bounded memory: decode -> flow engine -> encode, one frame at a time.
 
-Holds a few frames (the decoder's, the tracker's look-ahead, frame 1 and its edit), whatever the clip's
-length; layer mode decodes the file twice (nodes/flow/layer.py)."""
+Holds a few frames (the decoder's, the tracker's look-ahead, frame 1 and its edit, the encoder's queue),
+whatever the clip's length; frames are encoded in a writer thread while the next one is tracked; layer mode decodes the file twice (nodes/flow/layer.py)."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -77,13 +80,14 @@ def propagate_file(video: str | os.PathLike, edited_first: torch.Tensor, output:
     def run() -> None:
         nonlocal count
         with VideoWriter(output, reader.fps, (h, w), crf, audio) as out, \
-                (VideoWriter(mask_out, reader.fps, (h, w), crf) if mask_out else _Null()) as mout:
+                (VideoWriter(mask_out, reader.fps, (h, w), crf) if mask_out else _Null()) as mout, \
+                _Ordered() as encode:
             def sink(t: int, frame: np.ndarray, carried: Carried) -> None:
                 nonlocal count
-                out.write(_composite_u8(frame, carried))
+                encode(out.write, _composite_u8(frame, carried))
                 if mask_out:
                     m = (np.clip(carried.region, 0, 1) * 255 + 0.5).astype(np.uint8)
-                    mout.write(np.repeat(m[..., None], 3, -1))
+                    encode(mout.write, np.repeat(m[..., None], 3, -1))
                 count = t + 1
                 if count == ESTIMATE_AFTER and total > LONG_CLIP:
                     rate = (time.perf_counter() - t0) / count
@@ -96,6 +100,35 @@ def propagate_file(video: str | os.PathLike, edited_first: torch.Tensor, output:
     for note in reader.notes:
         log.info("FFP flow: %s", note)
     return StreamResult(count, reader.fps, tuple(notes), time.perf_counter() - t0)
+
+
+class _Ordered:
+    """Calls fn(frame) in a writer thread, in the order given, at most PENDING behind (memory stays flat):
+    the encoder runs while the next frame is tracked (PyAV releases the GIL). A failed write is raised by the
+    next call or on exit."""
+
+    PENDING = 2
+
+    def __enter__(self):
+        self._pool, self._jobs = ThreadPoolExecutor(1, thread_name_prefix="ffp-encode"), deque()
+        return self
+
+    def __call__(self, fn: Callable[[np.ndarray], None], frame: np.ndarray) -> None:
+        self._jobs.append(self._pool.submit(fn, frame))
+        while len(self._jobs) > self.PENDING:
+            self._jobs.popleft().result()
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            while self._jobs:
+                job = self._jobs.popleft()
+                if exc[0] is None:
+                    job.result()
+                else:
+                    job.cancel()
+        finally:
+            self._pool.shutdown(wait=True)
+        return False
 
 
 class _Null:

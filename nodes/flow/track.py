@@ -1,7 +1,8 @@
 """Track every pixel of each frame back to frame 0: chained flow, re-anchored to frame 0, patch-checked.
 
-uint8 frames in, one Track per frame out, streaming (the clip is never held): the chained flow of the next
-pair runs in a worker thread while this frame is re-anchored and checked (both cores; OpenCV releases the GIL),
+uint8 frames in, one Track per frame out, streaming (the clip is never held): the decode of the next frame
+and its chained flow run in a worker thread while this frame is re-anchored and checked (both cores; OpenCV
+and PyAV release the GIL),
 and every per-pixel test runs on uint8 with OpenCV kernels. Deterministic: each DIS estimator is used by one
 thread only, in frame order."""
 
@@ -27,10 +28,12 @@ LIGHT_WINDOW = 15      # px: local brightness/colour cast removed over this wind
 @dataclass(frozen=True)
 class Track:
     """coords [H, W, 2]: where pixel (x, y) of frame t lies in frame 0; valid [H, W]: tracked without
-    occlusion (its patch matches frame 0, directly or after removing the local lighting change)."""
+    occlusion (its patch matches frame 0, directly or after removing the local lighting change); flow
+    [H, W, 2]: the frame-to-frame flow t -> t-1 the chain used (None for frame 0)."""
 
     coords: np.ndarray
     valid: np.ndarray
+    flow: np.ndarray | None = None
 
 
 def patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -79,14 +82,16 @@ def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray
     smooth at this scale): re-acquires pixels after a passing occluder."""
     h, w = trusted.shape
     small = (max(1, w // 4), max(1, h // 4))
-    weight = trusted.astype(np.float32)
-    disp = (coords - grid) * weight[..., None]
+    keep = trusted.view(np.uint8)
+    disp = np.zeros_like(coords)
+    cv2.copyTo(coords - grid, keep, disp)                # the trusted displacements, 0 elsewhere
     num = cv2.GaussianBlur(cv2.resize(disp, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
-    den = cv2.GaussianBlur(cv2.resize(weight, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
+    den = cv2.GaussianBlur(cv2.resize(keep.astype(np.float32), small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
     filled_disp = num / np.maximum(den, 1e-6)[..., None]
     den = cv2.resize(den, (w, h), interpolation=cv2.INTER_LINEAR)
     filled = grid + cv2.resize(filled_disp, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.where((trusted | (den < 1e-3))[..., None], coords, filled)
+    cv2.copyTo(coords, (keep | (den < 1e-3).view(np.uint8)), filled)
+    return filled
 
 
 def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -102,9 +107,9 @@ def _keep_better(coords: np.ndarray, err: np.ndarray, cand: np.ndarray, frame: n
     """Per pixel, replace coords [H, W, 2] and its patch error err [H, W] (in place) by the candidate's where
     the candidate's patch matches frame 0 better (by `error`)."""
     cand_err = error(frame, sample(frame0, cand))
-    better = cand_err < err
-    np.copyto(coords, cand, where=better[..., None])
-    np.copyto(err, cand_err, where=better)
+    better = (cand_err < err).view(np.uint8)            # OpenCV's masked copy: ~9x numpy's broadcast copyto
+    cv2.copyTo(cand, better, coords)
+    cv2.copyTo(cand_err, better, err)
 
 
 def dis_backend(quality: str) -> FlowFn:
@@ -144,19 +149,24 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     coords, valid = grid.copy(), np.ones((h, w), bool)
     yield first, Track(coords, valid)
 
-    def pair_flow(frame: np.ndarray, prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def pull(prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Decode the next frame and its chained flow to the previous one (the worker's job)."""
+        frame = next(it, None)
+        if frame is None:
+            return None
         gray = to_gray(frame)
-        return gray, chain(gray, prev_gray, None)
+        return frame, gray, chain(gray, prev_gray, None)
 
     with ThreadPoolExecutor(1, thread_name_prefix="ffp-flow") as pool:
-        cur = next(it, None)
-        job = pool.submit(pair_flow, cur, gray0) if cur is not None and threaded else None
+        job = pool.submit(pull, gray0) if threaded else None
         prev_gray = gray0
-        while cur is not None:
-            gray, flow = job.result() if threaded else pair_flow(cur, prev_gray)
-            nxt = next(it, None)                           # decode the next frame while its flow is computed
-            if nxt is not None and threaded:
-                job = pool.submit(pair_flow, nxt, gray)
+        while True:
+            got = job.result() if threaded else pull(prev_gray)
+            if got is None:
+                break
+            cur, gray, flow = got
+            if threaded:                                   # decode the next frame and its flow meanwhile
+                job = pool.submit(pull, gray)
             prev_gray = gray
             coords = _compose(coords, grid + flow)
             err = patch_error_u8(cur, sample(frame0, coords))
@@ -170,8 +180,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                     _keep_better(coords, err, cand, cur, frame0, light_error if relit else patch_error_u8)
             valid = err < (match_tolerance / 2 if relit else match_tolerance)
             valid &= inside(coords, h, w)
-            yield cur, Track(coords, valid)
-            cur = nxt
+            yield cur, Track(coords, valid, flow)
 
 
 class _Indexed:

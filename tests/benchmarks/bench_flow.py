@@ -4,13 +4,14 @@
 
 Prints, on the same clip in one run: the engine's wall time file -> file (nodes/flow/stream.py: decode ->
 engine -> encode), the floor (decode + encode + one DIS flow per frame at the same preset, sequential), their
-ratio; then peak RSS of a fresh process running the engine on 49 and on 200 frames of the same footage (the
+ratio, and the CPU seconds of both (all threads: what a loaded machine's wall times hide); then peak RSS of a fresh process running the engine on 49 and on 200 frames of the same footage (the
 clip played forward and back), and whether two processes wrote the same bytes. Needs ../shared/data."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import resource
 import subprocess
 import sys
@@ -24,6 +25,11 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 def clip_paths(clip: str) -> tuple[Path, Path]:
     base = DATA / "loraedit_page" / "input"
     return base / f"{clip}.mp4", base / f"{clip}_e1.png"
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def floor(video: Path, quality: str, out: Path) -> float:
@@ -102,13 +108,17 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        c0 = cpu_seconds()
         f = floor(video, args.quality, tmp / "floor.mp4")
+        c1 = cpu_seconds()
         t0 = time.perf_counter()
         res = engine(video, edited, args.quality, tmp / "engine.mp4")
-        e = time.perf_counter() - t0
-        print(f"clip loraedit {args.clip}: {res.frames} frames, preset {args.quality}")
+        e, c2 = time.perf_counter() - t0, cpu_seconds()
+        print(f"clip loraedit {args.clip}: {res.frames} frames, preset {args.quality}; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times are only meaningful when idle)")
         print(f"engine (decode -> engine -> encode) {e:.2f} s ({res.frames / e:.1f} fps); floor (decode + "
               f"encode + 1 DIS per frame) {f:.2f} s; engine / floor {e / f:.2f}")
+        print(f"CPU seconds (all threads): engine {c2 - c1:.2f}, floor {c1 - c0:.2f}; ratio {(c2 - c1) / (c1 - c0):.2f}")
         long = looped(video, args.long, tmp / "long.mp4")
         rss_short, d1, n1 = run_child(long, edited, args.quality, 49, tmp / "a.mp4")
         rss_long, _, n2 = run_child(long, edited, args.quality, args.long, tmp / "b.mp4")
