@@ -4,8 +4,9 @@ An engine propagates a keyframe forward through a span (`forward`: the keyframe 
 backward span is the same engine on the time-reversed span (`run_span`). `between` generates a span whose two
 ends are keyframes: the base class uses the first only (the chunk chainer's seam rule: the next span's
 keyframe replaces the last frame); FlowEngine blends a forward and a backward propagation by distance with the
-engine's tracked region deciding per pixel; LoRAEditEngine puts the later keyframe into V_cond with keep-mask 1
-at its frame. `identity` names everything a result depends on besides the tensors (the span cache key)."""
+engine's tracked region deciding per pixel; LoRAEditEngine (and ChainEngine over a generator that keeps the
+source, e.g. ComfyUI's Wan with LoRA-Edit conditioning) puts the later keyframe into V_cond with keep-mask 1 at
+its frame. `identity` names everything a result depends on besides the tensors (the span cache key)."""
 
 from __future__ import annotations
 
@@ -147,32 +148,71 @@ class FlowEngine(SpanEngine):
         return distance_blend(source, fwd, bwd)
 
 
+TAIL_PAD = 3
+"""A two-ended span is padded by at least 3 frames so its later keyframe fills the whole last latent frame
+(4 pixel frames: keep-mask 1 on all four, as the LoRA learned for kept source pixels) besides its own frame."""
+
+
 class ChainEngine(SpanEngine):
     """Any generator the chunk chainer drives (nodes/chunks/chain.py Generator): each span is chained from its
-    keyframe with `chain_chunks` over a plan of chunk_length chunks (padding and hand-offs as the chainer does);
-    two-keyframe spans are generated from their first keyframe, the later keyframe replacing the last frame."""
+    keyframe with `chain_chunks` over a plan of chunk_length chunks (padding and hand-offs as the chainer does).
+
+    keeps_source=False: two-keyframe spans are generated from their first keyframe, the later keyframe replacing
+    the last frame (the chainer's seam rule). keeps_source=True, for generators that keep each chunk's source
+    outside its edit mask (chunks conditioning 'lora_edit'): two-ended, the later keyframe held on the span's
+    last frame and TAIL_PAD frames after it (fewer where the last chunk would hold nothing else) with the mask
+    cleared there (hold_tail), which is LoRA-Edit's V_cond with that keyframe at keep-mask 1
+    (masked_condition_video's tail) in the span's last chunk."""
 
     name = "chunks"
 
     def __init__(self, generate, identity: str, chunk_length: int = 81, steps: int = 1, seed: int = 0,
-                 drift=None):
+                 drift=None, keeps_source: bool = False):
         self.generate, self._identity = generate, identity
         self.chunk_length, self.steps, self.seed, self.drift = chunk_length, steps, seed, drift
+        self.two_ended = keeps_source
 
     @property
     def identity(self) -> str:
-        return f"chunks:{self._identity}:L{self.chunk_length}:steps{self.steps}:seed{self.seed}:{self.drift!r}"
+        return (f"chunks:{self._identity}:L{self.chunk_length}:steps{self.steps}:seed{self.seed}:{self.drift!r}"
+                f"{':two-ended' if self.two_ended else ''}")
+
+    def _plan(self, n: int):
+        from ..chunks.plan import plan_chunks
+
+        return plan_chunks(n, min(self.chunk_length, _wan_length(n)), 1, "pad_repeat")
 
     def forward(self, source, key, mask, on_step=None, should_stop=None) -> SpanResult:
         from ..chunks.chain import chain_chunks
         from ..chunks.drift import DriftSettings
-        from ..chunks.plan import plan_chunks
 
-        plan = plan_chunks(source.shape[0], min(self.chunk_length, _wan_length(source.shape[0])), 1, "pad_repeat")
+        plan = self._plan(source.shape[0])
         res = chain_chunks(plan, source, key, self.generate, mask, self.drift or DriftSettings(), 1, self.seed,
                            self.steps, "error", on_step, should_stop)
         region = res.edit_mask if res.edit_mask is not None else source.new_zeros(source.shape[:3])
         return SpanResult(res.video, region)
+
+    def between(self, source, first, last, mask, on_step=None, should_stop=None) -> SpanResult:
+        if not self.two_ended:
+            return self.forward(source, first, mask, on_step, should_stop)
+        n = source.shape[0]
+        extra = next(e for e in range(TAIL_PAD, -1, -1) if self._plan(n + e).chunks[-1].start < n - 1)
+        src, held = hold_tail(source, mask, last, extra)    # (no chunk made of held frames only: nothing to make)
+        r = self.forward(src, first, held, on_step, should_stop)
+        region = torch.ones(n, *source.shape[1:3]) if mask is None else (mask.float() > 0.5).float().expand(
+            n, -1, -1).clone()                          # the user's region (the held frames' mask was cleared)
+        return SpanResult(r.video[:n], region)
+
+
+def hold_tail(source: Tensor, mask: Optional[Tensor], tail: Tensor, extra: int) -> tuple[Tensor, Tensor]:
+    """A span [L, H, W, 3] with its later keyframe `tail` [H, W, 3] held: frames L-1..L-1+extra are the tail and
+    the per-frame mask [L + extra, H, W] is 0 there, elsewhere the given mask (None: 1, LoRA-Edit's global edit).
+    LoRA-Edit's conditioning of the result equals masked_condition_video(source, mask, head, tail=...) with the
+    tail on those frames (tested), so a chained generator that keeps the source sees the keyframe there."""
+    n, h, w = source.shape[:3]
+    m = torch.ones(n, h, w) if mask is None else mask.float().expand(n, h, w)
+    src = torch.cat([source[:-1], tail.to(source)[None].expand(extra + 1, -1, -1, -1)])
+    return src, torch.cat([m[:-1], m.new_zeros(extra + 1, h, w)])
 
 
 def _wan_length(n: int) -> int:
@@ -180,22 +220,11 @@ def _wan_length(n: int) -> int:
     return max(5, 4 * ((n - 1 + 3) // 4) + 1)
 
 
-def end_keyed_condition(source: Tensor, mask: Optional[Tensor], first: Tensor, last: Optional[Tensor]
-                        ) -> tuple[Tensor, Tensor]:
-    """LoRA-Edit's V_cond [L, H, W, 3] and keep [L, H, W] (nodes/lora_edit masked_condition_video) with, when
-    `last` is given, the later keyframe at the last frame and keep-mask 1 there."""
-    from ..lora_edit.conditioning import masked_condition_video
-
-    v_cond, keep = masked_condition_video(source, mask, first)
-    if last is not None:
-        v_cond[-1], keep[-1] = last.to(v_cond), 1.0
-    return v_cond, keep
-
-
-def pad_to_wan(source: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], int]:
-    """Pad a span to 4k+1 frames by repeating its last frame (and mask frame): (source, mask, padded count)."""
+def pad_to_wan(source: Tensor, mask: Optional[Tensor], at_least: int = 0) -> tuple[Tensor, Optional[Tensor], int]:
+    """Pad a span to 4k+1 frames (at least `at_least` more) by repeating its last frame (and mask frame):
+    (source, mask, padded count)."""
     n = source.shape[0]
-    pad = _wan_length(n) - n
+    pad = _wan_length(n + at_least) - n
     if not pad:
         return source, mask, 0
     source = torch.cat([source, source[-1:].expand(pad, -1, -1, -1)])
@@ -205,10 +234,11 @@ def pad_to_wan(source: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional
 
 
 class LoRAEditEngine(SpanEngine):
-    """LoRA-Edit (nodes/lora_edit) per span on any WanDiT + VAE: a LoRA trained on the span (a backward span:
-    on the reversed span), then sampling from V_cond with the first keyframe at frame 0 and, for two-keyframe
-    spans, the later keyframe at the last frame, both with keep-mask 1. Spans are padded to 4k+1 frames by
-    repeating their last frame (the later keyframe then sits on the last padded frame) and trimmed.
+    """LoRA-Edit (nodes/lora_edit lora_edit_video) per span on any WanDiT + VAE: a LoRA trained on the span (a
+    backward span: on the reversed span), then sampling from V_cond with the first keyframe at frame 0 and, for
+    two-keyframe spans, the later keyframe (masked_condition_video's tail) on the span's last frame and the
+    padding after it, all with keep-mask 1. Spans are padded to 4k+1 frames by repeating their last frame (two-
+    ended: at least TAIL_PAD frames, so the keyframe fills the last latent frame) and trimmed.
 
     world: nodes/evaluate/bench.py WanWorld (dit, encode, decode, context); model_id: names the weights (cache)."""
 
@@ -236,33 +266,28 @@ class LoRAEditEngine(SpanEngine):
         return self._run(source, first, last, mask, on_step, should_stop)
 
     def _run(self, source, first, last, mask, on_step, should_stop) -> SpanResult:
-        from ..host.sampling import sample
-        from ..lora_edit.conditioning import wan_cond
-        from ..lora_edit.lora import attach_hooks
-        from ..lora_edit.trainer import build_video_samples, train_lora_edit
+        from ..lora_edit.pipeline import lora_edit_video
 
         n = source.shape[0]
-        src, m, pad = pad_to_wan(source, mask)
-        w, steps = self.world, self.train.steps + self.sampling.steps
-        stage1 = build_video_samples(src, m, w.encode, w.context, None, self.memory.window_frames,
-                                     self.memory.window_stride)
+        src, m, pad = pad_to_wan(source, mask, 0 if last is None else TAIL_PAD)
+        tail = None if last is None else last[None].expand(pad + 1, -1, -1, -1)   # the keyframe and its padding
+        steps = self.train.steps + self.sampling.steps
         inner = (lambda off: (lambda i, t, p=None: on_step(off + i, steps))) if on_step else (lambda off: None)
-        lora = train_lora_edit(w.dit, stage1, self.train, None, self.memory, on_step=inner(0),
-                               should_stop=should_stop).lora
-        v_cond, keep = end_keyed_condition(src, m, first[None], last)
-        with torch.no_grad():
-            cond = wan_cond(w.encode(v_cond), keep, w.context)
-        x1 = stage1[0].target
-        noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(self.sampling.seed)).to(x1)
-        detach = attach_hooks(w.dit, lora)
-        try:
-            with torch.no_grad():
-                latent = sample(w.dit, cond, noise, self.sampling.steps, self.sampling.shift, inner(self.train.steps),
-                                should_stop)
-                frames = w.decode(latent).float().cpu().clamp(0, 1)[:n]
-        finally:
-            detach()
+        w = self.world
+        out = lora_edit_video(w.dit, w.encode, w.decode, src, m, first[None], w.context, train=self.train,
+                              memory=self.memory, sampling=self.sampling, on_train_step=inner(0),
+                              on_sample_step=inner(self.train.steps), should_stop=should_stop, tail=tail)
         log.info("FFP keyframes: LoRA-Edit span of %d frames (%d padded)%s", n, pad,
                  ", two-ended" if last is not None else "")
         region = torch.ones(n, *source.shape[1:3]) if mask is None else mask.float().expand(n, -1, -1).clone()
-        return SpanResult(frames, region)
+        return SpanResult(out.frames.float().cpu().clamp(0, 1)[:n], region)
+
+
+def world_model_id() -> str:
+    """The bundled world weights' identity (nodes/world/model.py): a hash of their manifest, which holds every
+    file's sha256, so retrained weights are a new model for the span cache."""
+    import json
+
+    from ..world.model import read_manifest
+
+    return "world:" + hashlib.sha256(json.dumps(read_manifest(), sort_keys=True).encode()).hexdigest()[:16]

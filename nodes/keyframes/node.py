@@ -122,9 +122,9 @@ class FFPKeyframePropagate(io.ComfyNode):
             display_name="Propagate Keyframes · FFP",
             category="FFP/video",
             description="Carries edited keyframes through the clip span by span: the stretch before the first "
-                        "keyframe backwards, each stretch between two keyframes from both ends (flow) or from its "
-                        "first (wan), the rest forwards. Spans are cached in ComfyUI's temp folder, so after you "
-                        "re-edit one keyframe only the spans next to it run again. Outputs a per-frame confidence "
+                        "keyframe backwards, each stretch between two keyframes from both ends, the rest forwards. "
+                        "Spans are cached in ComfyUI's temp folder, so after you re-edit one keyframe only the "
+                        "spans next to it run again. Outputs a per-frame confidence "
                         "(distance to the nearest keyframe) that shows where a new keyframe helps most.",
             inputs=[
                 io.Video.Input("source_video", tooltip="The clip to edit."),
@@ -134,8 +134,8 @@ class FFPKeyframePropagate(io.ComfyNode):
                                        "both propagations by distance, each pixel from the end that still tracks it. "
                                        "wan: a Wan 2.1 I2V model (model, vae, positive, negative) sampled per span "
                                        "like Sample Long Video in Chunks (LoRA-Edit conditioning, chunk_length "
-                                       "chunks) from the span's first keyframe; the later keyframe starts the next "
-                                       "span."),
+                                       "chunks) from both ends: the span's first keyframe is frame 1, the later one "
+                                       "is kept (keep-mask 1) on the span's last frame."),
                 io.Int.Input("chunk_length", default=81, min=5, max=1025, step=4,
                              tooltip="wan: frames per generation inside a span (4k+1; Wan 2.1: 81)."),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="wan: sampler steps per chunk."),
@@ -191,7 +191,7 @@ class FFPKeyframePropagate(io.ComfyNode):
             gen = comfy_generator(model, vae, positive, negative, "lora_edit", None, 0, steps, cfg, sampler_name,
                                   scheduler)
             span_engine = ChainEngine(gen, f"{comfy_identity(model, vae, positive, negative)}:{sampler_name}:"
-                                           f"{scheduler}:cfg{cfg}", chunk_length, steps, seed)
+                                           f"{scheduler}:cfg{cfg}", chunk_length, steps, seed, keeps_source=True)
         else:
             span_engine = FlowEngine()
         cache = None

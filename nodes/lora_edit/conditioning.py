@@ -2,7 +2,8 @@
 
 V_cond: the source clip with the edit region emptied to grey 0.5 (Wan's zero placeholder in [-1, 1] space),
 its first K frames replaced by `head` (the edited first frame at inference, the source's first frame in
-training). keep: Wan's pixel-rate keep-mask [T, H, W] (1 = keep, 0 = generate), all ones on the head frames.
+training) and, optionally, its last J frames by `tail` (a later edited keyframe: a span generated from both
+ends). keep: Wan's pixel-rate keep-mask [T, H, W] (1 = keep, 0 = generate), all ones on head and tail frames.
 
 Mask rule (documented once, used everywhere): a ComfyUI MASK pixel (1 = edit region) is in the edit region
 when its value is > 0.5 (`EDIT_THRESHOLD`); soft edges are binarised, never blended into V_cond.
@@ -45,8 +46,21 @@ def _edit_per_frame(edit_mask: Tensor, source: Tensor, name: str = "edit_mask", 
     return edit
 
 
+def _end_frames(frames: Tensor, name: str, what: str, h: int, w: int) -> Tensor:
+    """head/tail IMAGE [K, H, W, 3] (or [H, W, 3]) checked against the clip's size -> [K, H, W, 3]."""
+    if frames.ndim == 3:
+        frames = frames[None]
+    check_video(frames, f"{name} ({what})")
+    if tuple(frames.shape[1:3]) != (h, w):
+        raise ValueError(
+            f"the {what} is {frames.shape[2]}x{frames.shape[1]} but the source clip is {w}x{h} (WxH); fit it to "
+            "the clip first (e.g. the size policy of the conditioning node)."
+        )
+    return frames
+
+
 def masked_condition_video(source: Tensor, edit_mask: Optional[Tensor], head: Tensor,
-                           allow_empty: bool = False) -> tuple[Tensor, Tensor]:
+                           allow_empty: bool = False, tail: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Build (V_cond [T, H, W, 3], keep [T, H, W]) for Wan I2V.
 
     source: IMAGE [T, H, W, 3] in 0..1. edit_mask: MASK [T, H, W] or [1, H, W] (1 = edit region, binarised
@@ -54,20 +68,20 @@ def masked_condition_video(source: Tensor, edit_mask: Optional[Tensor], head: Te
     Frames 0..K-1 of V_cond are `head` with keep = 1; frames K..T-1 are the source with the edit region set to
     grey 0.5 and keep = 1 - edit (None: fully grey, keep = 0). allow_empty: for a slice of a validated clip,
     an all-zero edit_mask keeps every source frame (see _edit_per_frame); otherwise it is an error.
+    tail: IMAGE [J, H, W, 3] (or [H, W, 3]) or None: the last J frames are `tail` with keep = 1 (a later edited
+    keyframe at the clip's end: the clip is generated from both ends); K + J <= T. None changes nothing.
     """
     check_video(source, "source")
-    if head.ndim == 3:
-        head = head[None]
-    check_video(head, "head (first frame)")
     t, h, w, _ = source.shape
+    head = _end_frames(head, "head", "first frame", h, w)
     k = head.shape[0]
-    if tuple(head.shape[1:3]) != (h, w):
-        raise ValueError(
-            f"the first frame is {head.shape[2]}x{head.shape[1]} but the source clip is {w}x{h} (WxH); fit it to "
-            "the clip first (e.g. the size policy of the conditioning node)."
-        )
     if k > t:
         raise ValueError(f"head has {k} frames but the source clip only {t}; pass at most {t} head frames.")
+    if tail is not None:
+        tail = _end_frames(tail, "tail", "last keyframe", h, w)
+        if k + tail.shape[0] > t:
+            raise ValueError(f"head ({k} frames) and tail ({tail.shape[0]}) overlap in a clip of {t} frames; "
+                             f"pass at most {t - k} tail frames.")
     head = head.to(source.device, source.dtype)
     if edit_mask is None:
         edit = torch.ones(t, h, w, device=source.device)
@@ -77,6 +91,9 @@ def masked_condition_video(source: Tensor, edit_mask: Optional[Tensor], head: Te
     v_cond = torch.where(edit[..., None] > 0, torch.full_like(source, GREY), source)
     v_cond = torch.cat([head, v_cond[k:]], 0)
     keep = torch.cat([torch.ones(k, h, w, device=source.device), keep[k:]], 0)
+    if tail is not None:
+        j = tail.shape[0]
+        v_cond[t - j:], keep[t - j:] = tail.to(source.device, source.dtype), 1.0
     return v_cond.contiguous(), keep.contiguous()
 
 

@@ -50,11 +50,14 @@ def lora_edit_video(dit, encode: Callable[[Tensor], Tensor], decode: Callable[[T
                     sampling: SampleSettings = SampleSettings(), keyframes: Optional[Tensor] = None,
                     keyframe_indices: Optional[list[int]] = None, on_train_step: Optional[OnStep] = None,
                     on_sample_step: Optional[OnStep] = None, should_stop: Optional[ShouldStop] = None,
-                    low_noise_dit=None, boundary: float = WAN22_I2V_BOUNDARY) -> LoRAEditOutput:
+                    low_noise_dit=None, boundary: float = WAN22_I2V_BOUNDARY,
+                    tail: Optional[Tensor] = None) -> LoRAEditOutput:
     """source IMAGE [T, H, W, 3] (4k+1 frames, multiples of 16), edit_mask MASK or None (global edit),
     edited_first_frame IMAGE [1, H, W, 3] (already fitted). context [1, L, text_dim]; clip_tokens of the
     source's frame 1 for training and of the edited frame at inference are taken as the same tensor here.
-    low_noise_dit: the Wan 2.2 low-noise expert (then `dit` is the high-noise one), boundary a sigma in (0, 1)."""
+    low_noise_dit: the Wan 2.2 low-noise expert (then `dit` is the high-noise one), boundary a sigma in (0, 1).
+    tail: IMAGE [J, H, W, 3] or None: a later edited keyframe kept on the last J frames at inference (a span
+    generated from both ends; conditioning.masked_condition_video); training is unchanged."""
     pair = ExpertPair(dit, low_noise_dit, boundary) if low_noise_dit is not None else None
     device = dit.module.patch_embedding.weight.device
     stage1 = build_video_samples(source, edit_mask, encode, context, clip_tokens, memory.window_frames,
@@ -73,7 +76,7 @@ def lora_edit_video(dit, encode: Callable[[Tensor], Tensor], decode: Callable[[T
                             on_step=_offset(on_train_step, k * per, 2 * per), should_stop=should_stop,
                             device=expert.module.patch_embedding.weight.device)
             for k, (role, expert) in enumerate(((HIGH, dit), (LOW, low_noise_dit))))
-    v_cond, keep = masked_condition_video(source, edit_mask, edited_first_frame)
+    v_cond, keep = masked_condition_video(source, edit_mask, edited_first_frame, tail=tail)
     with torch.no_grad():
         cond = wan_cond(encode(v_cond), keep, context, clip_tokens)
     negative = None if negative_context is None else WanCond(None, None, negative_context, clip_tokens)

@@ -7,16 +7,18 @@ import pytest
 import torch
 from ffprop.nodes.evaluate.metrics import psnr
 from ffprop.nodes.keyframes.engines import (
+    TAIL_PAD,
     ChainEngine,
     FlowEngine,
     SpanResult,
     distance_blend,
-    end_keyed_condition,
+    hold_tail,
     pad_to_wan,
 )
 from ffprop.nodes.keyframes.keys import make_keyframes, parse_indices
 from ffprop.nodes.keyframes.propagate import propagate_keyframes
 from ffprop.nodes.keyframes.spans import Span, confidence, keyframe_distance, plan_spans
+from ffprop.nodes.lora_edit.conditioning import masked_condition_video
 from ffprop.nodes.video.synthetic import synthetic_clip
 
 
@@ -112,17 +114,55 @@ def test_chain_engine_spans_from_their_first_keyframe(clip):
     assert psnr(res.video.numpy(), clip.edited[:11].numpy()) > 25
 
 
-def test_lora_edit_condition_holds_the_later_keyframe():
+@pytest.mark.parametrize("chunk_length", [81, 5])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_wan_chain_engine_keeps_the_later_keyframe(clip, chunk_length, with_mask):
+    """ComfyUI's wan engine (a chained generator with LoRA-Edit conditioning, keeps_source=True): the last chunk of
+    a two-keyframe span is conditioned on masked_condition_video with the later keyframe as tail (kept on the span's
+    last frame and TAIL_PAD frames after it), every earlier frame exactly as without a tail; one chunk or several."""
+    from ffprop.nodes.chunks.chain import ChunkResult, condition_video
+
+    jobs = []
+
+    def record(job):                                       # the conditioning a Wan generator would encode
+        jobs.append(job)
+        return ChunkResult(job.source.clone(), None)
+
+    src = clip.source[:9]
+    mask = (clip.edited[:9] - src).abs().amax(-1).gt(0.02).float() if with_mask else None
+    first, last = clip.edited[0], clip.edited[8]
+    res = ChainEngine(record, "record", chunk_length=chunk_length, keeps_source=True).between(src, first, last, mask)
+    assert res.video.shape == src.shape
+    job = jobs[-1]
+    v, keep = condition_video("lora_edit", job.source, job.edit_mask, job.head)
+    start = job.chunk.start
+    n_held = job.source.shape[0] - (8 - start)                  # frames from the span's last frame on
+    assert start < 8 and (n_held >= 1 + TAIL_PAD if chunk_length == 81 else n_held == 1)  # 5: chunks 0-4, 4-8
+    want_v, want_keep = masked_condition_video(src[start:], None if mask is None else mask[start:], job.head,
+                                               allow_empty=True)
+    k = job.head.shape[0]
+    held = slice(v.shape[0] - n_held, None)
+    assert torch.equal(v[held], last[None].expand_as(v[held])) and bool((keep[held] == 1).all())
+    assert torch.equal(v[k:-n_held], want_v[k:-1]) and torch.equal(keep[k:-n_held], want_keep[k:-1])
+    assert (len(jobs) > 1) == (chunk_length == 5)
+    tail_free = ChainEngine(record, "record", chunk_length=chunk_length).between(src, first, last, mask)
+    assert not torch.equal(tail_free.video, res.video)      # one-ended: frame 8 is the source, not the keyframe
+
+
+def test_hold_tail_is_lora_edit_tail_conditioning():
     src = torch.rand(9, 16, 16, 3)
     mask = torch.zeros(1, 16, 16)
     mask[:, 4:12, 4:12] = 1
     first, last = torch.rand(1, 16, 16, 3), torch.rand(16, 16, 3)
-    v, keep = end_keyed_condition(src, mask, first, last)
-    assert torch.equal(v[0], first[0]) and torch.equal(v[-1], last)
-    assert float(keep[0].min()) == 1 and float(keep[-1].min()) == 1
-    assert float(keep[4, 8, 8]) == 0 and float(v[4, 8, 8, 0]) == 0.5      # the edit region between: generated
-    padded, m, pad = pad_to_wan(src[:7], None)
-    assert pad == 2 and padded.shape[0] == 9 and torch.equal(padded[-1], src[6])
+    for m in (mask, None):
+        held, held_mask = hold_tail(src, m, last, TAIL_PAD)
+        assert held.shape[0] == 9 + TAIL_PAD and torch.equal(held[:8], src[:8])
+        v, keep = masked_condition_video(held, held_mask, first)
+        padded, pm, pad = pad_to_wan(src, m, TAIL_PAD)
+        assert pad == 4 and padded.shape[0] == 13 and torch.equal(padded[-1], src[-1])
+        want_v, want_keep = masked_condition_video(padded, pm, first, tail=last[None].expand(5, -1, -1, -1))
+        assert torch.equal(v, want_v[:12]) and torch.equal(keep, want_keep[:12])
+        assert float(keep[4, 8, 8]) == 0 and float(v[4, 8, 8, 0]) == 0.5      # the edit region between: generated
 
 
 def test_bad_keyframes(clip):

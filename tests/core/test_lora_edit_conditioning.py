@@ -106,3 +106,41 @@ def test_a_slice_without_edit_pixels_keeps_its_source_when_allowed():
     src = clip()
     video, keep = masked_condition_video(src, torch.zeros(T, H, W), src[:1], allow_empty=True)
     assert torch.equal(video, src) and bool((keep == 1).all())
+
+
+@pytest.mark.parametrize("mask", [None, "box", "soft_one_frame"])
+def test_without_tail_the_conditioning_is_the_documented_rule(mask):
+    """tail=None (the default) is LoRA-Edit's rule bit for bit: head frames kept, the edit region grey, keep = 1
+    outside it (checked against an explicit construction, for a global edit, per-frame and one-frame masks)."""
+    src, head = clip(), clip(3)[:2]
+    m = {None: None, "box": box_mask(), "soft_one_frame": torch.rand(1, H, W, generator=torch.Generator().manual_seed(4))}[mask]
+    edit = torch.ones(T, H, W) if m is None else (m > 0.5).float().expand(T, H, W)
+    want_v = torch.where(edit[..., None] > 0, torch.full_like(src, GREY), src)
+    want_v[:2] = head
+    want_keep = 1 - edit
+    want_keep[:2] = 1
+    for v, keep in (masked_condition_video(src, m, head), masked_condition_video(src, m, head, tail=None)):
+        assert torch.equal(v, want_v) and torch.equal(keep, want_keep)
+
+
+def test_tail_is_kept_on_the_last_frames():
+    """A later keyframe as tail: the cond video's last J frames are it, keep-mask 1 there (inside the edit region
+    too); every other frame is what it is without a tail."""
+    src, mask = clip(), box_mask()
+    head, tail = clip(1)[:1], clip(2)[:3]
+    base_v, base_keep = masked_condition_video(src, mask, head)
+    for t, j in ((tail[0], 1), (tail, 3)):
+        v, keep = masked_condition_video(src, mask, head, tail=t)
+        assert torch.equal(v[-j:], t if t.ndim == 4 else t[None]) and bool((keep[-j:] == 1).all())
+        assert torch.equal(v[:-j], base_v[:-j]) and torch.equal(keep[:-j], base_keep[:-j])
+        assert float(base_keep[-1, 16, 24]) == 0                       # without it, that pixel was generated
+    v, keep = masked_condition_video(src, None, head, tail=tail[:1])   # global edit: only the ends are kept
+    assert torch.equal(v[-1], tail[0]) and bool((keep[1:-1] == 0).all()) and bool((keep[-1] == 1).all())
+
+
+def test_bad_tail():
+    src = clip()
+    with pytest.raises(ValueError, match="last keyframe is 64x32 but the source clip is 48x32"):
+        masked_condition_video(src, None, src[:1], tail=torch.rand(H, W + 16, 3))
+    with pytest.raises(ValueError, match="overlap in a clip of 9 frames; pass at most 4 tail frames"):
+        masked_condition_video(src, None, src[:5], tail=src[:5])

@@ -107,14 +107,19 @@ def test_flow_propagate_node_honours_cancel(clip):
 
 
 def test_wan_engine_spans_on_a_tiny_real_model():
+    """Keyframes 0 and 8 on a tiny real ComfyUI Wan: the span between them is two-ended, so the LoRA-Edit V_cond
+    that ComfyUI's VAE encodes holds the later keyframe on the span's last frame and the frames padded after it;
+    the host's MODEL is unchanged; a second run comes from the cache."""
     clip = synthetic_clip(num_frames=9, height=32, width=32, seed=2)
     model = load_tiny_comfy_wan("i2v")
     vae = comfy.sd.VAE(sd=random_wan21_vae_state_dict(dtype=torch.float32))
+    encoded, encode = [], vae.encode
+    vae.encode = lambda pixels: (encoded.append(pixels.clone()), encode(pixels))[1]   # what the conditioning encodes
     g = torch.Generator().manual_seed(0)
     pos, neg = [[torch.randn(1, 8, 4096, generator=g) * 0.1, {}]], [[torch.zeros(1, 8, 4096), {}]]
-    kf = keys(clip, clip.edited[8:9], "8").args[0]                # one span (the random VAE is slow): backward
+    kf = keys(clip, torch.stack([clip.edited[0], clip.edited[8]]), "0, 8").args[0]   # one span (the VAE is slow)
     src = pack_video(clip.source, 12.0)
-    wan = dict(FLOW, engine="wan", chunk_length=9, steps=1)
+    wan = dict(FLOW, engine="wan", chunk_length=13, steps=1)
     with pytest.raises(ValueError, match="needs model, vae, positive, negative"):
         FFPKeyframePropagate.execute(src, kf, **wan, use_cache=False, cache_mb=64)
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
@@ -122,7 +127,11 @@ def test_wan_engine_spans_on_a_tiny_real_model():
                                        positive=pos, negative=neg).args
     frames, report = out[1], out[4]
     assert frames.shape == clip.source.shape and bool(torch.isfinite(frames).all())
-    assert "frames 0-8 (backward from keyframe 8): computed" in report
+    assert "frames 0-8 (between keyframes 0 and 8): computed" in report
+    (v_cond,) = encoded                                  # one chunk: 9 frames + 3 held + 1 padded
+    assert v_cond.shape[0] == 13
+    assert torch.equal(v_cond[0], kf.frame(0)) and bool((v_cond[8:] == kf.frame(8)).all())
+    assert bool((v_cond[1:8] == 0.5).any())              # between: the edit region is generated
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the host's MODEL must not change"
     again = FFPKeyframePropagate.execute(src, kf, **wan, use_cache=True, cache_mb=64, model=model, vae=vae,
