@@ -3,6 +3,7 @@
   ffprop demo                      synthesise a clip + edit, propagate it, write videos and metrics
   ffprop propagate --video SRC --edited-first-frame IMG [--mask M] -o OUT.mp4
   ffprop propagate --video SRC --keyframe 0:first.png --keyframe 48:f48.png -o OUT.mp4   edits at any frames
+  ffprop propagate --engine wan --world --video SRC --keyframe 0:a.png --keyframe 8:b.png -o OUT.mp4   LoRA-Edit
   ffprop eval --video SRC --edited-first-frame IMG --output OUT.mp4 [--mask M]
   ffprop bench world [--json FILE] [--quick]     every engine vs ground truth on held-out world scenes
 
@@ -120,9 +121,10 @@ def check_keyframes(args) -> list[tuple[int, str]]:
     repeated = sorted({i for i in seen if seen.count(i) > 1})
     if repeated:
         raise CliError(f"--keyframe gives frame(s) {repeated} more than once; keep one edit per frame.")
-    if args.engine == "wan" and keys != [(0, keys[0][1])]:
-        raise CliError("--engine wan takes the edit of frame 1 only so far; use --engine flow for keyframes at "
-                       "other frames (or the FFPKeyframePropagate node in ComfyUI).")
+    if args.engine == "wan" and keys != [(0, keys[0][1])] and not getattr(args, "world", False):
+        raise CliError("--engine wan --model DIR takes the edit of frame 1 only so far; for keyframes at other frames "
+                       "use --engine wan --world (LoRA-Edit per span, two-ended, on the bundled small world models), "
+                       "--engine flow, or the FFPKeyframePropagate node in ComfyUI (engine wan, two-ended).")
     return sorted(keys)
 
 
@@ -181,11 +183,18 @@ def check_diffusers(engine: str) -> None:
 
 
 def check_engine(args) -> None:
-    """--engine wan needs --model DIR: say so before reading anything."""
+    """--engine wan needs --model DIR or --world: say so before reading anything."""
     if args.engine != "wan":
+        if getattr(args, "world", False):
+            raise CliError("--world picks the models of --engine wan; add --engine wan (the flow engine needs none).")
+        return
+    if getattr(args, "world", False):
+        if args.model:
+            raise CliError("give --model DIR or --world (the bundled small world models), not both.")
         return
     if not args.model:
-        raise CliError("--engine wan needs --model DIR (a diffusers-format Wan2.1 I2V directory).")
+        raise CliError("--engine wan needs --model DIR (a diffusers-format Wan2.1 I2V directory), or --world for "
+                       "the bundled small world models (64x64 procedural scenes; no download).")
     if not Path(args.model).is_dir():
         raise CliError(f"--model '{args.model}' is not a directory (expected a diffusers-format Wan2.1 I2V "
                        "folder with transformer/ and vae/).")
@@ -348,9 +357,41 @@ def check_propagate(args) -> None:
         check_engine(args)
 
 
+def _world_engine(args):
+    """--engine wan --world: LoRA-Edit per span (two-ended between keyframes) on the bundled world models, with
+    the wan options' training and sampling settings (no text: the world DiT ignores it, so CFG is off)."""
+    from .nodes.evaluate.bench import WanWorld
+    from .nodes.keyframes.engines import LoRAEditEngine, world_model_id
+    from .nodes.lora_edit.pipeline import SampleSettings
+    from .nodes.lora_edit.trainer import TrainSettings
+    from .nodes.world.model import load_world_models
+
+    w = load_world_models()
+    print("note: --world: the bundled small world models (trained on 64x64 procedural scenes; other footage "
+          "comes out as those scenes look)")
+    return LoRAEditEngine(WanWorld(w.dit, w.vae.encode, w.vae.decode, w.context()), world_model_id(),
+                          TrainSettings(steps=args.train_steps, learning_rate=args.lr, rank=args.rank, seed=args.seed),
+                          SampleSettings(args.steps, 1.0, args.shift, args.seed))
+
+
+def _wan_size(source, mask, fitted: list, policy: str):
+    """Wan's multiple-of-16 size rule applied alike to the clip, its mask and the fitted keyframes."""
+    import torch
+
+    from .nodes.video.frames import fix_size
+
+    source, note = fix_size(source, policy)
+    if note:
+        print(f"note: {note} (the clip, its mask and every keyframe)")
+        fitted = list(fix_size(torch.stack(fitted), policy)[0])
+        mask = None if mask is None else (fix_size(mask, policy)[0] > 0.5).float()
+    return source, mask, fitted
+
+
 def _propagate_keyframes(args, source, mask, settings, images: list):
-    """--keyframe: each edited frame fitted like frame 1 (fit_edit), checked, then propagated span by span with the
-    span cache in --cache-dir (default: ffprop_cache/ next to -o). Returns the KeyframeResult."""
+    """--keyframe (or --engine wan --world): each edited frame fitted like frame 1 (fit_edit), checked, then
+    propagated span by span with the span cache in --cache-dir (default: ffprop_cache/ next to -o). Returns the
+    KeyframeResult (for --engine wan at the clip's size after Wan's multiple-of-16 rule, --crop-policy)."""
     from .nodes.keyframes.cache import SpanCache
     from .nodes.keyframes.engines import FlowEngine
     from .nodes.keyframes.keys import make_keyframes
@@ -367,13 +408,17 @@ def _propagate_keyframes(args, source, mask, settings, images: list):
         if note:
             print(f"note: keyframe {i} ('{path}'): {note}")
         fitted.append(frame)
+    wan = args.engine == "wan"
+    if wan:
+        source, mask, fitted = _wan_size(source, mask, fitted, args.crop_policy)
     keys = make_keyframes(source, fitted, [i for i, _ in args.keys], "error", mask, args.mask_threshold)
+    engine = _world_engine(args) if wan else FlowEngine(settings)
     cache = None
     if not args.no_cache:
         cache = SpanCache(args.cache_dir or Path(args.output).resolve().parent / "ffprop_cache", args.cache_mb << 20)
     bar = Bar("propagating")
     try:
-        result = propagate_keyframes(source, keys, FlowEngine(settings), mask, cache, on_step=bar)
+        result = propagate_keyframes(source, keys, engine, mask, cache, on_step=bar)
     finally:
         bar.close()
     print(result.report())
@@ -441,7 +486,7 @@ def cmd_propagate(args) -> int:
     if mask is not None and mask.shape[0] > 1:
         mask = mask[: source.shape[0]]
     audio = audio_codec(args.video)
-    if args.keyframe and args.engine != "wan":
+    if args.engine != "wan" or args.world:               # span by span: flow, or LoRA-Edit on the world models
         result = _propagate_keyframes(args, source, mask, settings, images)
         out = write_video(args.output, result.video, fps, audio_from=args.video)
         _wrote(out, result.video, fps)
@@ -564,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--keyframe", action="append", type=_keyframe, metavar="INDEX:PATH",
                       help="an edited frame at 0-based frame INDEX (frame 1 is 0); repeat for several, e.g. "
                            "--keyframe 0:first.png --keyframe 48:f48.png: each stretch between two keyframes is made "
-                           "from both (flow engine), the rest from the nearest one")
+                           "from both (--engine flow, or wan with --world), the rest from the nearest one")
     prop.add_argument("--cache-dir", help="keyframes: span cache folder, so a re-run after editing one keyframe "
                                           "recomputes only the stretches it touches (default: ffprop_cache/ next to "
                                           "-o; safe to delete)")
@@ -583,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "needs diffusers)")
     _add_flow_options(prop)
     add_wan_arguments(prop)
+    prop.add_argument("--world", action="store_true",
+                      help="engine wan: the bundled small world models (nodes/world, trained on 64x64 procedural "
+                           "scenes) instead of --model: LoRA-Edit span by span, every stretch between two keyframes "
+                           "from both ends; no download, CPU is enough")
     prop.set_defaults(func=cmd_propagate, check=check_propagate)
 
     ev = sub.add_parser("eval", help="score an edited video against its source",

@@ -351,7 +351,11 @@ def test_propagate_keyframes_and_the_span_cache(clip_dir, tmp_path):
     (("--edited-first-frame", "edit.png", "--keyframe", "0:edit.png"), "both give frame 1's edit"),
     (("--keyframe", "0:edit.png", "--keyframe", "40:edit.png"), "[40] are past the clip's end: it has 12 frames"),
     (("--engine", "wan", "--model", ".", "--keyframe", "0:edit.png", "--keyframe", "5:edit.png"),
-     "--engine wan takes the edit of frame 1 only"),
+     "--engine wan --model DIR takes the edit of frame 1 only so far; for keyframes at other frames use --engine wan "
+     "--world"),
+    (("--engine", "wan", "--world", "--model", ".", "--keyframe", "0:edit.png"), "--model DIR or --world"),
+    (("--world", "--keyframe", "0:edit.png"), "add --engine wan"),
+    (("--engine", "wan", "--keyframe", "0:edit.png"), "or --world for the bundled small world models"),
     ((), "give the edit: --edited-first-frame IMG"),
 ])
 def test_propagate_keyframe_errors_write_nothing(clip_dir, extra, words):
@@ -360,3 +364,28 @@ def test_propagate_keyframe_errors_write_nothing(clip_dir, extra, words):
     assert run.returncode == 2, message(run)
     assert words in message(run)
     assert snapshot(clip_dir) == before
+
+
+def test_propagate_keyframes_with_wan_on_the_world_models(tmp_path):
+    """--engine wan --world: LoRA-Edit span by span on the bundled world models, the span between keyframes 0 and
+    8 two-ended; spans cached; the clip as PNG folders (lossless), its per-frame loose-box mask as a folder."""
+    from ffprop.nodes.evaluate.bench import loose_mask
+    from ffprop.nodes.world.scenes import HELDOUT_SEEDS, render_sample
+
+    s = render_sample(HELDOUT_SEEDS[0], "recolour", frames=13)
+    for name, frames in (("src", s.source), ("mask", loose_mask(s)[..., None].expand(-1, -1, -1, 3))):
+        (tmp_path / name).mkdir()
+        for i, frame in enumerate(frames):
+            write_image(tmp_path / name / f"{i:03d}.png", frame)
+    write_image(tmp_path / "k0.png", s.target[0])
+    write_image(tmp_path / "k8.png", s.target[8])
+    args = ("propagate", "--engine", "wan", "--world", "--video", "src", "--mask", "mask", "--keyframe", "0:k0.png",
+            "--keyframe", "8:k8.png", "--train-steps", "8", "--steps", "4", "--shift", "3", "-o", "out.mkv")
+    first = ffprop(*args, cwd=tmp_path)
+    assert first.returncode == 0, message(first)[-3000:]
+    assert "2 span(s), 2 computed" in first.stdout and "frames 0-8 (between keyframes 0 and 8): computed" in first.stdout
+    video = read_video(tmp_path / "out.mkv")[0]
+    assert video.shape == (13, 64, 64, 3)
+    again = ffprop(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "0 computed, 2 from the cache" in again.stdout, message(again)[-3000:]
+    assert torch.equal(read_video(tmp_path / "out.mkv")[0], video)
