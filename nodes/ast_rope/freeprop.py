@@ -409,16 +409,23 @@ def freeprop_model(dit: WanDiT, loaded: FreePropFile, source_latent: Optional[Te
         if loaded.predictor is None:
             yield dit
             return
-        with torch.no_grad():
-            a = variant_alphas(loaded.predictor.alphas(source_latent), loaded.variant, loaded.split)
-        a = replace(a, alpha_s=a.alpha_s.detach().cpu(), alpha_t=a.alpha_t.detach().cpu())
-        if loaded.variant == "paper":
-            try:
-                loaded.split.groups(dit.dims.num_heads)
-            except ValueError:
-                log.warning("FFP FreeProp: the file's head split %s does not divide this model's %d heads; using the "
-                            "global variant (one position set for all heads).", loaded.split, dit.dims.num_heads)
-                a = replace(a, split=None)
-        yield apply_ast_rope(dit, a, backend)
+        yield apply_ast_rope(dit, freeprop_alphas(loaded, source_latent, dit.dims.num_heads), backend)
     finally:
         detach()
+
+
+def freeprop_alphas(loaded: FreePropFile, source_latent: Tensor, heads: int) -> RopeAlphas:
+    """The alphas the file's predictor gives for `source_latent` [1, 16, F, h, w] (detached, CPU), in its variant;
+    a paper split that does not divide `heads` falls back to the global variant (logged)."""
+    device = next(loaded.predictor.parameters()).device
+    with torch.no_grad():
+        a = variant_alphas(loaded.predictor.alphas(source_latent.float().to(device)), loaded.variant, loaded.split)
+    a = replace(a, alpha_s=a.alpha_s.detach().cpu(), alpha_t=a.alpha_t.detach().cpu())
+    if loaded.variant == "paper":
+        try:
+            loaded.split.groups(heads)
+        except ValueError:
+            log.warning("FFP FreeProp: the file's head split %s does not divide this model's %d heads; using the "
+                        "global variant (one position set for all heads).", loaded.split, heads)
+            a = replace(a, split=None)
+    return a

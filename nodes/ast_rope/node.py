@@ -357,8 +357,10 @@ class FFPFreePropApply(io.ComfyNode):
                         "(WanImageToVideo with the edited first frame, or WanFunControlToVideo for Fun-Control).",
             inputs=[
                 io.Model.Input("model", tooltip="The Wan 2.1 MODEL the FreeProp model was trained on."),
-                io.Combo.Input("freeprop", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="A FreeProp model file in models/ast_rope."),
+                io.Combo.Input("freeprop", options=_predictor_files(), default=NONE,
+                               tooltip="A FreeProp model file in models/ast_rope (train one with `ffprop train "
+                                       "freeprop --out ComfyUI/models/ast_rope/NAME.safetensors`; no public "
+                                       "FreeProp weights exist). 'none' until you have one."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="LoRA strength (1 = as trained)."),
                 io.Latent.Input("source_latent", optional=True,
@@ -371,9 +373,12 @@ class FFPFreePropApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, freeprop, strength, source_latent=None, source_images=None, vae=None) -> io.NodeOutput:
-        from .freeprop import load_freeprop
-        from .patch import variant_alphas
+        from .freeprop import freeprop_alphas, load_freeprop
 
+        if freeprop == NONE:
+            raise ValueError("pick a FreeProp model file in 'freeprop' (models/ast_rope); train one with `ffprop train "
+                             "freeprop --pairs DIR --out ComfyUI/models/ast_rope/NAME.safetensors` (see the node's "
+                             "help page).")
         loaded = load_freeprop(folder_paths.get_full_path_or_raise(FOLDER, freeprop))
         patched, _ = comfy.sd.load_lora_for_models(model, None, loaded.lora.comfy_state_dict(), strength, 0)
         if loaded.predictor is None:
@@ -383,12 +388,9 @@ class FFPFreePropApply(io.ComfyNode):
         if latent is None:
             raise ValueError("this FreeProp model has an AST-RoPE predictor: connect source_latent, or source_images "
                              "and a VAE.")
-        with torch.no_grad():
-            alphas = variant_alphas(loaded.predictor.alphas(latent), loaded.variant, loaded.split)
-        from dataclasses import replace
-
-        alphas = replace(alphas, alpha_s=alphas.alpha_s.detach(), alpha_t=alphas.alpha_t.detach())
-        out = apply_ast_rope(ComfyWan(patched), alphas, "auto").patcher
+        dit = ComfyWan(patched)
+        alphas = freeprop_alphas(loaded, latent, dit.dims.num_heads)
+        out = apply_ast_rope(dit, alphas, "auto").patcher
         text = f"FreeProp: LoRA x{strength:g}; AST-RoPE {alphas.describe()}"
         return io.NodeOutput(out, text, ui=ui.PreviewText(text))
 

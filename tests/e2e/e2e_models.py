@@ -92,6 +92,7 @@ def write_models(models_dir: Path, cache_dir: Path) -> dict[str, float]:
         dst.symlink_to(vae)
     times["vae"] = time.perf_counter() - t0
     times.update(__import__("e2e_wan22").write_wan22_models(Path(models_dir)))   # Wan 2.2 experts (e2e_wan22.py)
+    times.update(__import__("e2e_freeprop").write_freeprop_model(Path(models_dir)))   # FreeProp (e2e_freeprop.py)
     return times
 
 

@@ -441,6 +441,11 @@ def test_freeprop_model_file_applies_lora_and_ast_rope(tmp_path, monkeypatch):
     assert (got - lora_only).abs().max() > 1e-6 and (lora_only - stock).abs().max() > 1e-6
     with pytest.raises(ValueError, match="source_latent"):
         FFPFreePropApply.execute(model, "fp.safetensors", 1.0)
+    with pytest.raises(ValueError, match="pick a FreeProp model file.*ffprop train freeprop"):
+        FFPFreePropApply.execute(model, "none", 1.0, source_latent={"samples": src})
+    schema = FFPFreePropApply.GET_SCHEMA()
+    combo = next(i for i in schema.inputs if i.id == "freeprop")
+    assert combo.default == "none" and combo.options == ["none", "fp.safetensors"]
 
 
 def comfy_lora(model, lora):
