@@ -19,6 +19,8 @@ def arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate after 20 warm-up steps, cosine decay "
                                                           "(GenProp: 5e-5)")
     p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the saved weights (default 0.99)")
+    p.add_argument("--mpd-weight", type=float, default=1.0, help="gamma, the mask decoder loss's weight (GenProp: 1; "
+                                                                 "the bundled world encoder: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new layers, pairs, noise and t (default 0)")
     p.add_argument("--clips", type=int, default=16, help="world training scenes: seeds 0..N-1 (default 16; never "
                                                          "the benchmark's held-out seeds)")

@@ -61,17 +61,14 @@ def save_encoder(encoder: ContentEncoder, path: str | Path, extra: Optional[dict
 
 
 def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], EncoderConfig, dict[str, str]]:
-    """(tensors, config, metadata) of an encoder file; ValueError naming the file when it is not one."""
-    from safetensors import SafetensorError, safe_open
+    """(tensors, config, metadata) of an encoder file; FileNotFoundError when it is absent, ValueError naming the
+    file when it is not one."""
+    from ..ast_rope.predictor import read_safetensors
 
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"'{path.name}' cannot be read as safetensors ({e}); re-save it with 'Train Content "
-                         "Encoder' or `ffprop train content-encoder`.") from e
+    meta, state = read_safetensors(path, "cpu", f"no content encoder at '{path}'; put .safetensors files in "
+                                   "models/ffprop_content_encoder.", "; re-save it with 'Train Content Encoder' or "
+                                   "`ffprop train content-encoder`")
     if meta.get("format") != FORMAT:
         what = f"format '{meta['format']}'" if "format" in meta else "no FFProp content-encoder metadata"
         raise ValueError(f"'{path.name}' is not an FFProp content encoder ({what}; expected '{FORMAT}'). Choose a file "

@@ -244,7 +244,7 @@ def run(args) -> int:
         encoder = build_encoder(world.dit, args.depth, seed=args.seed)
         src = pairs[0].sce
         settings = TrainSettings(steps=args.steps, learning_rate=args.lr, batch=args.batch, ema_decay=args.ema,
-                                 seed=args.seed)
+                                 seed=args.seed, weights=LossWeights(mpd=args.mpd_weight))
         last = [time.perf_counter()]
 
         def on_step(i, n, loss):
@@ -258,6 +258,10 @@ def run(args) -> int:
         if rank == 0:
             tail = result.losses[-10:]
             save_encoder(result.encoder, args.out, {"steps": str(args.steps), "lr": str(args.lr),
+                                                    "mpd_weight": str(args.mpd_weight), "mpd_loss": "bce+dice",
+                                                    "wall_seconds": f"{result.seconds:.0f}",
+                                                    "command": " ".join(["python -m ffprop.nodes.content_encoder.train",
+                                                                         *sys.argv[1:]]),
                                                     "loss_first": f"{result.losses[0]:.5f}",
                                                     "loss_last10": f"{sum(tail) / len(tail):.5f}",
                                                     "data": args.folder or f"world seeds 0..{args.clips - 1}",

@@ -137,13 +137,60 @@ def test_region_losses_known_answer():
 
 
 def test_mpd_loss_known_answer():
+    import math
+
     target = torch.zeros(1, 9, 4, 4)
-    target[..., :2] = 1
-    assert mpd_loss(torch.zeros(1, 9, 4, 4), target).item() == pytest.approx(0.25)          # sigmoid(0) = 0.5
+    target[..., :2] = 1                                   # 72 of 144 pixels
+    half = math.log(2) + 1 - (2 * 36 + 1) / (72 + 72 + 1)  # sigmoid(0) = 0.5: BCE ln 2, Dice 1 - 73/145
+    assert mpd_loss(torch.zeros(1, 9, 4, 4), target).item() == pytest.approx(half)
     perfect = torch.where(target > 0, 50.0, -50.0)
-    assert mpd_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-12)
+    assert mpd_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert mpd_loss(torch.full((1, 9, 4, 4), -50.0), torch.zeros(1, 9, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="MPD logits"):
         mpd_loss(torch.zeros(1, 5, 4, 4), target)
+
+
+def test_mpd_loss_never_prefers_an_empty_mask_for_a_small_object():
+    """The world's objects cover 1-6 % of a frame: predicting nothing must cost more than a mask that finds the object
+    and as much again beside it (IoU 0.5). Under GenProp's MSE both cost the object's area (the MPD collapsed)."""
+    target = torch.zeros(1, 5, 10, 10)
+    target[..., 0, :2] = 1                                # 2 % of each frame
+    empty = torch.full_like(target, -6.0)
+    half = empty.clone()
+    half[..., 0, :4] = 6.0                                # the object + 2 wrong pixels per frame
+    assert mpd_loss(empty, target).item() > 2 * mpd_loss(half, target).item()
+
+
+def _moved_object_pair(i: int) -> tuple[LatentPair, torch.Tensor]:
+    """A copy-paste-like latent pair: one latent cell (1/24 of the frame, placed by i) holds an object only the SCE
+    input has; the MPD must find it. -> (pair, pixel-rate mask [T, 8H, 8W])."""
+    g = torch.Generator().manual_seed(100 + i)
+    m = torch.zeros(4 * (F - 1) + 1, 8 * H, 8 * W)
+    r, c = int(torch.randint(0, H, (1,), generator=g)), int(torch.randint(0, W, (1,), generator=g))
+    m[:, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 1
+    lat = pixel_mask_to_latent(m, sigma=0)
+    x1 = rand(1, 16, F, H, W, seed=300 + i)
+    return LatentPair(x1 + 3.0 * lat, cond(seed=20 + i), x1, lat, pixel_mask_to_mpd(m), 0), m
+
+
+def test_trained_mask_decoder_finds_a_small_object_it_has_not_seen():
+    """Regression for the collapsed MPD (IoU 0.00 on the world): 120 steps on 8 pairs, then IoU >= 0.8 on 4 others
+    (with the MSE loss it predicted nothing: IoU 0 on every pair, its loss = the object's area 1/24)."""
+    from ffprop.nodes.content_encoder.losses import LossWeights
+    from ffprop.nodes.content_encoder.model import mask_iou
+
+    dit = tiny()
+    pairs = [_moved_object_pair(i) for i in range(8)]
+    res = train_content_encoder(build_encoder(dit, 2), lambda e: attach_diffusers(dit, e, pairs[0][0].sce),
+                                lambda i: pairs[i % 8][0], TrainSettings(steps=120, learning_rate=1e-2, ema_decay=0.0,
+                                                                         weights=LossWeights(grad=0.0)))
+    ious = []
+    for i in range(8, 12):
+        pair, m = _moved_object_pair(i)
+        att, state = attach_diffusers(dit, res.encoder, pair.sce)
+        prob = torch.sigmoid(predict_mask(att, state, pair.target, pair.cond))[0]
+        ious.append(mask_iou(prob, pixel_mask_to_mpd(m)[0]))
+    assert sum(ious) / len(ious) >= 0.8, ious
 
 
 def _probe_features(enc, dit, mask):
@@ -286,8 +333,10 @@ def test_bad_files_and_mismatched_models_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="is not an FFProp content encoder"):
         load_encoder(tmp_path / "lora.safetensors", dit)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+    with pytest.raises(ValueError, match="junk.safetensors. is not a readable safetensors file"):
         load_encoder(tmp_path / "junk.safetensors", dit)
+    with pytest.raises(FileNotFoundError, match="no content encoder at .*models/ffprop_content_encoder"):
+        load_encoder(tmp_path / "gone.safetensors", dit)
 
 
 def test_bad_models_and_inputs_get_clear_errors():

@@ -168,6 +168,9 @@ def test_bad_input_gets_clear_errors(model, encoder_folder):
     patched = FFPApplyContentEncoder.execute(model, vae, enc, src[:5], 1.0, "mask_fill").args[0]
     with pytest.raises(ValueError, match="same length and size as the generated video"):
         sample(patched, i2v_positive(vae, src))
+    narrow = FFPApplyContentEncoder.execute(model, vae, enc, src[:, :, :16], 1.0, "mask_fill").args[0]   # 16x32
+    with pytest.raises(ValueError, match="same length and size as the generated video"):
+        sample(narrow, i2v_positive(vae, src))                                                      # sampled 32x32
     with pytest.raises(ValueError, match="4k\\+1|multiples of 16"):
         FFPApplyContentEncoder.execute(model, vae, enc, src[:, :24], 1.0, "mask_fill")
     other = load_tiny_comfy_wan("i2v", num_layers=2)
@@ -182,3 +185,30 @@ def test_bad_input_gets_clear_errors(model, encoder_folder):
     with pytest.raises(ValueError, match="sample at the source clip's size"):
         FFPContentEncoderMask.execute(patched, i2v_positive(vae, src), {"samples": torch.zeros(1, 16, 3, 4, 4)}, 0.05, 0)
     assert "no '..'" in FFPTrainContentEncoder.validate_inputs("../x") or "'..'" in FFPTrainContentEncoder.validate_inputs("../x")
+
+
+@pytest.mark.parametrize("kind", ["linear", "flux"])
+def test_non_wan_models_are_refused_by_every_model_node(model, encoder_folder, kind):
+    """A MODEL that is not a Wan DiT (a bare module, or Flux built from this host's own classes): each node says what
+    it got and what it needs, before any work."""
+    import comfy.model_patcher
+
+    if kind == "linear":
+        cpu, holder = torch.device("cpu"), torch.nn.Module()
+        holder.diffusion_model = torch.nn.Linear(4, 4)
+        other = comfy.model_patcher.ModelPatcher(holder, load_device=cpu, offload_device=cpu)
+        expect = "MODEL is Linear, not a Wan DiT"
+    else:
+        other = load_tiny_comfy_wan("flux")
+        expect = "Flux, not a Wan"
+    vae, (src, mask) = FakeVAE(), clip_and_mask()
+    save_encoder(build_encoder(ComfyWan(model), 2), encoder_folder / "enc.safetensors")
+    enc = build_encoder(ComfyWan(model), 2)
+    calls = [lambda: FFPContentEncoderLoader.execute(other, "enc.safetensors"),
+             lambda: FFPApplyContentEncoder.execute(other, vae, enc, src, 1.0, "mask_fill"),
+             lambda: FFPTrainContentEncoder.execute(other, vae, src, mask, i2v_positive(vae, src), 1, 1, 1e-3, 1, 0.9,
+                                                    0, "unlimited", "x")]
+    for call in calls:
+        with pytest.raises(ValueError, match=expect):
+            call()
+    assert not list(encoder_folder.glob("x*.safetensors"))
