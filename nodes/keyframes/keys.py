@@ -23,12 +23,13 @@ would be dropped."""
 class Keyframes:
     """indices: increasing frame numbers (0-based); frames [K, H, W, 3] fitted to the clip; edited[k]: whether
     keyframe k differs from its source frame at all (False: an anchor that says "this frame stays as it is");
-    notes: what was fixed on the way (fits)."""
+    notes: what was fixed on the way (fits); threshold: the colour difference that counted as edited."""
 
     indices: tuple[int, ...]
     frames: Tensor
     edited: tuple[bool, ...]
     notes: tuple[str, ...] = ()
+    threshold: float = 0.08
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -90,21 +91,37 @@ def make_keyframes(source: Tensor, frames: Sequence[Tensor], indices: Sequence[i
         if note:
             notes.append(f"keyframe {k}: {note}")
         changed = changed_pixels(source[k], frame, threshold)
-        if mask is not None and changed.any():
-            region = _grow(mask[k if mask.shape[0] > 1 else 0] > 0, OUTSIDE_MARGIN)
-            outside = changed & ~region
-            share = float(outside.sum()) / float(changed.sum())
-            if share > OUTSIDE_TOLERANCE:
-                raise ValueError(
-                    f"keyframe {k} changes {int(changed.sum())} px, {share:.0%} of them ({int(outside.sum())} px) "
-                    f"more than {OUTSIDE_MARGIN} px outside the edit mask{' of that frame' if mask.shape[0] > 1 else ''}: that part of the edit "
-                    "would be dropped. Grow or redraw the mask so it covers the edit, or leave edit_mask "
-                    "unconnected to derive the region from each keyframe.")
-            if outside.any():
-                notes.append(f"keyframe {k}: {int(outside.sum())} changed px outside the edit mask "
-                             f"({share:.1%}) are ignored")
+        notes += _outside_mask(k, changed, mask)
         fitted.append(frame)
         edited.append(bool(changed.any()))
     for n in notes:
         log.info("FFP keyframes: %s", n)
-    return Keyframes(tuple(indices[j] for j in order), torch.stack(fitted), tuple(edited), tuple(notes))
+    return Keyframes(tuple(indices[j] for j in order), torch.stack(fitted), tuple(edited), tuple(notes), threshold)
+
+
+def _outside_mask(k: int, changed: Tensor, mask: Optional[Tensor]) -> list[str]:
+    """ValueError when more than OUTSIDE_TOLERANCE of keyframe k's changed pixels [H, W] lie outside the mask
+    [1 or T, H, W] (grown by OUTSIDE_MARGIN); else the note on what is ignored (if anything)."""
+    if mask is None or not changed.any():
+        return []
+    region = _grow(mask[k if mask.shape[0] > 1 else 0] > 0, OUTSIDE_MARGIN)
+    outside = changed & ~region
+    share = float(outside.sum()) / float(changed.sum())
+    if share > OUTSIDE_TOLERANCE:
+        raise ValueError(
+            f"keyframe {k} changes {int(changed.sum())} px, {share:.0%} of them ({int(outside.sum())} px) "
+            f"more than {OUTSIDE_MARGIN} px outside the edit mask{' of that frame' if mask.shape[0] > 1 else ''}: "
+            "that part of the edit would be dropped. Grow or redraw the mask so it covers the edit, or leave "
+            "edit_mask unconnected to derive the region from each keyframe.")
+    if outside.any():
+        return [f"keyframe {k}: {int(outside.sum())} changed px outside the edit mask ({share:.1%}) are ignored"]
+    return []
+
+
+def check_against_mask(source: Tensor, keys: Keyframes, mask: Tensor) -> list[str]:
+    """The edit-mask check of make_keyframes for keyframes made without that mask (e.g. the mask is connected to
+    the propagate node only): ValueError as there; returns the notes. source [T, H, W, 3], mask [1 or T, H, W]."""
+    notes = []
+    for k, frame in zip(keys.indices, keys.frames):
+        notes += _outside_mask(k, changed_pixels(source[k], frame, keys.threshold), mask)
+    return notes

@@ -18,7 +18,7 @@ from ..common import Cancelled, OnStep, ShouldStop, log
 from ..video.frames import check_mask, check_video
 from .cache import SpanCache, span_key
 from .engines import SpanEngine, run_span
-from .keys import Keyframes
+from .keys import Keyframes, check_against_mask
 from .spans import Span, confidence, keyframe_distance, plan_spans
 
 
@@ -63,7 +63,8 @@ def _slice_mask(mask: Optional[Tensor], span: Span) -> Optional[Tensor]:
 def propagate_keyframes(source: Tensor, keys: Keyframes, engine: SpanEngine, edit_mask: Optional[Tensor] = None,
                         cache: Optional[SpanCache] = None, on_step: Optional[OnStep] = None,
                         should_stop: Optional[ShouldStop] = None) -> KeyframeResult:
-    """source [T, H, W, 3]; keys from make_keyframes (fitted, checked); edit_mask None / [1, H, W] / [T, H, W].
+    """source [T, H, W, 3]; keys from make_keyframes (fitted, checked); edit_mask None / [1, H, W] / [T, H, W]
+    (keyframes edited outside it are refused here too, as make_keyframes does: they may come without the mask).
     Returns the assembled clip (see spans.py for which span owns a shared keyframe frame)."""
     check_video(source, "source_video")
     t_len, h, w = source.shape[:3]
@@ -75,6 +76,8 @@ def propagate_keyframes(source: Tensor, keys: Keyframes, engine: SpanEngine, edi
                          f"0..{t_len - 1}); connect the clip the keyframes were checked against.")
     mask = None if edit_mask is None else check_mask(edit_mask.float().cpu(), "edit_mask", source)
     source = source.float().cpu()
+    notes = keys.notes if mask is None else keys.notes + tuple(n for n in check_against_mask(source, keys, mask)
+                                                               if n not in keys.notes)
     spans = plan_spans(t_len, keys.indices)
     total = sum(s.length for s in spans)
     out, region = torch.empty(t_len, h, w, 3), torch.zeros(t_len, h, w)
@@ -115,4 +118,4 @@ def propagate_keyframes(source: Tensor, keys: Keyframes, engine: SpanEngine, edi
             raise Cancelled(f"cancelled after {span}")
     dist = keyframe_distance(t_len, keys.indices)
     return KeyframeResult(out, region, torch.tensor(confidence(t_len, keys.indices)), torch.tensor(dist), runs,
-                          keys.notes)
+                          notes)

@@ -197,3 +197,20 @@ def test_edit_outside_the_mask_is_refused(clip):
     keys = make_keyframes(clip.source, [clip.edited[20], clip.edited[0]], [20, 0], edit_mask=per_frame)
     assert torch.equal(keys.frame(20), clip.edited[20])
     assert keys.indices == (0, 20) and keys.edited == (True, True)
+
+
+def test_propagate_refuses_keyframes_of_another_clip_or_outside_its_mask(clip):
+    """Keyframes checked against one clip, propagated on another (or with a mask they were not checked against:
+    the mask connected to the propagate step only): errors with the numbers before any span runs."""
+    keys = make_keyframes(clip.source, [clip.edited[0], clip.edited[20]], [0, 20])
+    with pytest.raises(ValueError, match=r"keyframe\(s\) \[20\] lie past the clip's end \(12 frames"):
+        propagate_keyframes(clip.source[:12], keys, FlowEngine())
+    with pytest.raises(ValueError, match="keyframes are 128x96 but the clip is 64x64"):
+        propagate_keyframes(clip.source[:, :64, :64], keys, FlowEngine())
+    corner = torch.zeros(1, 96, 128)
+    corner[:, :20, :20] = 1
+    with pytest.raises(ValueError, match=r"keyframe 0 changes \d+ px, 100% of them .* outside the edit mask"):
+        propagate_keyframes(clip.source, keys, FlowEngine(), corner)
+    inside = (clip.edited - clip.source).abs().amax(-1).gt(0.02).float()
+    assert propagate_keyframes(clip.source[:21], make_keyframes(clip.source[:21], [clip.edited[20]], [20]),
+                               FlowEngine(), inside[:21]).video.shape == (21, 96, 128, 3)

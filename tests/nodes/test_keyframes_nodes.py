@@ -98,6 +98,16 @@ def test_flow_propagate_node_uses_the_cache_and_reports_confidence(clip):
     assert torch.equal(third[1][0], clip.source[0])          # an unedited keyframe 0 keeps its frame
 
 
+def test_propagate_node_refuses_keyframes_edited_outside_its_mask(clip):
+    """The mask connected to the propagate node only (not to Keyframes): the edit outside it is still refused."""
+    kf = keys(clip, clip.edited[:1], "0").args[0]
+    corner = torch.zeros(1, 64, 64)
+    corner[:, :8, :8] = 1
+    with pytest.raises(ValueError, match="outside the edit mask"):
+        FFPKeyframePropagate.execute(pack_video(clip.source, 12.0), kf, **FLOW, use_cache=False, cache_mb=64,
+                                     edit_mask=corner)
+
+
 def test_flow_propagate_node_honours_cancel(clip):
     kf = keys(clip, clip.edited[:1], "0").args[0]
     with cancelled():
