@@ -173,3 +173,28 @@ def test_two_ddp_processes_equal_one_process(tmp_path):
             moved = max(moved, float(v.abs().max()))
     assert moved > 0, "training moved the LoRA"
     assert os.path.exists(out)
+
+
+def test_freeprop_model_applies_the_file_and_removes_itself(wan, tmp_path, caplog):
+    """freeprop_model: inside, the LoRA and AST-RoPE at the predicted alphas change the output; afterwards the
+    model is the stock one again; a head split that does not divide the heads falls back to global (logged)."""
+    from ffprop.nodes.ast_rope.freeprop import freeprop_model
+
+    res = train_freeprop(wan, [pair(6)], 1, replace(FAST, steps=2))
+    with torch.no_grad():
+        res.model.predictor.mlp_t[-1].bias.fill_(-0.5)              # a clearly non-stock alpha_T
+    loaded = load_freeprop(save_freeprop(tmp_path / "fp.safetensors", res.model))
+    s = pair(9)
+    x = torch.randn(s.target.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stock = wan.predict(x, 0.5, s.cond)
+        with freeprop_model(wan, loaded, s.source_latent, "torch") as m:
+            inside = m.predict(x, 0.5, s.cond)
+        with freeprop_model(wan, replace(loaded, predictor=None), s.source_latent, "torch") as m:
+            lora_only = m.predict(x, 0.5, s.cond)
+        with freeprop_model(wan, replace(loaded, split=HeadSplit(0.25)), s.source_latent, "torch") as m:
+            fallback = m.predict(x, 0.5, s.cond)
+        after = wan.predict(x, 0.5, s.cond)
+    assert torch.equal(after, stock)
+    assert (inside - lora_only).abs().max() > 1e-6 and (lora_only - stock).abs().max() > 1e-6
+    assert torch.isfinite(fallback).all() and "using the global variant" in caplog.text
