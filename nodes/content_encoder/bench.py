@@ -66,6 +66,21 @@ def content_encoder_engine(world, settings, path: Path = WEIGHTS, with_mask: boo
     return run
 
 
+def true_clip_mpd_iou(world, encoder, sample, seed: int = 0):
+    """The mask decoder alone on a world sample: IoU (both at 0.5, all T frames) of its mask against
+    sample.edit_mask when it reads the TRUE edited clip (encoded, flow time 0.05) with the source clip in the
+    SCE, the task chosen by `task_for`. world: a WanWorld; None when both masks are empty."""
+    from ..lora_edit.conditioning import masked_condition_video, wan_cond
+    from .attach import attach_diffusers, predict_mask
+    from .model import mask_iou, upsample_mask
+
+    v_cond, keep = masked_condition_video(sample.source, None, sample.edited_first)
+    att, state = attach_diffusers(world.dit, encoder, world.encode(sample.source), task=task_for(sample.edit))
+    logits = predict_mask(att, state, world.encode(sample.target), wan_cond(world.encode(v_cond), keep, world.context),
+                          seed=seed)
+    return mask_iou(upsample_mask(logits, *sample.source.shape[1:3]), sample.edit_mask)
+
+
 def engines(world, settings) -> dict[str, Callable[..., Tensor]]:
     """{"content_encoder": engine} on the benchmark's WanWorld; {} without world models or a fitting encoder."""
     if world is None:

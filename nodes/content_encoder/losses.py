@@ -10,7 +10,7 @@ depend on the masked part of its input. L_MPD: binary cross-entropy + soft Dice 
 instance mask per pixel frame. (GenProp regresses the mask with MSE; on the world's objects, 1-6 % of the frame,
 an MSE-trained decoder collapsed to a constant near the object's area (IoU 0.00): "nothing" cost only the area.
 Dice charges a missed object ~1 whatever its size, BCE keeps the gradient of a confidently wrong pixel from
-vanishing in the sigmoid.)
+vanishing in the sigmoid.) Each step's L_MPD is weighted by mpd_time_weight(t).
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ def mpd_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     t = t.flatten(1)
     dice = 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return bce + dice.mean()
+
+
+def mpd_time_weight(t: Tensor) -> Tensor:
+    """3 (1 - t)^2 (mean 1 over t ~ U(0, 1)): the MPD loss of a step at flow time t counts most where the clip is
+    still visible in x_t, as when the mask node runs the decoder (t = 0.05). At high noise a copy-paste pair's
+    pasted object is only in the SCE input, and the decoder learned to mark every object it saw there."""
+    return 3 * (1 - t.float()) ** 2
 
 
 def total_loss(l_mask: Tensor, l_non: Tensor, l_grad: Tensor, l_mpd: Tensor, w: LossWeights = LossWeights()) -> Tensor:

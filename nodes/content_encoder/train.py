@@ -29,7 +29,7 @@ from torch import Tensor
 from ..common import OnStep, ShouldStop, log, report
 from ..host.protocol import WanCond, training_context
 from .data import Pair
-from .losses import LossWeights, gradient_loss, mpd_loss, probe_delta, region_losses, total_loss
+from .losses import LossWeights, gradient_loss, mpd_loss, mpd_time_weight, probe_delta, region_losses, total_loss
 from .model import TASKS, ContentEncoder, pixel_mask_to_latent, pixel_mask_to_mpd
 
 Encode = Callable[[Tensor], Tensor]
@@ -96,7 +96,7 @@ def pair_loss(att, state, pair: LatentPair, gen: torch.Generator, weights: LossW
     l_mask, l_non = region_losses(v, noise - x1, pair.mask)
     zero = v.new_zeros(())
     l_grad = gradient_loss(*state.probed, pair.mask, weights.eps) if state.probe is not None else zero
-    l_mpd = mpd_loss(state.mask_logits, pair.mpd_target) if weights.mpd else zero
+    l_mpd = mpd_time_weight(tt).reshape(()) * mpd_loss(state.mask_logits, pair.mpd_target) if weights.mpd else zero
     loss = total_loss(l_mask, l_non, l_grad, l_mpd, weights)
     state.probe = state.probed = state.feats = state.mask_logits = None
     terms = {k: float(v.detach()) for k, v in (("mask", l_mask), ("non_mask", l_non), ("grad", l_grad), ("mpd", l_mpd))}

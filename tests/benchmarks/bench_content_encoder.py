@@ -70,26 +70,20 @@ def quality(per_edit: int, edits: tuple[str, ...], weights: Path, steps: int, sh
 
 def mpd(per_edit: int, edits: tuple[str, ...], weights: Path) -> dict:
     import torch
-    from ffprop.nodes.content_encoder.attach import attach_diffusers, predict_mask
-    from ffprop.nodes.content_encoder.bench import task_for
+    from ffprop.nodes.content_encoder.bench import true_clip_mpd_iou
     from ffprop.nodes.content_encoder.files import load_encoder
-    from ffprop.nodes.content_encoder.model import mask_iou, upsample_mask
-    from ffprop.nodes.evaluate.bench import world_cases
-    from ffprop.nodes.lora_edit.conditioning import masked_condition_video, wan_cond
+    from ffprop.nodes.evaluate.bench import WanWorld, world_cases
     from ffprop.nodes.world.model import load_world_models
     from ffprop.nodes.world.scenes import EDITS, render_sample
 
     torch.set_num_threads(1)
     w = load_world_models()
-    encoder, ctx = load_encoder(weights, w.dit), w.context(1)
+    world = WanWorld(w.dit, w.vae.encode, w.vae.decode, w.context())
+    encoder = load_encoder(weights, w.dit)
     rows = []
     for seed, edit in (c for c in world_cases(per_edit, EDITS) if c[1] in edits):
-        s = render_sample(seed, edit)
-        v_cond, keep = masked_condition_video(s.source, None, s.edited_first)
-        att, state = attach_diffusers(w.dit, encoder, w.vae.encode(s.source), task=task_for(edit))
-        logits = predict_mask(att, state, w.vae.encode(s.target), wan_cond(w.vae.encode(v_cond), keep, ctx), seed=seed)
-        rows.append({"seed": seed, "edit": edit, "mpd_iou": mask_iou(upsample_mask(logits, *s.source.shape[1:3]),
-                                                                       s.edit_mask)})
+        rows.append({"seed": seed, "edit": edit,
+                     "mpd_iou": true_clip_mpd_iou(world, encoder, render_sample(seed, edit), seed)})
         print(json.dumps(rows[-1]), flush=True)
     summary = {}
     for edit in edits:

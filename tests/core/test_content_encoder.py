@@ -161,6 +161,14 @@ def test_mpd_loss_never_prefers_an_empty_mask_for_a_small_object():
     assert mpd_loss(empty, target).item() > 2 * mpd_loss(half, target).item()
 
 
+def test_mpd_time_weight_counts_the_visible_clip_most_and_averages_one():
+    from ffprop.nodes.content_encoder.losses import mpd_time_weight
+
+    assert mpd_time_weight(torch.tensor([0.0, 0.5, 1.0])).tolist() == [3.0, 0.75, 0.0]
+    t = (torch.arange(10_000) + 0.5) / 10_000
+    assert mpd_time_weight(t).mean().item() == pytest.approx(1.0, abs=1e-6)
+
+
 def _moved_object_pair(i: int) -> tuple[LatentPair, torch.Tensor]:
     """A copy-paste-like latent pair: one latent cell (1/24 of the frame, placed by i) holds an object only the SCE
     input has; the MPD must find it. -> (pair, pixel-rate mask [T, 8H, 8W])."""
@@ -183,7 +191,7 @@ def test_trained_mask_decoder_finds_a_small_object_it_has_not_seen():
     pairs = [_moved_object_pair(i) for i in range(8)]
     res = train_content_encoder(build_encoder(dit, 2), lambda e: attach_diffusers(dit, e, pairs[0][0].sce),
                                 lambda i: pairs[i % 8][0], TrainSettings(steps=120, learning_rate=1e-2, ema_decay=0.0,
-                                                                         weights=LossWeights(grad=0.0)))
+                                                                         weights=LossWeights(grad=0.0, mpd=4.0)))
     ious = []
     for i in range(8, 12):
         pair, m = _moved_object_pair(i)
@@ -347,10 +355,11 @@ def test_bad_models_and_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="whole number >= 1"):
         build_encoder(tiny(), 0)
     dit = tiny()
-    att, _ = attach_diffusers(dit, build_encoder(dit, 1), rand(1, 16, F + 1, H, W))
-    with pytest.raises(ValueError, match="same length and size as the generated video"):
-        with torch.no_grad():
-            att.predict(rand(1, 16, F, H, W), 0.5, cond())
+    for shape in ((F + 1, H, W), (F, H, W + 2), (F, H - 2, W)):        # another length, width, height
+        att, _ = attach_diffusers(dit, build_encoder(dit, 1), rand(1, 16, *shape))
+        with pytest.raises(ValueError, match="same length and size as the generated video"):
+            with torch.no_grad():
+                att.predict(rand(1, 16, F, H, W), 0.5, cond())
     with pytest.raises(ValueError, match="made for a generator with 3 blocks but the model has 4"):
         attach_diffusers(tiny(layers=4), build_encoder(dit, 1), rand(1, 16, F, H, W))
 
