@@ -148,7 +148,7 @@ def test_one_file_model_round_trips(wan, tmp_path):
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        res = train_freeprop(tiny(), [pair(7), pair(8)], 2, replace(FAST, steps=3, batch=2))
+        res = train_freeprop(tiny(), [pair(7), pair(8)], 2, replace(FAST, steps=3, batch=4))
         if rank == 0:
             torch.save({k: v.detach() for k, v in res.model.state_dict().items()}, out)
     finally:
@@ -157,8 +157,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process(tmp_path):
-    """gloo, 2 ranks x 1 sample vs 1 process x 2 samples per step: the same weights (float rounding)."""
-    one = train_freeprop(tiny(), [pair(7), pair(8)], 2, replace(FAST, steps=3, batch=2))
+    """gloo, 2 ranks x 2 samples (one backward each, the first under no_sync) vs 1 process x 4 samples per step:
+    the same weights (float rounding)."""
+    one = train_freeprop(tiny(), [pair(7), pair(8)], 2, replace(FAST, steps=3, batch=4))
     out = str(tmp_path / "ddp.pt")
     torch.multiprocessing.start_processes(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2,
                                           start_method="spawn")
