@@ -7,8 +7,12 @@ Frame by frame (carry), so a file-to-file run holds a few frames, never the clip
 What is carried, per pixel of the edit region: where the edit keeps the source's structure (a recolour), the
 edit's change added to the frame (keeps its lighting); where it changes the structure (a new shape, a
 removed part), the edited result itself, relit by the source's lighting change since frame 1 -- never the
-delta, which would leave the old object's ghost. Mode 'layer' (nodes/flow/layer.py) moves the whole edit
-region as one piecewise-affine layer over a reconstructed background, for pose and shape changes."""
+delta, which would leave the old object's ghost. A colour change (one affine RGB map explains the edit,
+nodes/flow/colour.py) whose region is known in every frame (per-frame masks, or a global restyle) is
+carried as that map of each frame's own pixels instead: no correspondence needed, so fast motion and blur do
+not lose it. Mode 'layer' (nodes/flow/layer.py) moves the whole edit region as one piecewise-affine layer
+over a reconstructed background, for pose and shape changes; mode 'auto' restarts in it when the per-pixel
+chain breaks up (most of the tracked region unmatched, the rest in pieces, for BROKEN_FRAMES frames)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 
 from ..common import OnStep, ShouldStop, log, report
 from ..video.frames import check_mask, check_video, fit_to_frame, to_uint8
+from .colour import EXPLAINED, apply_colour_map, fit_colour_map
 from .dis import sample
 from .edit_mask import derive_edit_mask, derive_mask  # noqa: F401  (public here since the first release)
 from .track import FlowFn, Track, patch_error, track_frames, track_to_first  # noqa: F401  (public names)
@@ -35,13 +40,16 @@ GAIN_RANGE = (0.5, 2.0)  # the lighting gain applied to carried pixels is clippe
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """mode: 'auto' (delta; says so when the per-pixel chain breaks up and layer may do better), 'delta'
-    (the edit's change added where it keeps the structure, the relit result elsewhere), 'pixels' (the relit
-    edited pixels everywhere), 'layer' (the edit region as one moving layer). quality: DIS preset of the
-    direct flow to frame 0 (the accurate one); chain_quality: of the frame-to-frame flow that seeds it (None: quality). mask_threshold:
-    colour difference (0..1) that counts as edited when no mask is given. mask_grow/feather: pixels.
-    light: lighting-tolerant matching and relighting of carried pixels. flow: another flow backend for the
-    frame-to-frame flow (flow(gray_a, gray_b, init) -> [H, W, 2], e.g. ComfyUI's OPTICAL_FLOW)."""
+    """mode: 'auto' (delta, restarted in layer mode when the per-pixel chain breaks up: see run_carry),
+    'delta' (the edit's change added where it keeps the structure, the relit result elsewhere), 'pixels' (the
+    relit edited pixels everywhere), 'layer' (the edit region as one moving layer). quality: DIS preset of
+    the direct flow to frame 0 (the accurate one); chain_quality: of the frame-to-frame flow that seeds it
+    (None: quality). mask_threshold: colour difference (0..1) that counts as edited when no mask is given.
+    mask_grow/feather: pixels. light: lighting-tolerant matching and relighting of carried pixels.
+    colour_map: in auto/delta, carry a colour change (one affine RGB map explains the edit) as that map of
+    each frame's own pixels where the region is known every frame (per-frame masks; a global restyle).
+    flow: another backend for the frame-to-frame flow, flow(gray_a, gray_b, init) -> [H, W, 2] float32
+    (track.FlowFn: grey uint8 frames a -> b, init None), e.g. RAFT or ComfyUI's OPTICAL_FLOW."""
 
     mode: str = "auto"
     quality: str = "medium"
@@ -52,6 +60,7 @@ class FlowSettings:
     match_tolerance: float = 0.06
     chain_quality: str | None = None
     light: bool = True
+    colour_map: bool = True
     flow: FlowFn | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -77,7 +86,10 @@ class Propagation:
 class EditPlan:
     """Frame 1's edit, prepared once. edit, src0: float32 [H, W, 3] 0..1; soft0: [H, W] softened frame-1
     region; structure: [H, W] 0..1, where the edit changes the structure (carry the result, not the delta);
-    mode: the resolved mode; notes: what the plan decided."""
+    mode: the resolved mode; notes: what the plan decided; colour: the edit as an affine RGB map [3, 4]
+    (nodes/flow/colour.py) when it is a colour change and the region is known in every frame (per-frame
+    masks, or a global restyle; modes auto/delta), else None; residual [H, W, 3]: the
+    edit minus that map of frame 1 (added in frame 1 only, so frame 1 is the edit itself)."""
 
     edit: np.ndarray
     src0: np.ndarray
@@ -86,6 +98,8 @@ class EditPlan:
     structure: np.ndarray
     mode: str
     notes: list[str]
+    colour: np.ndarray | None = None
+    residual: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -139,16 +153,29 @@ def plan_edit(src0_u8: np.ndarray, edited: torch.Tensor, first_mask: torch.Tenso
     notes, mode = [], settings.mode
     cover = float((m0 > 0.5).mean())
     share = float(structure[m0 > 0.5].mean()) if (m0 > 0.5).any() else 0.0
+    changed = (m0 > 0.5) & (np.abs(edit - src0).max(-1) > settings.mask_threshold / 2)
+    colour, explained = fit_colour_map(src0, edit, changed)
+    recolour = (settings.colour_map and explained >= EXPLAINED and mode in ("auto", "delta")
+                and (per_frame or cover >= FULL_FRAME))   # the region is known every frame (given, or all of it)
     if cover >= FULL_FRAME:
-        notes.append(f"the edit covers {cover:.0%} of frame 1 (a global restyle): the flow engine carries it "
-                     "as a per-pixel colour change along the flow; for a new style in motion use the Wan engine")
+        how = ("as one colour map of each frame's pixels" if recolour else
+               "as a per-pixel colour change along the flow")
+        notes.append(f"the edit covers {cover:.0%} of frame 1 (a global restyle; one affine colour map explains "
+                     f"{explained:.0%} of it): the flow engine carries it {how}; for a new style in motion use "
+                     "the Wan engine")
         if mode in ("auto", "layer"):
             mode = "delta"
     elif mode == "auto":
         mode = "delta"
         notes.append(f"mode auto -> delta: {share:.0%} of the edit region changes the image's structure (the "
                      "result is carried there, not the change)")
-    return EditPlan(edit, src0, m0, soft0, structure, mode, notes)
+    if recolour and cover < FULL_FRAME:
+        notes.append(f"the edit is a colour change (one affine colour map explains {explained:.0%} of its "
+                     "region): carried as that map of each frame's own pixels inside the given per-frame masks")
+    if not recolour:
+        return EditPlan(edit, src0, m0, soft0, structure, mode, notes)
+    residual = edit - np.clip(apply_colour_map(colour, src0), 0, 1)
+    return EditPlan(edit, src0, m0, soft0, structure, mode, notes, colour, residual)
 
 
 def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -168,12 +195,14 @@ def relight_gain(frame: np.ndarray, seen0: np.ndarray, scale: int = 16) -> np.nd
 
 
 def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSettings,
-                 masks: Callable[[int], np.ndarray | None], check_broken: bool = False
+                 masks: Callable[..., np.ndarray | None], check_broken: bool = False
                  ) -> Iterator[tuple[np.ndarray, Carried]]:
     """Modes delta/pixels: frames uint8 [H, W, 3] in, (frame, Carried) out, one per frame.
 
-    masks(t): the given soft region of frame t [H, W], or None to carry frame 1's along the track.
-    check_broken: note (once, in plan.notes) when the tracked region stays mostly unmatched and in pieces."""
+    masks(t, grow): the given region of frame t [H, W] (softened unless grow=False), or None to carry frame
+    1's along the track.
+    check_broken: raise _ChainBroke when the tracked region stays mostly unmatched and in pieces (auto mode
+    then restarts in layer mode)."""
     low, broken = plan.first_mask > 0.5, 0
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
                           settings.chain_quality, settings.flow, settings.light)
@@ -181,18 +210,24 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     for t, (frame, track) in enumerate(tracks):
         if frame0 is None:
             frame0 = frame
-        given = masks(t)
+        given = masks(t, plan.colour is None)            # a colour map's region as given: a grown rim would be recoloured
         if given is not None:
             region = given
+        elif plan.colour is not None:                    # a global restyle
+            region = np.ones(frame.shape[:2], np.float32)
         else:
             region = sample(plan.soft0, track.coords) * _close(track.valid, settings.mask_grow)
         if check_broken and t:
             why = _broken(sample(low.astype(np.float32), track.coords) > 0.5, track.valid)
             broken = broken + 1 if why else 0
             if broken == BROKEN_FRAMES:
-                plan.notes.append(f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames "
-                                  "in a row): for a pose or shape change try mode 'layer'")
+                raise _ChainBroke(f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames "
+                                  "in a row)")
         yield frame, _content(frame, frame0, track, region, plan, settings)
+
+
+class _ChainBroke(Exception):
+    """Auto mode's per-pixel chain broke up (the message says where and how): run_carry restarts in layer mode."""
 
 
 def _broken(held: np.ndarray, valid: np.ndarray) -> str:
@@ -220,27 +255,32 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
     y0, y1, x0, x1 = box
     coords = track.coords[y0:y1, x0:x1]
     src = frame[y0:y1, x0:x1].astype(np.float32) * np.float32(1 / 255)
-    result = sample(plan.edit, coords)
-    if settings.light:
-        result *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, coords))
+    if plan.colour is not None:                      # the map of this frame's own pixels (frame 1: the edit itself)
+        content = apply_colour_map(plan.colour, src)
+        if track.flow is None:
+            content += plan.residual[y0:y1, x0:x1]
+        return Carried(region, box, np.clip(content, 0, 1, out=content))
+    edit = sample(plan.edit, coords)
+    result = edit * relight_gain(frame[y0:y1, x0:x1], sample(frame0, coords)) if settings.light else edit.copy()
     if plan.mode == "pixels":
         content = result
     else:
-        delta = sample(plan.edit, coords) - sample(plan.src0, coords)
+        delta = edit - sample(plan.src0, coords)
         keep = 1 - sample(plan.structure, coords)[..., None]
         content = result + keep * (src + delta - result)
     return Carried(region, box, np.clip(content, 0, 1, out=content))
 
 
 def carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
-          masks: Callable[[int], np.ndarray | None]) -> Iterator[tuple[np.ndarray, Carried]]:
+          masks: Callable[..., np.ndarray | None]) -> Iterator[tuple[np.ndarray, Carried]]:
     """plan.mode's carrier over the frames (open_frames() gives a fresh pass: layer mode reads twice)."""
     from .layer import carry_layer
 
     if plan.mode == "layer":
         yield from carry_layer(open_frames, plan, settings, masks)
     else:
-        yield from carry_pixels(open_frames(), plan, settings, masks, check_broken=settings.mode == "auto")
+        auto = settings.mode == "auto" and plan.colour is None       # a colour map needs the region only
+        yield from carry_pixels(open_frames(), plan, settings, masks, check_broken=auto)
 
 
 def composite(src: np.ndarray, carried: Carried, out: np.ndarray) -> np.ndarray:
@@ -258,7 +298,7 @@ def composite(src: np.ndarray, carried: Carried, out: np.ndarray) -> np.ndarray:
 
 def prepare(source_first: torch.Tensor, shape: tuple[int, int, int], edited_first: torch.Tensor,
             edit_mask: torch.Tensor | None, settings: FlowSettings, size_policy: str
-            ) -> tuple[EditPlan, Callable[[int], np.ndarray | None], list[str]]:
+            ) -> tuple[EditPlan, Callable[..., np.ndarray | None], list[str]]:
     """Fit the edit, derive or check the mask, plan. source_first: IMAGE frame [H, W, 3]; shape: (T, H, W).
     Returns (plan, masks(t), notes)."""
     t_len, h, w = shape
@@ -280,25 +320,33 @@ def prepare(source_first: torch.Tensor, shape: tuple[int, int, int], edited_firs
     notes += plan.notes
     plan.notes = notes
 
-    def masks(t: int) -> np.ndarray | None:
+    def masks(t: int, grow: bool = True) -> np.ndarray | None:
         if per_frame is None:
             return None
-        return soften(per_frame[t].numpy(), settings.mask_grow, settings.feather)
+        m = per_frame[t].numpy()
+        return soften(m, settings.mask_grow, settings.feather) if grow else np.ascontiguousarray(m, np.float32)
     return plan, masks, notes
 
 
 def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
-              masks: Callable[[int], np.ndarray | None], sink: Callable[[int, np.ndarray, Carried], None],
+              masks: Callable[..., np.ndarray | None], sink: Callable[[int, np.ndarray, Carried], None],
               t_len: int | None, should_stop: ShouldStop | None = None,
               on_step: Callable[[int, int], None] | None = None) -> None:
     """Drive carry over every frame, calling sink(t, frame, carried), then on_step(t + 1, t_len); honours
-    should_stop after each frame but the first."""
-    for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
-        sink(t, frame, carried)
-        if t:
-            report(None, should_stop, t, (t_len or t + 1) - 1)
-        if on_step is not None:
-            on_step(t + 1, t_len or t + 1)
+    should_stop after each frame but the first. In auto mode, when the per-pixel chain breaks up it logs why
+    and starts again from frame 1 in layer mode (the sink then gets t = 0, 1, ... a second time)."""
+    try:
+        for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
+            sink(t, frame, carried)
+            if t:
+                report(None, should_stop, t, (t_len or t + 1) - 1)
+            if on_step is not None:
+                on_step(t + 1, t_len or t + 1)
+    except _ChainBroke as why:
+        plan.mode = "layer"
+        plan.notes.append(f"mode auto -> layer: {why}; the edit region now moves as one piece (restarted at frame 1)")
+        log.info("FFP flow: %s", plan.notes[-1])
+        run_carry(open_frames, plan, settings, masks, sink, t_len, should_stop, on_step)
 
 
 def propagate_edit(source: torch.Tensor, edited_first: torch.Tensor, edit_mask: torch.Tensor | None = None,

@@ -51,7 +51,7 @@ def _fit_frame(track, m0: np.ndarray, keep_out: np.ndarray, pieces: PieceFit, pt
 
 
 def carry_layer(open_frames: Callable[[], Iterator[np.ndarray]], plan: "EditPlan", settings: "FlowSettings",
-                masks: Callable[[int], np.ndarray | None]) -> Iterator[tuple[np.ndarray, "Carried"]]:
+                masks: Callable[..., np.ndarray | None]) -> Iterator[tuple[np.ndarray, "Carried"]]:
     """Layer mode's two passes (module docstring); yields (frame, Carried) per frame of the second pass."""
     from .engine import Carried, _bbox, relight_gain
 

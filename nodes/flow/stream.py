@@ -5,7 +5,9 @@ whatever the clip's length; frames are encoded in a writer thread while the next
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -75,31 +77,46 @@ def propagate_file(video: str | os.PathLike, edited_first: torch.Tensor, output:
     for note in notes:
         log.info("FFP flow: %s", note)
     audio = video if keep_audio else None
-    count = 0
+    count, writers = 0, None
 
-    def run() -> None:
-        nonlocal count
-        with VideoWriter(output, reader.fps, (h, w), crf, audio) as out, \
-                (VideoWriter(mask_out, reader.fps, (h, w), crf) if mask_out else _Null()) as mout, \
-                _Ordered() as encode:
-            def sink(t: int, frame: np.ndarray, carried: Carried) -> None:
-                nonlocal count
-                encode(out.write, _composite_u8(frame, carried))
-                if mask_out:
-                    m = (np.clip(carried.region, 0, 1) * 255 + 0.5).astype(np.uint8)
-                    encode(mout.write, np.repeat(m[..., None], 3, -1))
-                count = t + 1
-                if count == ESTIMATE_AFTER and total > LONG_CLIP:
-                    rate = (time.perf_counter() - t0) / count
-                    log.warning("FFP flow: %d frames at %.2f s per frame: about %.0f min in all (memory stays "
-                                "flat)", total, rate, rate * total / 60)
-            run_carry(lambda: iter(reader), plan, settings, masks, sink, total or None, should_stop,
-                      None if on_step is None else (lambda i, n: on_step(i, total, None)))
-    run()
+    def open_writers() -> tuple[contextlib.ExitStack, VideoWriter, VideoWriter | None, _Ordered]:
+        stack = contextlib.ExitStack()
+        out = stack.enter_context(VideoWriter(output, reader.fps, (h, w), crf, audio))
+        mout = stack.enter_context(VideoWriter(mask_out, reader.fps, (h, w), crf)) if mask_out else None
+        return stack, out, mout, stack.enter_context(_Ordered())
+
+    def sink(t: int, frame: np.ndarray, carried: Carried) -> None:
+        nonlocal count, writers
+        if t == 0:                                   # the first pass, or auto mode's restart in layer mode
+            if writers is not None:
+                writers[0].__exit__(_Restart, _Restart(), None)     # the partial files are discarded
+            writers = open_writers()
+        _, out, mout, encode = writers
+        encode(out.write, _composite_u8(frame, carried))
+        if mout is not None:
+            m = (np.clip(carried.region, 0, 1) * 255 + 0.5).astype(np.uint8)
+            encode(mout.write, np.repeat(m[..., None], 3, -1))
+        count = t + 1
+        if count == ESTIMATE_AFTER and total > LONG_CLIP:
+            rate = (time.perf_counter() - t0) / count
+            log.warning("FFP flow: %d frames at %.2f s per frame: about %.0f min in all (memory stays "
+                        "flat)", total, rate, rate * total / 60)
+    try:
+        run_carry(lambda: iter(reader), plan, settings, masks, sink, total or None, should_stop,
+                  None if on_step is None else (lambda i, n: on_step(i, total, None)))
+    except BaseException:
+        if writers is not None:
+            writers[0].__exit__(*sys.exc_info())
+        raise
+    writers[0].__exit__(None, None, None)
     notes = list(plan.notes) + list(reader.notes)
     for note in reader.notes:
         log.info("FFP flow: %s", note)
     return StreamResult(count, reader.fps, tuple(notes), time.perf_counter() - t0)
+
+
+class _Restart(Exception):
+    """Closes the writers of a pass that auto mode restarts (their files are discarded)."""
 
 
 class _Ordered:
@@ -128,12 +145,4 @@ class _Ordered:
                     job.cancel()
         finally:
             self._pool.shutdown(wait=True)
-        return False
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
         return False
