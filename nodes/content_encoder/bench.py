@@ -20,7 +20,7 @@ from ..common import log_once
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "world.safetensors"
 RETRAIN = ("python -m ffprop.nodes.content_encoder.train --out nodes/content_encoder/weights/world.safetensors "
-           "--depth 3 --steps 600 --batch 1 --clips 16 --pairs 48 --lr 5e-4")
+           "--depth 3 --steps 800 --batch 1 --clips 16 --pairs 48 --lr 5e-4 --mpd-weight 4")
 TASK_FOR_EDIT = {"colour_fill": "colour_fill", "removal": "copy_paste", "insertion": "copy_paste"}
 
 
