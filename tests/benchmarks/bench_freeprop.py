@@ -9,7 +9,10 @@ settings (10 sampling steps; lora_edit trains 40 steps), one scene at a time thr
 scene's scores. Prints per method and edit the mean psnr / edit_psnr / bg_psnr / warp_error, then for each
 comparison (freeprop vs each ablation, vs its untrained base and vs i2v) the PAIRED per-scene difference:
 mean, its standard error (std / sqrt(n)) and n, overall and per edit. A difference is marked "real" when
-|mean| > 2 SE and n >= 3 (the scenes are the noise: the same engine is deterministic per scene).
+|mean| > t SE, t the two-sided 95 % Student quantile for n - 1 degrees of freedom (2.78 for n = 5, 2.03 for
+n = 35): the scenes are the noise (each engine is deterministic per scene). Per-edit cells are 7 tests per
+comparison and score: about one in 20 is marked by chance; the "all" cell is the finding.
+`--from-json FILE` re-reports a saved run without running anything.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def per_scene(per_edit: int, names: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
+       20: 2.09, 30: 2.04, 34: 2.03, 60: 2.00}     # two-sided 95 % Student t by degrees of freedom (lower entry)
+
+
+def t95(df: int) -> float:
+    return T95[max(k for k in T95 if k <= df)] if df >= 1 else float("inf")
+
+
 def stats(values: list[float]) -> tuple[float, float, int]:
     """(mean, standard error of the mean, n); SE is nan for n < 2."""
     n = len(values)
@@ -71,7 +82,7 @@ def report(rows: list[dict]) -> str:
                     f"{sum(v) / len(v):.4f}" if k == "warp_error" else f"{sum(v) / len(v):.2f}" for k in KEYS]
             lines.append(f"{m if e == 'all' else '':<22}{e:<12}" + "".join(f"{v:>11}" for v in vals))
     lines.append("")
-    lines.append("paired per-scene differences A - B (psnr dB): mean +- SE (n); * = real (|mean| > 2 SE, n >= 3)")
+    lines.append("paired per-scene differences A - B (dB): mean +- SE (n); * = real (|mean| > t95(n - 1) SE)")
     for a, b in PAIRS:
         if a not in methods or b not in methods:
             continue
@@ -83,7 +94,7 @@ def report(rows: list[dict]) -> str:
                 if not d:
                     continue
                 mean, se, n = stats(d)
-                real = "*" if n >= 3 and math.isfinite(se) and abs(mean) > 2 * se else ""
+                real = "*" if n >= 2 and abs(mean) > t95(n - 1) * se else ""
                 cells.append(f"{e} {mean:+.2f}" + (f"+-{se:.2f}" if math.isfinite(se) else "") + f" ({n}){real}")
             lines.append(f"{a} - {b} [{k}]: " + "; ".join(cells))
     return "\n".join(lines)
@@ -94,7 +105,11 @@ def main(argv=None) -> int:
     p.add_argument("--per-edit", type=int, default=1, help="held-out scenes per edit (1 = --quick's 7 scenes)")
     p.add_argument("--methods", default=DEFAULT)
     p.add_argument("--json", default=None, help="write the per-scene rows here")
+    p.add_argument("--from-json", default=None, help="only report the per-scene rows saved by --json")
     a = p.parse_args(argv)
+    if a.from_json:
+        print(report(json.loads(open(a.from_json).read())))
+        return 0
     t0 = time.perf_counter()
     rows = per_scene(a.per_edit, tuple(m.strip() for m in a.methods.split(",") if m.strip()))
     print(report(rows))
