@@ -13,7 +13,9 @@ import torch
 from ...kernels import BACKENDS
 from .._comfy import io, progress, ui
 from ..common import log, log_once, safe_output_path
-from ..host.comfy import ComfyWan
+from ..host.comfy import ComfyWan, check_wan_model
+from ..lora_edit.node import MemoryType
+from ..lora_edit.options import PRESET_ORDER
 from .pairs import PairSet
 from .patch import MODES, VARIANTS, apply_ast_rope, choose_alphas
 from .positions import FIRST_FRAME, HeadSplit, check_latent
@@ -395,5 +397,206 @@ class FFPFreePropApply(io.ComfyNode):
         return io.NodeOutput(out, text, ui=ui.PreviewText(text))
 
 
-NODES = [FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain, FFPFreePropApply]
+PAIR_SLOTS = 3
+"""Pairs the train node takes: source/edited, source_2/edited_2, source_3/edited_3 (a dataset: the CLI)."""
+
+
+def _train_pairs(pairs: list, window_frames: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Check and prepare the node's (source, edited) IMAGE pairs [T, H, W, 3]: both connected, same length and
+    size, T = 4k+1; sides cropped (centre, the same crop for both) to multiples of 16; trimmed to a memory
+    preset's window_frames (FreeProp trains a clip whole). ValueError naming the pair, the numbers and the fix."""
+    from ..video.frames import fix_size, frames_to_latent
+
+    out = []
+    for k, (src, ed) in enumerate(pairs, 1):
+        tag = "" if k == 1 else f"_{k}"
+        if src is None and ed is None:
+            continue
+        if src is None or ed is None:
+            have, miss = (f"source{tag}", f"edited{tag}") if ed is None else (f"edited{tag}", f"source{tag}")
+            raise ValueError(f"pair {k}: {have} is connected but {miss} is not; connect both clips of a pair (or "
+                             "neither).")
+        if tuple(src.shape[:3]) != tuple(ed.shape[:3]):
+            raise ValueError(f"pair {k}: edited{tag} is {ed.shape[0]} frames of {ed.shape[2]}x{ed.shape[1]}, "
+                             f"source{tag} {src.shape[0]} frames of {src.shape[2]}x{src.shape[1]}; the two clips of "
+                             "a pair must have the same frame count and size (load both with the same frame cap "
+                             "and resize/crop settings).")
+        try:
+            frames_to_latent(src.shape[0])
+        except ValueError as e:
+            raise ValueError(f"pair {k} (source{tag}/edited{tag}): {e}") from None
+        src, note = fix_size(src.float().cpu(), "crop")
+        ed, _ = fix_size(ed.float().cpu(), "crop")
+        if note:
+            log.info("FFP FreeProp trainer: pair %d: %s", k, note)
+        if window_frames and src.shape[0] > window_frames:
+            log.info("FFP FreeProp trainer: pair %d trains its first %d of %d frames (the memory preset's window; "
+                     "FreeProp trains clips whole).", k, window_frames, src.shape[0])
+            src, ed = src[:window_frames], ed[:window_frames]
+        out.append((src, ed))
+    if not out:
+        raise ValueError("no training pairs: connect source and edited (and optionally source_2/edited_2, ...).")
+    return out
+
+
+def _freeprop_path(filename: str) -> Path:
+    path = _predictor_path(filename) if isinstance(filename, str) else None
+    if path is None:
+        raise ValueError("filename is empty: type a name for the FreeProp file (saved in models/ast_rope).")
+    return path
+
+
+class FFPFreePropTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        pair_inputs = []
+        for k in range(2, PAIR_SLOTS + 1):
+            pair_inputs += [
+                io.Image.Input(f"source_{k}", optional=True, tooltip=f"Pair {k}: another source clip (any size "
+                               "and 4k+1 length of its own)."),
+                io.Image.Input(f"edited_{k}", optional=True, tooltip=f"Pair {k}: the edited version of source_{k} "
+                               "(same frame count and size)."),
+            ]
+        return io.Schema(
+            node_id="FFPFreePropTrain",
+            display_name="Train FreeProp Model · FFP",
+            category="FFP/training",
+            description="Trains a FreeProp model (a LoRA + the AST-RoPE alpha predictor, with the identity-"
+                        "propagation teacher) on a few (source, edited) clip pairs inside ComfyUI and saves it to "
+                        "models/ast_rope for 'Apply FreeProp Model'. For a dataset use `ffprop train freeprop`. "
+                        "Your MODEL is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan 2.1 I2V (36-channel) or Fun-Control (48-channel) MODEL; the "
+                               "FreeProp file only works on the model it was trained on. Kept frozen."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE (encodes the clips once, before training)."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning used for every pair (e.g. a caption of "
+                                      "the edited clips); only its text embedding is used."),
+                io.Image.Input("source", tooltip="Pair 1: the source clip (4k+1 frames, e.g. 33 or 49; sides "
+                               "not multiples of 16 are centre-cropped)."),
+                io.Image.Input("edited", tooltip="Pair 1: the edited version of source (same frame count and "
+                               "size): the target FreeProp learns to propagate to from its first frame."),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimiser steps (one pair per step, "
+                             "in turn)."),
+                io.Float.Input("learning_rate", default=2e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate, cosine decay to 0 (the paper: 2e-4)."),
+                io.Int.Input("rank", default=32, min=1, max=256,
+                             tooltip="LoRA rank. The paper (and `ffprop train freeprop`) use 128; 32 here because "
+                                     "on Wan-14B a rank-128 LoRA on every block linear adds about 1 GB of weights "
+                                     "and 3 GB of AdamW state, which the 24GB preset's budget does not leave free "
+                                     "(estimate); raise it on a larger card."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="paper",
+                               tooltip="AST-RoPE variant the predictor drives. paper: spatial_ratio of the heads "
+                                       "spatial (first frame's time index moved), the rest temporal (time scaled "
+                                       "by alpha_T); needs heads x spatial_ratio whole. global: one alpha pair for "
+                                       "every head. warped: one alpha_T step per latent frame."),
+                io.Float.Input("spatial_ratio", default=0.5, min=0.0, max=1.0, step=0.0625,
+                               tooltip="paper variant: share of each layer's heads that are spatial (not stated by "
+                                       "the paper). Wan-14B has 40 heads, 1.3B 12."),
+                io.Boolean.Input("teacher", default=True,
+                                 tooltip="Add the identity-propagation teacher's relation losses (L_motion x 5 + "
+                                         "L_MMD x 1, the paper's weights); off = flow matching only (the ablation, "
+                                         "a little faster: no teacher forward)."),
+                io.Combo.Input("memory_preset", options=list(PRESET_ORDER), default="24GB",
+                               tooltip="The LoRA-Edit trainer's low-VRAM presets for Wan-14B (estimates): 24GB "
+                                       "swaps 80 % of the blocks to CPU RAM with gradient checkpointing and "
+                                       "activation offload; 16GB/12GB add split blocks; 8GB also trims every pair "
+                                       "to its first 9 frames. unlimited = no checkpointing. A memory input "
+                                       "overrides it."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed for LoRA/predictor init, noise and t (same seed, same file)."),
+                io.String.Input("filename", default="freeprop",
+                                tooltip="Saved as models/ast_rope/<filename>.safetensors (letters, digits, - _ . "
+                                        "spaces, '/' between subfolders; no '..', no absolute path). An existing "
+                                        "file is kept: the new one gets _2, _3, ..."),
+                *pair_inputs,
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="CLIP vision model: each pair gets image tokens of its own edited first "
+                                            "frame (as Wan 2.1 I2V sampling does). Without it pairs train without "
+                                            "image tokens."),
+                MemoryType.Input("memory", optional=True,
+                                 tooltip="Manual settings from 'LoRA-Edit Memory Settings' (overrides "
+                                         "memory_preset; window_frames trims each pair to that many frames)."),
+            ],
+            outputs=[
+                io.String.Output(display_name="freeprop", tooltip="The saved file's name in models/ast_rope (pick "
+                                 "it in 'Apply FreeProp Model'; refresh the node list first)."),
+                io.Image.Output(display_name="loss", tooltip="Loss curve (raw and 10-step average)."),
+                io.String.Output(display_name="report", tooltip="Steps, pairs, first and last loss and its parts."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename: str) -> bool | str:
+        if not isinstance(filename, str):            # linked from another node: checked when it runs
+            return True
+        try:
+            _freeprop_path(filename)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, vae, positive, source, edited, steps, learning_rate, rank, variant, spatial_ratio,
+                teacher, memory_preset, seed, filename, source_2=None, edited_2=None, source_3=None, edited_3=None,
+                clip_vision=None, memory=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        from ..lora_edit.lowvram import log_settings, preset
+        from ..lora_edit.node import _trainer_clone, _unload_clones_of
+        from ..lora_edit.trainer import loss_curve_image
+        from .freeprop import FreePropSettings, pair_sample, save_freeprop, train_freeprop
+
+        kind = check_wan_model(model, ("i2v", "fun_control"), node="Train FreeProp")
+        _freeprop_path(filename)                      # a bad file name fails now, not after training
+        mem = memory if memory is not None else preset(memory_preset)
+        pairs = _train_pairs([(source, edited), (source_2, edited_2), (source_3, edited_3)], mem.window_frames)
+        heads = model.model.diffusion_model.num_heads
+        split = HeadSplit(float(spatial_ratio))
+        if variant == "paper":
+            try:
+                split.groups(heads)
+            except ValueError:
+                raise ValueError(f"variant paper: spatial_ratio {spatial_ratio:g} of this model's {heads} attention "
+                                 f"heads is not a whole number of heads; pick a ratio r with {heads} x r whole, "
+                                 "or variant global.") from None
+        trainer = _trainer_clone(model, mem)
+        device, base = trainer.load_device, trainer.model
+        dit = ComfyWan(trainer)
+        log_settings(mem, dit.dims.num_layers)
+
+        def encode(frames: torch.Tensor) -> torch.Tensor:
+            return base.process_latent_in(vae.encode(frames[..., :3])).float().to(device)
+
+        context = positive[0][0].float().to(device)
+        samples = []
+        for src, ed in pairs:                          # a few pairs: their latents are small, encode them once
+            tokens = None
+            if clip_vision is not None:
+                tokens = clip_vision.encode_image(ed[:1]).penultimate_hidden_states.float().to(device)
+            samples.append(pair_sample(src, ed, encode, context, kind, tokens))
+        config = PredictorConfig(arch="frames" if variant == "warped" else "paper")
+        settings = FreePropSettings(steps=steps, learning_rate=learning_rate, rank=rank, variant=variant, split=split,
+                                    teacher=bool(teacher), seed=seed, predictor=config)
+        on_step, should_stop = progress(steps)
+        _unload_clones_of(trainer)
+        mm.load_models_gpu([trainer])                  # train_freeprop puts the LoRA on the weights' device
+        try:
+            result = train_freeprop(dit, samples, len(samples), settings, on_step=on_step, should_stop=should_stop,
+                                    memory=mem)
+        finally:
+            _unload_clones_of(trainer)                 # the block runner moved blocks: the next load starts clean
+        path = _freeprop_path(filename)                # again: another run may have saved that name meanwhile
+        save_freeprop(path, result.model, {"steps": result.step, "pairs": len(samples), "kind_base": kind,
+                                           "trained_by": "FFPFreePropTrain"})
+        root = Path(folder_paths.get_folder_paths(FOLDER)[0])
+        name = path.relative_to(root).as_posix()
+        last = result.parts[-1] if result.parts else {}
+        text = (f"saved models/ast_rope/{name}: {result.step} steps on {len(samples)} pair(s), loss "
+                f"{result.losses[0]:.4g} -> {result.losses[-1]:.4g} ("
+                + ", ".join(f"{k} {v:.4g}" for k, v in last.items()) + ")")
+        log.info("FFP FreeProp trainer: %s", text)
+        return io.NodeOutput(name, loss_curve_image(result.losses), text, ui=ui.PreviewText(text))
+
+
+NODES = [FFPASTRoPE, FFPASTRoPELoader, FFPASTRoPETrain, FFPFreePropApply, FFPFreePropTrain]
 """This room's nodes, in menu order (nodes/registry.py collects every room's NODES)."""
