@@ -254,10 +254,13 @@ class LoRAEditEngine(SpanEngine):
         self.train = train or TrainSettings()
         self.sampling = sampling or SampleSettings(cfg=1.0)
         self.memory = memory or MemorySettings(False)
+        lora_dir = Path(__file__).resolve().parent.parent / "lora_edit"
+        self.code = _code_hash(Path(__file__).resolve(), *(lora_dir / f"{m}.py" for m in
+                                                          ("conditioning", "pipeline", "trainer", "lora")))
 
     @property
     def identity(self) -> str:
-        return f"lora_edit:{self.model_id}:{self.train!r}:{self.sampling!r}:{self.memory!r}"
+        return f"lora_edit:{self.model_id}:{self.train!r}:{self.sampling!r}:{self.memory!r}:{self.code}"
 
     def forward(self, source, key, mask, on_step=None, should_stop=None) -> SpanResult:
         return self._run(source, key, None, mask, on_step, should_stop)
