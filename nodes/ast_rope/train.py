@@ -178,7 +178,7 @@ def evaluate_loss(dit: WanDiT, predictor: AlphaPredictor, samples: list[Predicto
                 t = (i + 0.5) / points
                 noise = torch.randn(s.target.shape, generator=gen).to(s.target)
                 v = hooked.predict((1 - t) * s.target + t * noise, t, s.cond)
-                total += F.mse_loss(v.float(), (noise - s.target).float()).item()
+                total += F.mse_loss(v.float().to(s.target.device), (noise - s.target).float()).item()
     return total / (points * len(samples))
 
 
@@ -228,7 +228,7 @@ def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: Predi
             feats: dict[int, Tensor] = {}
             with capture(hooked.blocks(), idx if settings.self_distill else (), feats):
                 v = hooked.predict((1 - t) * x0 + t * noise, t, s.cond)
-            loss = F.mse_loss(v.float(), (noise - x0).float())
+            loss = F.mse_loss(v.float().to(x0.device), (noise - x0).float())   # the host may answer on its GPU
             if settings.self_distill:
                 student = dict(feats)
                 with torch.no_grad(), capture(hooked.blocks(), idx, feats):
