@@ -135,6 +135,17 @@ def val_loss(dit, loaded, samples: list, points: int = 4, seed: int = 123) -> fl
     return total / (points * len(samples))
 
 
+def val_alphas(loaded, samples: list) -> dict:
+    """{alpha_s, alpha_t: {mean, min, max}} the file's predictor gives on `samples`' source latents."""
+    with torch.no_grad():
+        a = [loaded.predictor.alphas(s.source_latent) for s in samples]
+    out = {}
+    for name in ("alpha_s", "alpha_t"):
+        v = torch.stack([getattr(x, name).float().mean() for x in a])
+        out[name] = {"mean": round(float(v.mean()), 4), "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
+    return out
+
+
 def _half_file(src: Path, dst: Path) -> None:
     """Rewrite a FreeProp file with fp16 tensors (same keys and metadata); the loaders cast back to fp32."""
     from safetensors import safe_open
@@ -185,12 +196,7 @@ def train_rows(out: Path, recipe: Recipe = Recipe(), cache: Optional[Path] = Non
         window = max(1, len(res.losses) // 10)
         curve = [round(sum(res.losses[i:i + window]) / len(res.losses[i:i + window]), 4)
                  for i in range(0, len(res.losses), window)]
-        alphas = None
-        if loaded.predictor is not None:
-            with torch.no_grad():
-                a_t = torch.stack([loaded.predictor.alphas(s.source_latent).alpha_t.float().mean() for s in val])
-            alphas = {"alpha_t_mean": round(float(a_t.mean()), 4), "alpha_t_min": round(float(a_t.min()), 4),
-                      "alpha_t_max": round(float(a_t.max()), 4)}
+        alphas = val_alphas(loaded, val) if loaded.predictor is not None else None
         last = res.parts[-window:]
         manifest["rows"][row] = {
             "file": path.name, "sha256": sha256(path), "command": command, "recipe": asdict(recipe),
