@@ -2,13 +2,13 @@
 and the output scored against the scene's ground truth.
 
 `comfy_world_state_dicts()`: the bundled world VAE and I2V DiT (nodes/world/model.py) converted to ComfyUI's key
-layout by nodes/world/convert.py, plus one change ComfyUI needs: ComfyUI normalises every Wan 2.1 latent with the
-REAL Wan 2.1 VAE's per-channel latents_mean/std (comfy.latent_formats.Wan21), while the world DiT was trained on
-latents normalised with the world VAE's own statistics (its config). The per-channel affine map between the two,
-z_comfy = wan_mean + wan_std / world_std * (z_world - world_mean), is folded into the VAE's 1x1x1 quant convs
-(`conv1`, the posterior mean half, and `conv2`), so ComfyUI's process_in(z_comfy) is the world's normalised latent
-exactly and the decoder undoes it. ComfyUI 0.28 infers the VAE width from `decoder.head.0.gamma`; 0.3.64 builds
-width 96 whatever the weights, so the world VAE (width 12) does not load there (`comfy_loads_world_vae` says so).
+layout by nodes/world/convert.py, with the world's latent normalisation folded into the VAE's quant convs
+(`convert.fold_latent_format`: ComfyUI normalises every Wan 2.1 latent with the REAL Wan 2.1 statistics, the
+world DiT was trained on the world VAE's own), so ComfyUI's process_in(z) is the world's normalised latent
+exactly. ComfyUI 0.28 infers the VAE width from `decoder.head.0.gamma`; 0.3.64 builds width 96 whatever the
+weights, so there the harness installs the world VAE zero-padded to width 96 (`convert.pad_vae_width`, the same
+function; `wide_world_vae`, about 254 MB, cached per world-VAE sha256). Which one is picked by building each with
+the host's own comfy.sd.VAE (`world_vae_file`), never by version.
 
 `world_case(...)`: a held-out world scene written as the workflow's input files (source mp4, the ground-truth
 edited first frame png, the frame-1 edit mask png), with the scores `score_video` compares an output against.

@@ -1,5 +1,5 @@
 """ComfyUI's own loaders (core's UNETLoader and VAELoader nodes) load the small trained world models, converted by
-nodes/world/convert.py (+ the latent-scale fold of tests/e2e/e2e_world.py), and reproduce the diffusers forward.
+nodes/world/convert.py (with its latent-scale fold, as tests/e2e/e2e_world.py installs them), and reproduce the diffusers forward.
 Needs COMFYUI_DIR; on a ComfyUI whose Wan 2.1 VAE loader cannot build the world VAE (0.3.64: width fixed at 96)
 the VAE tests skip with what is missing."""
 
