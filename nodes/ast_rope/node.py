@@ -481,9 +481,10 @@ class FFPFreePropTrain(io.ComfyNode):
                                tooltip="AdamW learning rate, cosine decay to 0 (the paper: 2e-4)."),
                 io.Int.Input("rank", default=32, min=1, max=256,
                              tooltip="LoRA rank. The paper (and `ffprop train freeprop`) use 128; 32 here because "
-                                     "on Wan-14B a rank-128 LoRA on every block linear adds about 1 GB of weights "
-                                     "and 3 GB of AdamW state, which the 24GB preset's budget does not leave free "
-                                     "(estimate); raise it on a larger card."),
+                                     "on Wan-14B rank 128 on every block linear is 613M trainable parameters, "
+                                     "9.1 GiB of fp32 weights + gradients + AdamW state beside the model, more "
+                                     "than the 24GB preset leaves free; rank 32 is 2.3 GiB (from the layer sizes, "
+                                     "not measured). Raise it on a larger card."),
                 io.Combo.Input("variant", options=list(VARIANTS), default="paper",
                                tooltip="AST-RoPE variant the predictor drives. paper: spatial_ratio of the heads "
                                        "spatial (first frame's time index moved), the rest temporal (time scaled "

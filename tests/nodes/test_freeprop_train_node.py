@@ -100,6 +100,23 @@ def test_cancel_stops_cleanly_without_a_file(ast_rope_dir):
     assert train(model, src, ed, steps=1).result[0] == "fp_ci.safetensors"   # and the next run works
 
 
+def test_same_inputs_and_seed_give_the_same_file(ast_rope_dir):
+    """Local generators only: two runs with one seed write identical tensors; another seed does not."""
+    from safetensors.torch import load_file
+
+    model = load_tiny_comfy_wan("i2v")
+    src, ed = clips()
+    torch.manual_seed(1)
+    first = load_file(ast_rope_dir / train(model, src, ed).result[0])
+    torch.manual_seed(2)                                                    # the global RNG plays no part
+    second = load_file(ast_rope_dir / train(model, src, ed).result[0])
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = FFPFreePropTrain.execute(model, FakeVAE(), positive(), src, ed, 2, 1e-2, 4, "global", 0.5, True,
+                                     "unlimited", 1, "fp_seed1").result[0]
+    third = load_file(ast_rope_dir / other)
+    assert any(not torch.equal(first[k], third[k]) for k in first)
+
+
 def test_bad_pairs_and_models_are_refused_with_the_numbers(ast_rope_dir):
     model = load_tiny_comfy_wan("i2v")
     src, ed = clips()
