@@ -160,15 +160,6 @@ def _finite(x: torch.Tensor) -> bool:
     return math.isfinite(float(x.float().numpy().sum(dtype=np.float64)))
 
 
-def _check_frames(video: torch.Tensor, name: str) -> None:
-    """check_video, frame by frame: its whole-clip isfinite would add a [T, H, W, 3] temporary."""
-    check_video(video[:1] if isinstance(video, torch.Tensor) and video.ndim == 4 else video, name)
-    bad = [t for t in range(video.shape[0]) if not _finite(video[t])]
-    if bad:
-        raise ValueError(f"{name} has NaN/inf values in frame(s) {bad[:10]} (0-based); "
-                         "check the node that produced it (a failed decode or a division by zero).")
-
-
 def _check_masks(masks: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """check_mask against the source, frame by frame -> [T, H, W] (a view: one mask is expanded)."""
     masks = masks[None] if masks.ndim == 2 else masks
@@ -187,8 +178,8 @@ def evaluate(source: torch.Tensor, output: torch.Tensor, edited_first: torch.Ten
     regions (or [1, H, W]); seams: first frame index of each chunk after the first (chunked outputs);
     margin: px around the edit region left out of the background scores. Scores without a finite value are
     None, with the reason under "notes". on_step(t, T) after each frame."""
-    _check_frames(source, "source_video")
-    _check_frames(output, "output_video")
+    check_video(source, "source_video")
+    check_video(output, "output_video")
     if output.shape != source.shape:
         raise ValueError(f"output video is {tuple(output.shape)} but the source is {tuple(source.shape)} "
                          "([T, H, W, 3]); score the output against the clip it was made from.")

@@ -21,9 +21,8 @@ def check_video(frames: torch.Tensor, name: str = "video") -> torch.Tensor:
         raise ValueError(f"{name} must be frames [T, H, W, 3] (ComfyUI IMAGE); got {shape}.")
     if frames.shape[0] == 0 or frames.shape[1] == 0 or frames.shape[2] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(frames.shape)}.")
-    bad = ~torch.isfinite(frames)
-    if bad.any():
-        where = torch.nonzero(bad.flatten(1).any(1)).flatten().tolist()
+    where = [t for t in range(frames.shape[0]) if not torch.isfinite(frames[t]).all()]  # per frame: no [T,H,W,3] temporary
+    if where:
         raise ValueError(f"{name} has NaN/inf values in frame(s) {where[:10]} (0-based); "
                          "check the node that produced it (a failed decode or a division by zero).")
     return frames
