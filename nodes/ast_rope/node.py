@@ -354,14 +354,15 @@ class FFPFreePropApply(io.ComfyNode):
             display_name="Apply FreeProp Model · FFP",
             category="FFP/model_patches",
             description="Applies a FreeProp model file (LoRA + AST-RoPE predictor in one .safetensors, written by "
-                        "'ffprop train freeprop') to a Wan MODEL: the LoRA as weight patches and AST-RoPE at the "
+                        "'Train FreeProp Model' or 'ffprop train freeprop') to a Wan MODEL: the LoRA as weight patches and AST-RoPE at the "
                         "alphas its predictor gives for the source video. Then sample with the stock sampler "
                         "(WanImageToVideo with the edited first frame, or WanFunControlToVideo for Fun-Control).",
             inputs=[
                 io.Model.Input("model", tooltip="The Wan 2.1 MODEL the FreeProp model was trained on."),
                 io.Combo.Input("freeprop", options=_predictor_files(), default=NONE,
-                               tooltip="A FreeProp model file in models/ast_rope (train one with `ffprop train "
-                                       "freeprop --out ComfyUI/models/ast_rope/NAME.safetensors`; no public "
+                               tooltip="A FreeProp model file in models/ast_rope (train one with 'Train FreeProp "
+                                       "Model' on a few pairs, or `ffprop train freeprop --out "
+                                       "ComfyUI/models/ast_rope/NAME.safetensors` on a dataset; no public "
                                        "FreeProp weights exist). 'none' until you have one."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="LoRA strength (1 = as trained)."),
@@ -378,9 +379,9 @@ class FFPFreePropApply(io.ComfyNode):
         from .freeprop import freeprop_alphas, load_freeprop
 
         if freeprop == NONE:
-            raise ValueError("pick a FreeProp model file in 'freeprop' (models/ast_rope); train one with `ffprop train "
-                             "freeprop --pairs DIR --out ComfyUI/models/ast_rope/NAME.safetensors` (see the node's "
-                             "help page).")
+            raise ValueError("pick a FreeProp model file in 'freeprop' (models/ast_rope); train one with 'Train FreeProp "
+                             "Model' on a few clip pairs, or `ffprop train freeprop --pairs DIR --out "
+                             "ComfyUI/models/ast_rope/NAME.safetensors` for a dataset (see the node's help page).")
         loaded = load_freeprop(folder_paths.get_full_path_or_raise(FOLDER, freeprop))
         patched, _ = comfy.sd.load_lora_for_models(model, None, loaded.lora.comfy_state_dict(), strength, 0)
         if loaded.predictor is None:
