@@ -118,7 +118,8 @@ def comfy_generator(model, vae, positive, negative, kind: str, clip_vision_outpu
                 from ..lora_edit.node import lora_edit_conditioning
             except ImportError as e:
                 raise RuntimeError(f"conditioning 'lora_edit' needs the LoRA-Edit nodes of this pack ({e}).") from e
-            pos, neg, latent = lora_edit_conditioning(pos, neg, vae, job.source, region, job.head, clip_vision_output)
+            pos, neg, latent = lora_edit_conditioning(pos, neg, vae, job.source, region, job.head, clip_vision_output,
+                                                       allow_empty=True)   # the object may have left this chunk
         samples = latent["samples"]
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
         seed = job.seed + seed_offset

@@ -52,15 +52,17 @@ MemoryType = io.Custom("FFP_LORA_EDIT_MEMORY")
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def lora_edit_conditioning(positive, negative, vae, source, edit_mask, head, clip_vision_output=None):
+def lora_edit_conditioning(positive, negative, vae, source, edit_mask, head, clip_vision_output=None,
+                           allow_empty: bool = False):
     """Like WanImageToVideo, with LoRA-Edit's masked video: returns (positive, negative, {"samples": zeros}).
 
     source IMAGE [T, H, W, 3] (T = 4k+1, H/W multiples of 16), edit_mask MASK (1 = edit) or None (global edit),
     head IMAGE [K, H, W, 3] (the edited first frame). Sets concat_latent_image = VAE(V_cond) and concat_mask
-    (ComfyUI's sense, 1 = generate) so WAN21.concat_cond builds the 36-channel I2V input."""
+    (ComfyUI's sense, 1 = generate) so WAN21.concat_cond builds the 36-channel I2V input. allow_empty: a slice
+    of a clip whose mask was validated whole (a chunk the edited object has left) may hold no edit."""
     t, h, w = source.shape[0], source.shape[1], source.shape[2]
     frames_to_latent(t)
-    v_cond, keep = masked_condition_video(source, edit_mask, head)
+    v_cond, keep = masked_condition_video(source, edit_mask, head, allow_empty=allow_empty)
     latent_image = vae.encode(v_cond[..., :3])
     values = {"concat_latent_image": latent_image, "concat_mask": comfy_concat_mask(keep).to(latent_image)}
     if clip_vision_output is not None:

@@ -161,3 +161,20 @@ def test_default_conditioning_keeps_each_chunks_source_outside_the_mask(vae, mon
     assert "no LoRA patch" in report.splitlines()[0], "a stock model is told it needs the clip's LoRA"
     assert "without edit_mask: no source frames kept" in conditioning_note(default, False, True)
     assert "no LoRA" not in conditioning_note(default, True, True)
+
+
+def test_lora_edit_chunk_the_object_has_left_is_sampled(vae):
+    """A mask validated on the whole clip may be empty in a later chunk (the object left the frame): that chunk
+    keeps its whole source and is still sampled (it raised 'edit_mask is empty' before)."""
+    clip = synthetic_clip(num_frames=13, height=32, width=32, seed=4)
+    plan = plan_chunks(13, 9, 1, "shorten")                               # chunk 2 = frames 9-13
+    mask = torch.zeros(13, 32, 32)
+    mask[:6, 8:24, 10:26] = 1                                             # gone from frame 6 on
+    spy = SpyVAE(vae)
+    video, frames, report = FFPChunkSample.execute(load_tiny_comfy_wan("i2v"), spy, cond(1), cond(2),
+                                                   pack_video(clip.source, 12.0), clip.edited[:1], plan, "lora_edit",
+                                                   0, 1, 1.0, "euler", "simple", **DRIFT, size_policy="auto",
+                                                   edit_mask=mask).args
+    assert frames.shape == clip.source.shape and len(spy.encoded) == 2
+    c2 = plan.chunks[1]
+    assert torch.equal(spy.encoded[1][1:], clip.source[c2.start + 1:c2.stop]), "an empty chunk keeps its source"
