@@ -3,7 +3,13 @@
     python -m ffprop.nodes.world.train vae --steps N --seed S --out DIR [--clips K]
     python -m ffprop.nodes.world.train dit --steps N --seed S --out DIR [--vae DIR_WITH_vae.safetensors]
     python -m ffprop.nodes.world.train fun --init DIR_WITH_dit_i2v --steps N --seed S --out DIR [--vae DIR]
+    python -m ffprop.nodes.world.train vae --decoder-only --init DIR --steps N --seed S --out DIR2 [--l1 W]
     python -m ffprop.nodes.world.train eval --out DIR --clips K    # held-out quality (K scenes)
+
+Decoder-only (`train_decoder`): the encoder, quant_conv and latents_mean/std of --init are kept bit-identical
+(so every latent, the DiTs and the content encoder stay valid); post_quant_conv + decoder learn to decode the
+frozen latents of whole 17-frame clips with the one-pass unclamped `vae_decode_whole` (same function as
+diffusers' cached frame loop, about 2x less CPU per step with the encoder's work gone).
 
 VAE: diffusers `AutoencoderKLWan` trained as a deterministic autoencoder (the posterior mean, no sampling, no
 KL) on random 5-frame, 32x32 windows of world clips (a causal conv net: windows train every weight the
