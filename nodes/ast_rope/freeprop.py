@@ -155,7 +155,7 @@ class FreePropModel(nn.Module):
         feats: dict[int, Tensor] = {}
         with capture(blocks, (self.block,) if st.teacher else (), feats):
             v = self.hooked.predict((1 - t) * x0 + t * noise, t, s.cond)
-        fm = F.mse_loss(v.float(), (noise - x0).float())
+        fm = F.mse_loss(v.float(), (noise - x0).float().to(v.device))   # latents may be kept on the CPU
         parts = {"fm": float(fm.detach())}
         loss = fm
         if st.teacher:
