@@ -1,7 +1,7 @@
 """File to file in bounded memory: decode -> flow engine -> encode, one frame at a time.
 
-Holds a few frames (the decoder's, the tracker's look-ahead, frame 1 and its edit, the encoder's queue),
-whatever the clip's length; frames are encoded in a writer thread while the next one is tracked; layer mode decodes the file twice (nodes/flow/layer.py)."""
+Holds a few frames (the decoder's, the tracker's look-ahead, frame 1 and its edit), whatever the clip's
+length; layer mode decodes the file twice (nodes/flow/layer.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import contextlib
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -79,11 +76,11 @@ def propagate_file(video: str | os.PathLike, edited_first: torch.Tensor, output:
     audio = video if keep_audio else None
     count, writers = 0, None
 
-    def open_writers() -> tuple[contextlib.ExitStack, VideoWriter, VideoWriter | None, _Ordered]:
+    def open_writers() -> tuple[contextlib.ExitStack, VideoWriter, VideoWriter | None]:
         stack = contextlib.ExitStack()
         out = stack.enter_context(VideoWriter(output, reader.fps, (h, w), crf, audio))
         mout = stack.enter_context(VideoWriter(mask_out, reader.fps, (h, w), crf)) if mask_out else None
-        return stack, out, mout, stack.enter_context(_Ordered())
+        return stack, out, mout
 
     def sink(t: int, frame: np.ndarray, carried: Carried) -> None:
         nonlocal count, writers
@@ -91,11 +88,11 @@ def propagate_file(video: str | os.PathLike, edited_first: torch.Tensor, output:
             if writers is not None:
                 writers[0].__exit__(_Restart, _Restart(), None)     # the partial files are discarded
             writers = open_writers()
-        _, out, mout, encode = writers
-        encode(out.write, _composite_u8(frame, carried))
+        _, out, mout = writers
+        out.write(_composite_u8(frame, carried))
         if mout is not None:
             m = (np.clip(carried.region, 0, 1) * 255 + 0.5).astype(np.uint8)
-            encode(mout.write, np.repeat(m[..., None], 3, -1))
+            mout.write(np.repeat(m[..., None], 3, -1))
         count = t + 1
         if count == ESTIMATE_AFTER and total > LONG_CLIP:
             rate = (time.perf_counter() - t0) / count
@@ -117,32 +114,3 @@ def propagate_file(video: str | os.PathLike, edited_first: torch.Tensor, output:
 
 class _Restart(Exception):
     """Closes the writers of a pass that auto mode restarts (their files are discarded)."""
-
-
-class _Ordered:
-    """Calls fn(frame) in a writer thread, in the order given, at most PENDING behind (memory stays flat):
-    the encoder runs while the next frame is tracked (PyAV releases the GIL). A failed write is raised by the
-    next call or on exit."""
-
-    PENDING = 2
-
-    def __enter__(self):
-        self._pool, self._jobs = ThreadPoolExecutor(1, thread_name_prefix="ffp-encode"), deque()
-        return self
-
-    def __call__(self, fn: Callable[[np.ndarray], None], frame: np.ndarray) -> None:
-        self._jobs.append(self._pool.submit(fn, frame))
-        while len(self._jobs) > self.PENDING:
-            self._jobs.popleft().result()
-
-    def __exit__(self, *exc) -> bool:
-        try:
-            while self._jobs:
-                job = self._jobs.popleft()
-                if exc[0] is None:
-                    job.result()
-                else:
-                    job.cancel()
-        finally:
-            self._pool.shutdown(wait=True)
-        return False

@@ -1,8 +1,7 @@
 """Track every pixel of each frame back to frame 0: chained flow, re-anchored to frame 0, patch-checked.
 
-uint8 frames in, one Track per frame out, streaming (the clip is never held): the decode of the next frame
-and its chained flow run in a worker thread while this frame is re-anchored and checked (both cores; OpenCV
-and PyAV release the GIL),
+uint8 frames in, one Track per frame out, streaming (the clip is never held): the chained flow of the next
+pair runs in a worker thread while this frame is re-anchored and checked (both cores; OpenCV releases the GIL),
 and every per-pixel test runs on uint8 with OpenCV kernels. Deterministic: each DIS estimator is used by one
 thread only, in frame order."""
 
@@ -149,24 +148,19 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     coords, valid = grid.copy(), np.ones((h, w), bool)
     yield first, Track(coords, valid)
 
-    def pull(prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Decode the next frame and its chained flow to the previous one (the worker's job)."""
-        frame = next(it, None)
-        if frame is None:
-            return None
+    def pair_flow(frame: np.ndarray, prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gray = to_gray(frame)
-        return frame, gray, chain(gray, prev_gray, None)
+        return gray, chain(gray, prev_gray, None)
 
     with ThreadPoolExecutor(1, thread_name_prefix="ffp-flow") as pool:
-        job = pool.submit(pull, gray0) if threaded else None
+        cur = next(it, None)
+        job = pool.submit(pair_flow, cur, gray0) if cur is not None and threaded else None
         prev_gray = gray0
-        while True:
-            got = job.result() if threaded else pull(prev_gray)
-            if got is None:
-                break
-            cur, gray, flow = got
-            if threaded:                                   # decode the next frame and its flow meanwhile
-                job = pool.submit(pull, gray)
+        while cur is not None:
+            gray, flow = job.result() if threaded else pair_flow(cur, prev_gray)
+            nxt = next(it, None)                           # decode the next frame while its flow is computed
+            if nxt is not None and threaded:
+                job = pool.submit(pair_flow, nxt, gray)
             prev_gray = gray
             coords = _compose(coords, grid + flow)
             err = patch_error_u8(cur, sample(frame0, coords))
@@ -181,6 +175,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             valid = err < (match_tolerance / 2 if relit else match_tolerance)
             valid &= inside(coords, h, w)
             yield cur, Track(coords, valid, flow)
+            cur = nxt
 
 
 class _Indexed:
