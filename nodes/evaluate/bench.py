@@ -11,7 +11,9 @@ with the ground-truth edited clip. Scores (frames 2..T, the ones an engine makes
              consistent pixels only; the mean |out[t-1] - out[t] warped back| (0..1, RGB mean). An output that
              moves like the truth scores like the truth; a frozen one scores the motion it misses;
   seconds    wall seconds the engine took per case (mean).
-Engines: repeat_first_frame (the edited first frame, frozen: the lower bound); flow (nodes/flow, default
+Engines: repeat_first_frame (the edited first frame, frozen: the lower bound); vae_ceiling (the ground truth
+through the world VAE's round trip: no generative row can beat it, since each decodes its latents with that
+VAE); flow (nodes/flow, default
 settings, given the world's per-frame edit masks: oracle masks, as a SAM2 track would give); i2v, lora_edit,
 lora_edit_ast_rope on the bundled world models (wan_engines; lora_edit gets the masks as loose boxes).
 Later engines come from the rooms: for each room in ROOMS, `ffprop.nodes.<room>.bench.engines(world,
@@ -39,7 +41,7 @@ from torch import Tensor
 from ..common import OnStep, atomic_write, report
 from ..world.scenes import EDITS, HELDOUT_SEEDS, WorldSample, render_sample
 
-METHODS = ("repeat_first_frame", "flow", "i2v", "lora_edit", "lora_edit_ast_rope")
+METHODS = ("repeat_first_frame", "flow", "vae_ceiling", "i2v", "lora_edit", "lora_edit_ast_rope")
 ROOMS = ("keyframes", "content_encoder", "ast_rope", "lora_edit", "chunks")   # nodes/<room>/bench.py add rows
 ROOM_ROWS = ("keyframes", "content_encoder", "freeprop", "freeprop_no_ast_rope", "freeprop_no_teacher",
              "lora_edit_wan22", "chunks")                                      # rows the rooms are expected to add
@@ -307,7 +309,11 @@ def wan_engines(world: WanWorld, settings: BenchSettings) -> dict[str, Engine]:
                                                       seed=s.seed))
         return out.frames
 
-    return {"i2v": i2v, "lora_edit": lora_edit, "lora_edit_ast_rope": lambda s: lora_edit(s, ast_rope=True)}
+    def vae_ceiling(s: WorldSample) -> Tensor:
+        return world.decode(world.encode(s.target)).clamp(0, 1)
+
+    return {"vae_ceiling": vae_ceiling, "i2v": i2v, "lora_edit": lora_edit,
+            "lora_edit_ast_rope": lambda s: lora_edit(s, ast_rope=True)}
 
 
 def load_world() -> tuple[Optional[WanWorld], Optional[str]]:

@@ -124,7 +124,7 @@ def test_generative_engines_run_end_to_end_on_a_tiny_random_wan():
     settings = BenchSettings(cases=((HELDOUT_SEEDS[0], "recolour"),), size=(32, 32), frames=5, train_steps=1,
                              sample_steps=1)
     out = run_bench(settings, wan_engines(WanWorld(dit, vae.encode, vae.decode, torch.zeros(1, 1, 32)), settings))
-    assert list(out["methods"]) == ["i2v", "lora_edit", "lora_edit_ast_rope"]
+    assert list(out["methods"]) == ["vae_ceiling", "i2v", "lora_edit", "lora_edit_ast_rope"]
     for m in out["methods"].values():
         assert all(math.isfinite(m[k]) for k in SCORES) and set(m["by_edit"]) == {"recolour"}
     assert out["methods"]["i2v"]["psnr"] != out["methods"]["lora_edit"]["psnr"]   # lora_edit conditions on the source
@@ -236,3 +236,18 @@ def test_chunks_row_chains_a_long_world_scene_and_leaves_the_world_dit_unpatched
     assert res.seams == (9,) and len(res.seam_jumps) == 1 and len(res.drift["edit"]) == 2
     assert res.video.shape == s.target.shape and torch.isfinite(res.video).all()
     assert torch.equal(world.dit.predict(x, 0.5, WanCond(keep, cond, world.context)), before)
+
+
+def test_vae_ceiling_is_the_truth_through_the_world_vae_and_bounds_every_generative_row():
+    """The ceiling row is decode(encode(truth)); on the bundled world it scores above stock I2V on a scene."""
+    from ffprop.nodes.evaluate.bench import load_world, wan_engines
+
+    world, problem = load_world()
+    if world is None:
+        pytest.skip(f"world models do not load: {problem}")
+    settings = BenchSettings(cases=((HELDOUT_SEEDS[2], "recolour"),), sample_steps=4)
+    rows = wan_engines(world, settings)
+    s = render_sample(HELDOUT_SEEDS[2], "recolour", size=settings.size, frames=settings.frames)
+    torch.testing.assert_close(rows["vae_ceiling"](s), world.decode(world.encode(s.target)).clamp(0, 1))
+    out = run_bench(settings, {k: rows[k] for k in ("vae_ceiling", "i2v")})["methods"]
+    assert out["vae_ceiling"]["psnr"] > out["i2v"]["psnr"] + 1.0
