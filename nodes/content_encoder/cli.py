@@ -25,6 +25,11 @@ def arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=16, help="world training scenes: seeds 0..N-1 (default 16; never "
                                                          "the benchmark's held-out seeds)")
     p.add_argument("--pairs", type=int, default=48, help="distinct synthetic pairs drawn from the clips (default 48)")
+    p.add_argument("--init", default=None, help="start from this encoder file instead of a fresh copy of the DiT's "
+                                                "blocks (a format-1 file only with --only-mpd)")
+    p.add_argument("--only-mpd", action="store_true", help="train only the mask decoder of the --init encoder (a new "
+                                                          "pixel-resolution head; the SCE and so the video stay as "
+                                                          "they are)")
     p.add_argument("--folder", default=None, help="train on <name>.mp4 + <name>_mask.mp4 clips in this folder instead "
                                                   "of the world (the generator is still the world DiT)")
     return p

@@ -1,9 +1,12 @@
 """Content-encoder files: safetensors with the encoder's weights and its configuration in the metadata.
 
-Keys: `patch_embed.*`, `fusion.*`, `inject.i.*`, `task_embed`, `mpd_head.*` as the module names them, and the
+Keys: `patch_embed.*`, `fusion.*`, `inject.i.*`, `task_embed`, `mpd_head.*`, `mpd_pixel.*` as the module names
+them, and the
 copied Wan blocks (`blocks.i.*`, `mpd_block.*`) always in ComfyUI's / the original Wan checkpoint's naming
 (`self_attn.q`, `cross_attn.k_img`, `norm3`, `modulation`), so one file loads on both hosts. Metadata: format,
-depth (N), dim, num_layers (the generator's), patch_size, tasks. Written atomically.
+depth (N), dim, num_layers (the generator's), patch_size, tasks. Written atomically. Format 1 (before the
+pixel-resolution mask decoder) had a latent-grid MPD head: its SCE and MPD block still load with
+`fresh_mpd_head=True` (the trainer's `--init FILE --only-mpd`), on their own it is refused with what to do.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from torch import Tensor
 from ..common import atomic_write
 from .model import TASKS, ContentEncoder, EncoderConfig
 
-FORMAT = "ffprop_content_encoder/1"
+FORMAT = "ffprop_content_encoder/2"
+OLD_FORMAT = "ffprop_content_encoder/1"   # latent-grid MPD head (mpd_head.2: 16 outputs per token), no mpd_pixel
+MPD_HEAD = ("mpd_head.", "mpd_pixel.")
 _BLOCK = re.compile(r"^(blocks\.\d+|mpd_block)\.(.+)$")
 _DIFFUSERS_IMAGE = (("attn2.add_k_proj", "cross_attn.k_img"), ("attn2.add_v_proj", "cross_attn.v_img"),
                     ("attn2.norm_added_k", "cross_attn.norm_k_img"))
@@ -69,7 +74,7 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], EncoderConfi
     meta, state = read_safetensors(path, "cpu", f"no content encoder at '{path}'; put .safetensors files in "
                                    "models/ffprop_content_encoder.", "; re-save it with 'Train Content Encoder' or "
                                    "`ffprop train content-encoder`")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, OLD_FORMAT):
         what = f"format '{meta['format']}'" if "format" in meta else "no FFProp content-encoder metadata"
         raise ValueError(f"'{path.name}' is not an FFProp content encoder ({what}; expected '{FORMAT}'). Choose a file "
                          "written by 'Train Content Encoder' (models/ffprop_content_encoder).")
@@ -81,9 +86,11 @@ def read_encoder_file(path: str | Path) -> tuple[dict[str, Tensor], EncoderConfi
     return state, config, meta
 
 
-def load_into(encoder: ContentEncoder, state: dict[str, Tensor], config: EncoderConfig, name: str = "file") -> ContentEncoder:
+def load_into(encoder: ContentEncoder, state: dict[str, Tensor], config: EncoderConfig, name: str = "file",
+              fresh_mpd_head: bool = False) -> ContentEncoder:
     """Copy a file's tensors into a skeleton built for the target model (`build_encoder(dit, config.depth)`);
-    ValueError saying what differs (depth N, width, generator depth, missing or extra keys, shapes)."""
+    ValueError saying what differs (depth N, width, generator depth, missing or extra keys, shapes).
+    fresh_mpd_head: leave the skeleton's MPD head (mpd_head, mpd_pixel) as drawn and ignore the file's."""
     have = encoder.config
     for field, what in (("depth", "depth N"), ("dim", "width (hidden size)"), ("num_layers", "generator depth")):
         if getattr(have, field) != getattr(config, field):
@@ -93,6 +100,9 @@ def load_into(encoder: ContentEncoder, state: dict[str, Tensor], config: Encoder
                              f"dim {have.dim}, {have.num_layers} blocks).")
     diffusers = _is_diffusers(encoder)
     wanted = {file_key(k, diffusers): k for k in encoder.state_dict()}
+    if fresh_mpd_head:
+        wanted = {fk: k for fk, k in wanted.items() if not fk.startswith(MPD_HEAD)}
+        state = {fk: v for fk, v in state.items() if not fk.startswith(MPD_HEAD)}
     missing = sorted(set(wanted) - set(state))
     extra = sorted(set(state) - set(wanted))
     if missing or extra:
@@ -109,11 +119,19 @@ def load_into(encoder: ContentEncoder, state: dict[str, Tensor], config: Encoder
     return encoder
 
 
-def load_encoder(path: str | Path, dit, dtype: torch.dtype = torch.float32) -> ContentEncoder:
-    """The encoder in `path` built for `dit` (a WanDiT of either host)."""
+def load_encoder(path: str | Path, dit, dtype: torch.dtype = torch.float32, fresh_mpd_head: bool = False,
+                 seed: int = 0) -> ContentEncoder:
+    """The encoder in `path` built for `dit` (a WanDiT of either host). fresh_mpd_head: keep the file's SCE and MPD
+    block, draw a new MPD head (seeded by `seed`) to retrain; the only way a format-1 file loads."""
     from .model import build_encoder, check_depth
 
-    state, config, _ = read_encoder_file(path)
+    state, config, meta = read_encoder_file(path)
+    name = Path(path).name
+    if meta["format"] == OLD_FORMAT and not fresh_mpd_head:
+        raise ValueError(f"'{name}' is a format-1 content encoder: its mask decoder predicts one value per 8x8-pixel "
+                         f"latent cell, this version's predicts every pixel. Retrain its mask decoder (the SCE is kept): "
+                         f"`python -m ffprop.nodes.content_encoder.train --init {name} --only-mpd --out NEW.safetensors`"
+                         ", or train a new encoder with 'Train Content Encoder'.")
     check_depth(config.depth, dit.dims.num_layers)
-    enc = build_encoder(dit, config.depth, dtype=dtype)
-    return load_into(enc, state, config, Path(path).name).requires_grad_(False).eval()
+    enc = build_encoder(dit, config.depth, seed=seed, dtype=dtype)
+    return load_into(enc, state, config, name, fresh_mpd_head).requires_grad_(False).eval()

@@ -7,10 +7,10 @@ L_mask / L_non-mask: the flow-matching MSE of the predicted velocity split by th
 over tokens, of m~_token * ||delta f||_2 (channels), delta f = (f(E(V^ + delta)) - f(E(V^))) / eps over the SCE's
 injection outputs f, delta = eps * n (.) m~ (noise inside the mask only): zero when the encoder's features do not
 depend on the masked part of its input. L_MPD: binary cross-entropy + soft Dice between the MPD's logits and the
-instance mask per pixel frame. (GenProp regresses the mask with MSE; on the world's objects, 1-6 % of the frame,
-an MSE-trained decoder collapsed to a constant near the object's area (IoU 0.00): "nothing" cost only the area.
-Dice charges a missed object ~1 whatever its size, BCE keeps the gradient of a confidently wrong pixel from
-vanishing in the sigmoid.) Each step's L_MPD is weighted by mpd_time_weight(t).
+instance mask, every pixel of every pixel frame. (GenProp regresses the mask with MSE; on the world's objects,
+1-6 % of the frame, an MSE-trained decoder collapsed to a constant near the object's area (IoU 0.00): "nothing"
+cost only the area. Dice charges a missed object ~1 whatever its size, BCE keeps the gradient of a confidently
+wrong pixel from vanishing in the sigmoid.) Each step's L_MPD is weighted by mpd_time_weight(t).
 """
 
 from __future__ import annotations

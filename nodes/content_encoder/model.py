@@ -4,7 +4,8 @@ SCE: a trainable copy of the generator's first N blocks. Its input is the patch-
 plus a zero-initialised linear fusion of the generator's own patch tokens (so it "knows" what the generator is
 making); after SCE block i a zero-initialised MLP maps its output to a residual that is added to the output of
 generator block i. MPD: a copy of the generator's last block plus an MLP head, run on the penultimate block's
-output, predicting the per-pixel-frame instance mask. Task embeddings (one per augmentation) are added to the
+output, predicting the per-pixel-frame instance mask at pixel resolution (each token: its 4 pixel frames x 2x2
+latent cells x 8x8 pixels, through a code of MPD_CODE values per frame and cell and one shared cell decoder). Task embeddings (one per augmentation) are added to the
 SCE blocks' timestep modulation. The generator stays frozen; all new layers start at zero, so an attached
 encoder leaves the generator's output bit-identical until it is trained.
 
@@ -27,6 +28,8 @@ TASKS = ("copy_paste", "mask_fill", "colour_fill")
 TRACK_PROMPT = "track colored regions"   # GenProp's text prompt for the colour-fill (tracking) task
 LATENT_CHANNELS = 16
 PIXEL_FRAMES_PER_LATENT = 4              # the Wan VAE's temporal stride
+VAE_STRIDE = 8                           # the Wan VAE's spatial stride: one latent cell = 8x8 pixels
+MPD_CODE = 16                            # the MPD's code per (pixel frame, latent cell), decoded to its 8x8 pixels
 
 RunBlock = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """run_block(block, hidden [B, L, D], temb_delta [6, D]) -> hidden [B, L, D]: run one (copied) Wan block with the
@@ -72,7 +75,8 @@ class ZeroMLP(nn.Module):
 
 
 class ContentEncoder(nn.Module):
-    """SCE (patch_embed, fusion, blocks, inject, task_embed) + MPD (mpd_block, mpd_head); see the module docstring.
+    """SCE (patch_embed, fusion, blocks, inject, task_embed) + MPD (mpd_block, mpd_head, mpd_pixel); see the module
+    docstring.
 
     Build one with `build_encoder(dit, depth)` (copies the generator's blocks) or `load_encoder` (a saved file)."""
 
@@ -89,7 +93,8 @@ class ContentEncoder(nn.Module):
         self.task_embed = nn.Parameter(torch.zeros(len(TASKS), 6, d))
         self.mpd_block = last_block
         self.mpd_head = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"),
-                                      nn.Linear(d, PIXEL_FRAMES_PER_LATENT * ph * pw))
+                                      nn.Linear(d, PIXEL_FRAMES_PER_LATENT * ph * pw * MPD_CODE))
+        self.mpd_pixel = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(MPD_CODE, VAE_STRIDE ** 2))
         assert pt == 1, "Wan patches are (1, 2, 2)"
 
     @property
@@ -119,16 +124,17 @@ class ContentEncoder(nn.Module):
         return out
 
     def mask_logits(self, penultimate: Tensor, run_block: RunBlock, grid: tuple[int, int, int]) -> Tensor:
-        """MPD: the penultimate block's output [B, L, D] -> per-pixel-frame mask logits [B, T, h, w] at latent
-        resolution, T = 4 (F - 1) + 1 (each latent frame's 4 pixel frames; frame 0 stands for one)."""
+        """MPD: the penultimate block's output [B, L, D] -> per-pixel-frame mask logits [B, T, H, W] at PIXEL
+        resolution (H = 8 h), T = 4 (F - 1) + 1 (each latent frame's 4 pixel frames; frame 0 stands for one)."""
         f, gh, gw = grid
         _, ph, pw = self.config.patch_size
-        k = PIXEL_FRAMES_PER_LATENT
+        k, s = PIXEL_FRAMES_PER_LATENT, VAE_STRIDE
         x = self.mpd_head(run_block(self.mpd_block, penultimate, torch.zeros_like(self.task_embed[0])))
         b = x.shape[0]
-        # b (f gh gw) (k ph pw) -> b (f k) (gh ph) (gw pw)
-        x = x.reshape(b, f, gh, gw, k, ph, pw).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, f * k, gh * ph, gw * pw)
-        return x[:, k - 1:]
+        x = self.mpd_pixel(x.reshape(b, f, gh, gw, k, ph, pw, MPD_CODE))    # [b, f, gh, gw, k, ph, pw, s*s]
+        # b f gh gw k ph pw (sy sx) -> b (f k) (gh ph sy) (gw pw sx)
+        x = x.reshape(b, f, gh, gw, k, ph, pw, s, s).permute(0, 1, 4, 2, 5, 7, 3, 6, 8)
+        return x.reshape(b, f * k, gh * ph * s, gw * pw * s)[:, k - 1:]
 
     def forward(self, fn: Callable[[], Tensor]) -> Tensor:
         """Runs fn() (a whole training step's loss with this encoder attached): lets DistributedDataParallel wrap
@@ -200,12 +206,15 @@ def pixel_mask_to_latent(mask: Tensor, sigma: float = 1.0) -> Tensor:
 
 
 def pixel_mask_to_mpd(mask: Tensor) -> Tensor:
-    """The MPD's target: mask [T, H, W] -> [1, T, H/8, W/8] (8x8 area average: the latent grid per pixel frame)."""
-    return nn.functional.avg_pool2d(mask.float()[:, None], 8)[:, 0][None]
+    """The MPD's target: the instance mask itself, mask [T, H, W] -> [1, T, H, W] (pixel resolution: the world's
+    objects cover about one 8x8 latent cell, and even a perfect decoder of the cell's area fraction, upsampled,
+    overlaps them with IoU ~0.2 at 0.5)."""
+    return mask.float()[None]
 
 
 def upsample_mask(logits: Tensor, height: int, width: int) -> Tensor:
-    """MPD logits [B, T, h, w] -> MASK [T, H, W] in 0..1 of the first batch item (sigmoid, bilinear upsampling)."""
+    """MPD logits [B, T, h, w] -> MASK [T, H, W] in 0..1 of the first batch item (sigmoid, then bilinear resizing:
+    none when the logits already have the pixel size, as the MPD's do)."""
     prob = torch.sigmoid(logits[:1].float())
     return nn.functional.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)[0]
 

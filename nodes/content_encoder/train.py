@@ -40,7 +40,7 @@ Attach = Callable[[ContentEncoder], tuple[object, object]]
 @dataclass(frozen=True)
 class LatentPair:
     """A Pair in latent space: sce [1, 16, F, h, w], cond (the generator's I2V conditioning), target x1
-    [1, 16, F, h, w], mask m~ [1, 1, F, h, w], mpd_target [1, T, h, w], task index."""
+    [1, 16, F, h, w], mask m~ [1, 1, F, h, w], mpd_target [1, T, H, W] (pixel resolution), task index."""
 
     sce: Tensor
     cond: WanCond
@@ -73,6 +73,7 @@ class TrainSettings:
     weights: LossWeights = field(default_factory=LossWeights)
     grad_clip: float = 1.0
     weight_decay: float = 0.0
+    only_mpd: bool = False   # train only the mask decoder (mpd_*): the SCE, hence the generated video, stays as it is
 
 
 @dataclass
@@ -127,6 +128,9 @@ def train_content_encoder(encoder: ContentEncoder, attach: Attach, get_pair: Cal
     t0 = time.perf_counter()
     with torch.inference_mode(False):
         encoder.requires_grad_(True).train()
+        if settings.only_mpd:
+            for name, p in encoder.named_parameters():
+                p.requires_grad_(name.startswith("mpd_"))
         att, state = attach(encoder)
         dit_base = att.module
         frozen = [(p, p.requires_grad) for p in dit_base.parameters()]
@@ -227,7 +231,7 @@ def run(args) -> int:
     from ..world.model import load_world_models
     from .attach import attach_diffusers
     from .data import load_folder, make_pair
-    from .files import save_encoder
+    from .files import load_encoder, save_encoder
     from .model import build_encoder
 
     dist = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -241,10 +245,17 @@ def run(args) -> int:
             pairs = [encode_pair(make_pair(clips, i, args.seed), world.vae.encode, ctx) for i in range(args.pairs)]
         else:
             pairs = world_pairs(world, range(args.clips), seed=args.seed, count=args.pairs)
-        encoder = build_encoder(world.dit, args.depth, seed=args.seed)
+        if args.init:
+            encoder = load_encoder(args.init, world.dit, fresh_mpd_head=args.only_mpd, seed=args.seed)
+        elif args.only_mpd:
+            raise ValueError("--only-mpd trains the mask decoder of an existing encoder: give it with --init FILE.")
+        else:
+            encoder = build_encoder(world.dit, args.depth, seed=args.seed)
         src = pairs[0].sce
+        # --only-mpd: the SCE is frozen, so its gradient loss would cost a forward and teach nothing
         settings = TrainSettings(steps=args.steps, learning_rate=args.lr, batch=args.batch, ema_decay=args.ema,
-                                 seed=args.seed, weights=LossWeights(mpd=args.mpd_weight))
+                                 seed=args.seed, only_mpd=args.only_mpd,
+                                 weights=LossWeights(mpd=args.mpd_weight, grad=0.0 if args.only_mpd else 1.0))
         last = [time.perf_counter()]
 
         def on_step(i, n, loss):
@@ -259,6 +270,7 @@ def run(args) -> int:
             tail = result.losses[-10:]
             save_encoder(result.encoder, args.out, {"steps": str(args.steps), "lr": str(args.lr),
                                                     "mpd_weight": str(args.mpd_weight), "mpd_loss": "bce+dice",
+                                                    "mpd_resolution": "pixel", "init": str(args.init or ""),
                                                     "wall_seconds": f"{result.seconds:.0f}",
                                                     "command": " ".join(["python -m ffprop.nodes.content_encoder.train",
                                                                          *sys.argv[1:]]),

@@ -37,8 +37,8 @@ SCRIPT = textwrap.dedent('''
             keep[:, :, 0] = 1
             mask = torch.zeros(1, 1, 3, 4, 4)
             mask[..., :2, :2] = 1
-            mpd = torch.zeros(1, 9, 4, 4)
-            mpd[..., :2, :2] = 1
+            mpd = torch.zeros(1, 9, 32, 32)           # pixel resolution: 8x the latent grid
+            mpd[..., :16, :16] = 1
             cond = WanCond(keep, torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g))
             pairs.append(LatentPair(torch.randn(1, 16, 3, 4, 4, generator=g), cond,
                                     torch.randn(1, 16, 3, 4, 4, generator=g), mask, mpd, i % 3))
