@@ -40,7 +40,10 @@ GAIN_RANGE = (0.5, 2.0)  # the lighting gain applied to carried pixels is clippe
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """mode: 'auto' (delta, restarted in layer mode when the per-pixel chain breaks up: see run_carry),
+    """mode: 'auto' (delta; when the per-pixel chain breaks up it notes where and suggests 'layer', or, with
+    auto_layer, restarts in layer mode: see run_carry. auto_layer is opt-in because an occluder passing over
+    the edited object also breaks the chain up, and layer mode then paints the edit over the occluder: on the
+    pack's synthetic occlusion clip auto_layer scores 20.7 dB against delta's 28.6),
     'delta' (the edit's change added where it keeps the structure, the relit result elsewhere), 'pixels' (the
     relit edited pixels everywhere), 'layer' (the edit region as one moving layer). quality: DIS preset of
     the direct flow to frame 0 (the accurate one); chain_quality: of the frame-to-frame flow that seeds it
@@ -52,6 +55,7 @@ class FlowSettings:
     (track.FlowFn: grey uint8 frames a -> b, init None), e.g. RAFT or ComfyUI's OPTICAL_FLOW."""
 
     mode: str = "auto"
+    auto_layer: bool = False
     quality: str = "medium"
     mask_threshold: float = 0.08
     mask_grow: int = 4
@@ -221,8 +225,13 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
             why = _broken(sample(low.astype(np.float32), track.coords) > 0.5, track.valid)
             broken = broken + 1 if why else 0
             if broken == BROKEN_FRAMES:
-                raise _ChainBroke(f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames "
-                                  "in a row)")
+                where = f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames in a row)"
+                if settings.auto_layer:
+                    raise _ChainBroke(where)
+                if not any(n.startswith("mode auto: the per-pixel chain") for n in plan.notes):   # once
+                    plan.notes.append(f"mode auto: {where}; if the edit tears into fragments, try mode 'layer' "
+                                      "(or auto_layer), which moves it as one piece")
+                    log.info("FFP flow: %s", plan.notes[-1])
         yield frame, _content(frame, frame0, track, region, plan, settings)
 
 

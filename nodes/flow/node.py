@@ -75,7 +75,9 @@ class FFPFlowPropagate(io.ComfyNode):
                                       "flow) or one per frame (e.g. from SAM2). Unconnected: derived from the "
                                       "difference between the edited and the source frame 1."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",
-                               tooltip="auto: delta (the log says when the tracking breaks up and layer may do better). "
+                               tooltip="auto: delta (the log says when the tracking breaks up and layer may do better); a colour "
+                                       "change with a mask for every frame, or a whole-frame colour restyle, is carried "
+                                       "as one colour map of each frame's own pixels. "
                                        "delta: add the edit's change where it keeps the picture's structure "
                                        "(keeps the clip's lighting; recolours, textures) and carry the edited "
                                        "result, relit, where it changes it (a removed part: no ghost). pixels: "

@@ -188,7 +188,10 @@ def test_auto_switches_to_layer_when_the_chain_breaks_up(tmp_path):
     src = breaking_scene()
     edited = src[0].copy()
     cv2.circle(edited, (36, 36), 14, (250, 250, 40), -1)
-    res = propagate_edit(from_uint8(src), from_uint8(edited))
+    noted = propagate_edit(from_uint8(src), from_uint8(edited))     # default: auto notes the break, stays delta
+    assert any("mode auto: the per-pixel chain broke up" in n and "try mode 'layer'" in n for n in noted.notes)
+    assert not any("mode auto -> layer" in n for n in noted.notes)
+    res = propagate_edit(from_uint8(src), from_uint8(edited), settings=FlowSettings(auto_layer=True))
     assert any("mode auto -> layer" in n and "pieces" in n for n in res.notes), res.notes
     out = to_uint8(res.video)
     for t in range(10):
@@ -200,7 +203,7 @@ def test_auto_switches_to_layer_when_the_chain_breaks_up(tmp_path):
     folder = tmp_path / "frames"
     for t in range(10):
         write_image(folder / f"{t:03d}.png", from_uint8(src[t]))
-    streamed = propagate_file(folder, from_uint8(edited), tmp_path / "out.mp4")
+    streamed = propagate_file(folder, from_uint8(edited), tmp_path / "out.mp4", settings=FlowSettings(auto_layer=True))
     assert streamed.frames == 10 and any("mode auto -> layer" in n for n in streamed.notes)
     back, _ = read_video(tmp_path / "out.mp4")
     assert back.shape[0] == 10 and all(len(yellow_pieces(f)[0]) == 1 for f in to_uint8(back))   # the restarted pass
