@@ -185,7 +185,7 @@ def test_rooms_add_rows_long_rows_render_their_own_length_and_missing_rows_say_w
     seen_world, seen_settings = keyframes.SEEN[-1]
     assert seen_settings is settings                            # the room got the settings and the world (or None)
     assert isinstance(seen_world, WanWorld) if world is not None else seen_world is None
-    assert list(found)[:5] == ["repeat_first_frame", "flow", "i2v", "lora_edit", "lora_edit_ast_rope"]
+    assert list(found)[:6] == ["repeat_first_frame", "flow", "vae_ceiling", "i2v", "lora_edit", "lora_edit_ast_rope"]
     assert set(ROOM_ROWS) <= set(found)
     assert ("keyframes_frozen" in found) == (world is not None)
     for row in ("content_encoder", "freeprop", "lora_edit_wan22"):
