@@ -35,6 +35,18 @@ def _predictor_files() -> list[str]:
     return [NONE] + folder_paths.get_filename_list(FOLDER)
 
 
+
+def _name_problem(filename, to_path) -> bool | str:
+    """validate_inputs for an output file name: True, or the error to_path(filename) raises (a name linked from
+    another node is checked when the node runs)."""
+    if not isinstance(filename, str):
+        return True
+    try:
+        to_path(filename)
+    except ValueError as e:
+        return str(e)
+    return True
+
 def _predictor_path(filename: str) -> Optional[Path]:
     """models/ast_rope/<filename>.safetensors, validated and versioned (_2, _3, ...); None for an empty name."""
     if not filename.strip():
@@ -302,13 +314,7 @@ class FFPASTRoPETrain(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename: str) -> bool | str:
-        if not isinstance(filename, str):            # linked from another node: checked when it runs
-            return True
-        try:
-            _predictor_path(filename)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _name_problem(filename, _predictor_path)
 
     @classmethod
     def execute(cls, model, vae, positive, source_video, steps, learning_rate, variant, alpha_max, width, depth,
@@ -529,13 +535,7 @@ class FFPFreePropTrain(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename: str) -> bool | str:
-        if not isinstance(filename, str):            # linked from another node: checked when it runs
-            return True
-        try:
-            _freeprop_path(filename)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _name_problem(filename, _freeprop_path)
 
     @classmethod
     def execute(cls, model, vae, positive, source, edited, steps, learning_rate, rank, variant, spatial_ratio,

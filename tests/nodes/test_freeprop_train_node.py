@@ -12,7 +12,7 @@ import_comfy()
 
 import folder_paths  # noqa: E402
 from ffprop.nodes.ast_rope.freeprop import load_freeprop  # noqa: E402
-from ffprop.nodes.ast_rope.node import NODES, FFPFreePropApply, FFPFreePropTrain  # noqa: E402
+from ffprop.nodes.ast_rope.node import NODES, FFPASTRoPETrain, FFPFreePropApply, FFPFreePropTrain  # noqa: E402
 from ffprop.nodes.host.comfy import ComfyWan  # noqa: E402
 from ffprop.nodes.host.protocol import WanCond  # noqa: E402
 
@@ -135,6 +135,8 @@ def test_bad_pairs_and_models_are_refused_with_the_numbers(ast_rope_dir):
         train(model, src, ed, filename=" ")
     assert isinstance(FFPFreePropTrain.validate_inputs("../x"), str)        # refused before the run starts
     assert FFPFreePropTrain.validate_inputs("ok_name") is True
+    assert FFPFreePropTrain.validate_inputs(["3", 0]) is True               # linked: checked when it runs
+    assert isinstance(FFPASTRoPETrain.validate_inputs("../x"), str) and FFPASTRoPETrain.validate_inputs("p") is True
     with pytest.raises(ValueError, match="Wan t2v model but Train FreeProp needs a Wan i2v or fun_control"):
         train(load_tiny_comfy_wan("t2v"), src, ed)
     import comfy.model_patcher
