@@ -11,8 +11,9 @@ delta, which would leave the old object's ghost. A colour change (one affine RGB
 nodes/flow/colour.py) whose region is known in every frame (per-frame masks, or a global restyle) is
 carried as that map of each frame's own pixels instead: no correspondence needed, so fast motion and blur do
 not lose it. Mode 'layer' (nodes/flow/layer.py) moves the whole edit region as one piecewise-affine layer
-over a reconstructed background, for pose and shape changes; mode 'auto' restarts in it when the per-pixel
-chain breaks up (most of the tracked region unmatched, the rest in pieces, for BROKEN_FRAMES frames)."""
+over a reconstructed background, for pose and shape changes; when the per-pixel chain breaks up (most of
+the tracked region unmatched, the rest in pieces, for BROKEN_FRAMES frames) mode 'auto' notes it, and with
+FlowSettings.auto_layer restarts in layer mode."""
 
 from __future__ import annotations
 
@@ -205,8 +206,8 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
 
     masks(t, grow): the given region of frame t [H, W] (softened unless grow=False), or None to carry frame
     1's along the track.
-    check_broken: raise _ChainBroke when the tracked region stays mostly unmatched and in pieces (auto mode
-    then restarts in layer mode)."""
+    check_broken: when the tracked region stays mostly unmatched and in pieces, note it once in plan.notes, or
+    with settings.auto_layer raise _ChainBroke (run_carry then restarts in layer mode)."""
     low, broken = plan.first_mask > 0.5, 0
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
                           settings.chain_quality, settings.flow, settings.light)
@@ -342,8 +343,8 @@ def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, s
               t_len: int | None, should_stop: ShouldStop | None = None,
               on_step: Callable[[int, int], None] | None = None) -> None:
     """Drive carry over every frame, calling sink(t, frame, carried), then on_step(t + 1, t_len); honours
-    should_stop after each frame but the first. In auto mode, when the per-pixel chain breaks up it logs why
-    and starts again from frame 1 in layer mode (the sink then gets t = 0, 1, ... a second time)."""
+    should_stop after each frame but the first. With settings.auto_layer, when the per-pixel chain breaks up it
+    logs why and starts again from frame 1 in layer mode (the sink then gets t = 0, 1, ... a second time)."""
     try:
         for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
             sink(t, frame, carried)
