@@ -154,6 +154,15 @@ def warmup_cosine(opt, steps: int):
         opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
 
 
+def optimizer_step(opt, sched, params, loss: Tensor) -> None:
+    """One update: backward of `loss`, gradient norm clipped to 1 over `params`, optimizer and schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def new_vae(config: dict | None = None):
     """A fresh AutoencoderKLWan with `init_vae`'s initialisation (draws from the global RNG: seed it first)."""
     from diffusers import AutoencoderKLWan
@@ -212,11 +221,7 @@ def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1
         rec = vae_decode_raw(vae, vae_encode_mean(vae, x))
         loss = F.mse_loss(rec, x)
         total = loss + l1 * F.l1_loss(rec, x) if l1 else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, vae.parameters(), total)
         losses.append(loss.item())
         if checkpoint is not None and i % 100 == 99:
             checkpoint(vae, i + 1)
@@ -281,11 +286,7 @@ def train_decoder(vae, latents: Tensor, pool: Tensor, steps: int, seed: int, bat
         rec = vae_decode_whole(vae, latents[idx])
         loss = F.mse_loss(rec, x)
         total = loss + l1 * F.l1_loss(rec, x) if l1 else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, params, total)
         losses.append(loss.item())
         if i % 25 == 0 or i == steps - 1:
             log(f"decoder step {i} mse {losses[-1]:.5f} ({10 * math.log10(4 / max(losses[-1], 1e-12)):.1f} dB) "
@@ -436,11 +437,7 @@ def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int =
     for i in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
         loss = dit_loss(model, latents[idx], cond[idx], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, params, loss)
         losses.append(loss.item())
         if i % 25 == 0 or i == steps - 1:
             log(f"dit step {i} loss {losses[-1]:.4f} {time.time() - t0:.0f}s")
