@@ -544,7 +544,7 @@ class FFPFreePropTrain(io.ComfyNode):
         import comfy.model_management as mm
 
         from ..lora_edit.lowvram import log_settings, preset
-        from ..lora_edit.node import _trainer_clone, _unload_clones_of
+        from ..lora_edit.node import trainer_clone, unload_clones_of
         from ..lora_edit.trainer import loss_curve_image
         from .freeprop import FreePropSettings, pair_sample, save_freeprop, train_freeprop
 
@@ -561,7 +561,7 @@ class FFPFreePropTrain(io.ComfyNode):
                 raise ValueError(f"variant paper: spatial_ratio {spatial_ratio:g} of this model's {heads} attention "
                                  f"heads is not a whole number of heads; pick a ratio r with {heads} x r whole, "
                                  "or variant global.") from None
-        trainer = _trainer_clone(model, mem)
+        trainer = trainer_clone(model, mem)
         device, base = trainer.load_device, trainer.model
         dit = ComfyWan(trainer)
         log_settings(mem, dit.dims.num_layers)
@@ -580,13 +580,13 @@ class FFPFreePropTrain(io.ComfyNode):
         settings = FreePropSettings(steps=steps, learning_rate=learning_rate, rank=rank, variant=variant, split=split,
                                     teacher=bool(teacher), seed=seed, predictor=config)
         on_step, should_stop = progress(steps)
-        _unload_clones_of(trainer)
+        unload_clones_of(trainer)
         mm.load_models_gpu([trainer])                  # train_freeprop puts the LoRA on the weights' device
         try:
             result = train_freeprop(dit, samples, len(samples), settings, on_step=on_step, should_stop=should_stop,
                                     memory=mem)
         finally:
-            _unload_clones_of(trainer)                 # the block runner moved blocks: the next load starts clean
+            unload_clones_of(trainer)                 # the block runner moved blocks: the next load starts clean
         path = _freeprop_path(filename)                # again: another run may have saved that name meanwhile
         save_freeprop(path, result.model, {"steps": result.step, "pairs": len(samples), "kind_base": kind,
                                            "trained_by": "FFPFreePropTrain"})

@@ -15,7 +15,7 @@ from ..common import log, safe_output_path
 from ..host.comfy import ComfyWan
 from ..lora_edit.lora import LoRA, attach_weight_wrappers
 from ..lora_edit.lowvram import preset
-from ..lora_edit.node import DTYPES, MemoryType, _auto_dtype, _drop_wrappers, _to_pil, _unload_clones_of
+from ..lora_edit.node import DTYPES, MemoryType, _auto_dtype, _drop_wrappers, _to_pil, unload_clones_of
 from ..lora_edit.options import PRESET_ORDER
 from ..lora_edit.trainer import loss_curve_image
 from ..video.frames import check_mask, check_video, frames_to_latent
@@ -203,12 +203,12 @@ class FFPTrainContentEncoder(io.ComfyNode):
         # identity weight wrappers (an empty LoRA): ComfyUI then casts (copies) each frozen weight per forward, so the
         # server's inference-tensor weights are never saved for backward (the LoRA-Edit trainer's way)
         attach_weight_wrappers(trainer, LoRA({}))
-        _unload_clones_of(trainer)
+        unload_clones_of(trainer)
         try:
             result = train_content_encoder(enc, attach, lambda i: data[i % len(data)], settings, mem, on_step,
                                            should_stop, device)
         finally:
-            _unload_clones_of(trainer)
+            unload_clones_of(trainer)
             _drop_wrappers(trainer)
         path = safe_output_path(folder_paths.get_folder_paths(FOLDER)[0], name, ".safetensors")
         save_encoder(result.encoder, path, {"steps": str(steps), "lr": str(learning_rate), "pairs": str(pairs)})

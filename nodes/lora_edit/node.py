@@ -311,7 +311,7 @@ class FFPTrainLoRAEdit(io.ComfyNode):
                                         frame_policy, size_policy)
         for n in notes:
             log.info("FFP LoRA-Edit trainer: %s", n)
-        trainers = [_trainer_clone(m, mem) for m in models]
+        trainers = [trainer_clone(m, mem) for m in models]
         device, dtype, base = trainers[0].load_device, _compute_dtype(trainers[0], mem), trainers[0].model
 
         def encode(frames):
@@ -370,7 +370,7 @@ def _compute_dtype(patcher, mem: MemorySettings) -> torch.dtype:
     return DTYPES[mem.compute_dtype] or _auto_dtype(patcher)
 
 
-def _trainer_clone(model, mem: MemorySettings):
+def trainer_clone(model, mem: MemorySettings):
     """A clone that computes in the training dtype (the memory settings', else the model's)."""
     trainer = model.clone()
     trainer.set_model_compute_dtype(_compute_dtype(trainer, mem))
@@ -403,11 +403,11 @@ def _train_expert(trainer, stage1, stage2, settings: TrainSettings, mem: MemoryS
         attach_weight_wrappers(trainer, lo)
         return lambda: _drop_wrappers(trainer)
 
-    _unload_clones_of(trainer)  # a loaded clone of this model would make ComfyUI skip the wrapper patching
+    unload_clones_of(trainer)  # a loaded clone of this model would make ComfyUI skip the wrapper patching
     try:
         return train_lora_edit(dit, stage1, settings, stage2, mem, attach, lora, on_step, should_stop, device)
     finally:
-        _unload_clones_of(trainer)
+        unload_clones_of(trainer)
 
 
 def apply_lora(model, lora: LoRA, strength: float = 1.0):
@@ -421,7 +421,7 @@ def apply_lora(model, lora: LoRA, strength: float = 1.0):
     return out
 
 
-def _unload_clones_of(patcher) -> None:
+def unload_clones_of(patcher) -> None:
     """Unload (unpatch) every loaded ModelPatcher that shares `patcher`'s model, so the next load re-patches."""
     mm = comfy.model_management
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
