@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..common import atomic_write
@@ -110,7 +111,7 @@ class AlphaPredictor(nn.Module):
         scale = pooled.flatten(1).std(dim=1).clamp_min(1e-6).view(b, 1, 1, 1, 1)
         pooled = pooled / scale
         diff = torch.cat([torch.zeros_like(pooled[:, :, :1]), pooled[:, :, 1:] - pooled[:, :, :-1]], dim=2)
-        tok = torch.cat([pooled, diff], dim=1).permute(0, 2, 3, 4, 1).reshape(b, f, n, 32)
+        tok = rearrange(torch.cat([pooled, diff], dim=1), 'b c f gh gw -> b f (gh gw) c')        # [B, F, n, 32]
         h = self.embed(tok) + self.frame_pos[:f, None] + self.cell_pos[None]
         return self.norm(self.encoder(h.reshape(b, f * n, -1))).reshape(b, f, n, -1).mean(dim=2)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 LAMBDA_MOTION = 5.0
@@ -29,10 +30,10 @@ def pooled_tokens(h: Tensor, grid: tuple[int, int], k_s: int = 2) -> Tensor:
         raise ValueError(f"{n} tokens per frame do not form the {gh}x{gw} patch grid.")
     if k_s < 1:
         raise ValueError(f"K_S (spatial downsampling of the relation tokens) must be >= 1; got {k_s}.")
-    x = h.float().reshape(b * f, gh, gw, d).permute(0, 3, 1, 2)
+    x = rearrange(h.float(), 'b f (gh gw) d -> (b f) d gh gw', gh=gh)
     if k_s > 1:
         x = F.avg_pool2d(x, k_s, ceil_mode=True)
-    return F.normalize(x.flatten(2).transpose(1, 2).reshape(b, f, -1, d), dim=-1)
+    return F.normalize(rearrange(x, '(b f) d gh gw -> b f (gh gw) d', b=b), dim=-1)
 
 
 def motion_loss(zs: Tensor, zt: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..video.frames import check_video, frames_to_latent
@@ -47,7 +48,7 @@ class DiffusersWanVAE:
         frames_to_latent(frames.shape[0])
         if frames.shape[1] % 8 or frames.shape[2] % 8:
             raise ValueError(f"the Wan VAE needs sizes that are multiples of 8; got {frames.shape[2]}x{frames.shape[1]}.")
-        x = (frames.permute(3, 0, 1, 2)[None] * 2 - 1).to(self.device, self.dtype)
+        x = (rearrange(frames, 't h w c -> 1 c t h w') * 2 - 1).to(self.device, self.dtype)
         z = self.vae.encode(x).latent_dist.mode().float()
         return (z - self.mean.to(z.device)) / self.std.to(z.device)
 
@@ -58,7 +59,7 @@ class DiffusersWanVAE:
             raise ValueError(f"latent must be [1, 16, F, h, w]; got {tuple(latent.shape)}.")
         z = latent.float() * self.std.to(latent.device) + self.mean.to(latent.device)
         x = self.vae.decode(z.to(self.device, self.dtype)).sample.float()
-        return ((x[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
+        return ((rearrange(x[0], 'c t h w -> t h w c') + 1) / 2).clamp(0, 1).cpu()
 
 
 def load_diffusers_wan_vae(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
