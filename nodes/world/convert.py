@@ -2,12 +2,15 @@
 
 `vae_to_comfy(sd, num_res_blocks)`: AutoencoderKLWan keys -> ComfyUI's `comfy.ldm.wan.vae.WanVAE` keys
 (load with `comfy.sd.VAE(sd=...)`); `fold_latent_format` puts the world's latent normalisation into the quant
-convs (ComfyUI normalises with the real Wan 2.1 statistics); the CLI's VAE files have it folded in. `dit_to_comfy(sd)`: WanTransformer3DModel keys -> ComfyUI's `WanModel`
-raw keys (load with `comfy.sd.load_diffusion_model_state_dict`). Tensors are shared, not copied.
+convs (ComfyUI normalises with the real Wan 2.1 statistics); the CLI's VAE files have it folded in.
+`dit_to_comfy(sd)`: WanTransformer3DModel keys -> ComfyUI's `WanModel` raw keys (load with
+`comfy.sd.load_diffusion_model_state_dict`). Tensors are shared, not copied.
 
     python -m ffprop.nodes.world.convert OUT_DIR [--vae-width 96]
     # writes world_vae_comfy.safetensors, world_dit_i2v_comfy.safetensors, world_dit_fun_control_comfy.safetensors
     # (and world_vae_comfy_w96.safetensors: the VAE zero-padded to width 96 for ComfyUI 0.3.64, float16)
+
+`comfy_vae_state_dict(vae, width)` is what both VAE files hold (the e2e and node tiers load exactly that).
 
 ComfyUI limits (read from comfy/sd.py and comfy/model_detection.py): both 0.28 and 0.3.64 build the Wan 2.1
 VAE with num_res_blocks 2 and dim_mult [1, 2, 4, 4]; 0.28 reads the width from `decoder.head.0.gamma`, 0.3.64
@@ -150,6 +153,29 @@ def pad_vae_width(sd: dict[str, Tensor], config: dict, width: int) -> dict[str, 
     return out
 
 
+VAE_FILE = "world_vae_comfy.safetensors"
+
+
+def wide_vae_file(width: int) -> str:
+    """The CLI's file name of the world VAE padded to base width `width`."""
+    return f"world_vae_comfy_w{width}.safetensors"
+
+
+def comfy_vae_state_dict(vae, width: int | None = None) -> dict[str, Tensor]:
+    """The world VAE (a diffusers AutoencoderKLWan) as ComfyUI's VAELoader loads it: ComfyUI keys with the latent
+    normalisation folded in (`fold_latent_format`), in the weights' dtype: the CLI's VAE_FILE, for a ComfyUI that
+    reads the Wan 2.1 VAE width from the weights (0.28). width: first zero-padded to that base width
+    (`pad_vae_width`), float16: the CLI's wide_vae_file(width), for a ComfyUI that builds every Wan 2.1 VAE at
+    width 96 (0.3.64)."""
+    import torch
+
+    cfg, sd = dict(vae.config), vae.state_dict()
+    if width is None:
+        return fold_latent_format(vae_to_comfy(sd, cfg["num_res_blocks"]), cfg)
+    wide = fold_latent_format(vae_to_comfy(pad_vae_width(sd, cfg, width), cfg["num_res_blocks"]), cfg)
+    return {k: v.to(torch.float16) for k, v in wide.items()}
+
+
 _DIT = (  # applied in order to each diffusers key
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
@@ -181,8 +207,8 @@ def dit_to_comfy(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def main(argv=None) -> int:
     import argparse
+    import os
 
-    import torch
     from safetensors.torch import save_file
 
     from .model import load_fun_control, load_world_models, read_manifest
@@ -197,17 +223,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     world = load_world_models()
     vae = world.vae.vae
-    nrb = vae.config.num_res_blocks
-    cfg = dict(vae.config)
-    files = {"world_vae_comfy.safetensors": fold_latent_format(vae_to_comfy(vae.state_dict(), nrb), cfg),
+    files = {VAE_FILE: comfy_vae_state_dict(vae),
              "world_dit_i2v_comfy.safetensors": dit_to_comfy(world.dit.model.state_dict())}
     if "dit_fun_control" in read_manifest()["models"]:
         files["world_dit_fun_control_comfy.safetensors"] = dit_to_comfy(load_fun_control().model.state_dict())
     if args.vae_width:
-        wide = fold_latent_format(vae_to_comfy(pad_vae_width(vae.state_dict(), cfg, args.vae_width), nrb), cfg)
-        files[f"world_vae_comfy_w{args.vae_width}.safetensors"] = {k: v.to(torch.float16) for k, v in wide.items()}
+        files[wide_vae_file(args.vae_width)] = comfy_vae_state_dict(vae, args.vae_width)
     for name, sd in files.items():
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name))
+        tmp = out / f"{name}.tmp{os.getpid()}"          # atomic: an interrupted run leaves no half-written model
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+        os.replace(tmp, out / name)
         print(f"wrote {out / name}")
     return 0
 

@@ -7,7 +7,8 @@ layout by nodes/world/convert.py, with the world's latent normalisation folded i
 world DiT was trained on the world VAE's own), so ComfyUI's process_in(z) is the world's normalised latent
 exactly. ComfyUI 0.28 infers the VAE width from `decoder.head.0.gamma`; 0.3.64 builds width 96 whatever the
 weights, so there the harness installs the world VAE zero-padded to width 96 (`convert.pad_vae_width`, the same
-function; `wide_world_vae`, about 254 MB, cached per world-VAE sha256). Which one is picked by building each with
+function; `wide_world_vae`: the tensors of `python -m ffprop.nodes.world.convert DIR --vae-width 96`, the file a
+0.3.64 user loads, about 254 MB in float16, cached per world-VAE sha256). Which one is picked by building each with
 the host's own comfy.sd.VAE (`world_vae_file`), never by version.
 
 `world_case(...)`: a held-out world scene written as the workflow's input files (source mp4, the ground-truth
@@ -49,18 +50,16 @@ def load_world():
 
 def comfy_world_state_dicts(world=None, vae_width: int | None = None) -> tuple[dict[str, torch.Tensor],
                                                                              dict[str, torch.Tensor]]:
-    """(DiT state dict in ComfyUI WanModel keys, VAE state dict in ComfyUI WanVAE keys with the world's latent
-    normalisation folded in: convert.fold_latent_format), float32, of `world` (default: load_world()).
-    vae_width: the VAE zero-padded to that base width first (convert.pad_vae_width: the same function)."""
-    from ffprop.nodes.world.convert import dit_to_comfy, fold_latent_format, pad_vae_width, vae_to_comfy
+    """(DiT state dict in ComfyUI WanModel keys, float32; VAE state dict as `python -m ffprop.nodes.world.convert`
+    writes it: convert.comfy_vae_state_dict, ComfyUI WanVAE keys with the world's latent normalisation folded in)
+    of `world` (default: load_world()). vae_width: the VAE zero-padded to that base width, float16 (the CLI's
+    `--vae-width` file)."""
+    from ffprop.nodes.world.convert import comfy_vae_state_dict, dit_to_comfy
 
     world = world or load_world()
-    vae = world.vae.vae
-    config = dict(vae.config)
-    sd = vae.state_dict() if vae_width is None else pad_vae_width(vae.state_dict(), config, vae_width)
-    sd = fold_latent_format(vae_to_comfy(sd, config["num_res_blocks"]), config)
+    vae = comfy_vae_state_dict(world.vae.vae, vae_width)
     dit = {k: v.detach().clone().float().contiguous() for k, v in dit_to_comfy(world.dit.model.state_dict()).items()}
-    return dit, {k: v.detach().float().contiguous() for k, v in sd.items()}
+    return dit, {k: v.detach().contiguous() for k, v in vae.items()}
 
 
 def comfy_loads_world_vae(sd: dict[str, torch.Tensor]) -> str | None:
@@ -78,10 +77,11 @@ def comfy_loads_world_vae(sd: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def wide_world_vae(cache_dir: Path) -> Path:
+def wide_world_vae(cache_dir: Path, world=None) -> Path:
     """The world VAE zero-padded to width WAN21_VAE_CONFIG['dim'] (96, what a ComfyUI without width inference
-    builds, e.g. 0.3.64), ComfyUI layout, float16 (about 254 MB), cached in cache_dir under the world VAE's
-    sha256 (a new world VAE gets a new file)."""
+    builds, e.g. 0.3.64), float16 (about 254 MB): the tensors of the CLI's `--vae-width 96` file
+    (convert.comfy_vae_state_dict), cached in cache_dir under the world VAE's sha256 (a new world VAE gets a new
+    file)."""
     from e2e_models import WAN21_VAE_CONFIG, save_safetensors
     from ffprop.nodes.world.model import read_manifest
 
@@ -89,24 +89,24 @@ def wide_world_vae(cache_dir: Path) -> Path:
     digest = read_manifest()["models"]["vae"]["sha256"]
     path = Path(cache_dir) / f"ffp_world_wan21_vae_w{width}_{digest[:16]}.safetensors"
     if not path.is_file():
-        sd = comfy_world_state_dicts(vae_width=width)[1]
-        save_safetensors({k: v.half() for k, v in sd.items()}, path,
-                         f"world Wan 2.1 VAE zero-padded to width {width}, ComfyUI latent scale (nodes/world)")
+        sd = comfy_world_state_dicts(world, vae_width=width)[1]
+        save_safetensors(sd, path, f"world Wan 2.1 VAE zero-padded to width {width}, ComfyUI latent scale "
+                                   "(nodes/world)")
     return path
 
 
-def world_vae_file(cache_dir: Path) -> tuple[dict[str, torch.Tensor] | Path | None, str | None]:
+def world_vae_file(cache_dir: Path, world=None) -> tuple[dict[str, torch.Tensor] | Path | None, str | None]:
     """(what to install as the world VAE, None) for this ComfyUI (COMFYUI_DIR, imported): the world VAE's own
     state dict when the host infers the Wan 2.1 VAE width from the weights (0.28), else the width-96 padded
     file (`wide_world_vae`) when the host loads that; (None, why) when neither loads. Capability checks only:
     each candidate is built by the host's own comfy.sd.VAE."""
     from safetensors.torch import load_file
 
-    small = comfy_world_state_dicts()[1]
+    small = comfy_world_state_dicts(world)[1]
     why = comfy_loads_world_vae(small)
     if why is None:
         return small, None
-    wide = wide_world_vae(cache_dir)
+    wide = wide_world_vae(cache_dir, world)
     why_wide = comfy_loads_world_vae(load_file(str(wide)))
     return (wide, None) if why_wide is None else (None, f"{why}; the width-96 padded VAE fails too: {why_wide}")
 
