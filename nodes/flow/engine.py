@@ -7,7 +7,9 @@ Frame by frame (carry), so a file-to-file run holds a few frames, never the clip
 What is carried, per pixel of the edit region: where the edit keeps the source's structure (a recolour), the
 edit's change added to the frame (keeps its lighting); where it changes the structure (a new shape, a
 removed part), the edited result itself, relit by the source's lighting change since frame 1 -- never the
-delta, which would leave the old object's ghost. A colour change (one affine RGB map explains the edit,
+delta, which would leave the old object's ghost. Where the edit shows background instead of the source's object
+(found on frame 1 and as the clip reveals the background behind it: nodes/flow/removal.py), that background is
+carried with the background's motion, not the object's. A colour change (one affine RGB map explains the edit,
 nodes/flow/colour.py) whose region is known in every frame (per-frame masks, or a global restyle) is
 carried as that map of each frame's own pixels instead: no correspondence needed, so fast motion and blur do
 not lose it. Mode 'layer' (nodes/flow/layer.py) moves the whole edit region as one piecewise-affine layer
@@ -27,8 +29,9 @@ import torch
 from ..common import OnStep, ShouldStop, log, report
 from ..video.frames import check_mask, check_video, fit_to_frame, to_uint8
 from .colour import EXPLAINED, apply_colour_map, fit_colour_map
-from .dis import sample
+from .dis import identity_grid, sample
 from .edit_mask import derive_edit_mask, derive_mask  # noqa: F401  (public here since the first release)
+from .removal import Removal
 from .track import FlowFn, Track, patch_error, track_frames, track_to_first  # noqa: F401  (public names)
 
 MODES = ("auto", "delta", "pixels", "layer")
@@ -52,6 +55,8 @@ class FlowSettings:
     mask_grow/feather: pixels. light: lighting-tolerant matching and relighting of carried pixels.
     colour_map: in auto/delta, carry a colour change (one affine RGB map explains the edit) as that map of
     each frame's own pixels where the region is known every frame (per-frame masks; a global restyle).
+    removal: in delta/pixels, where the edit shows background instead of the source's object (a removed
+    part), carry the background with the background's motion (nodes/flow/removal.py), not the object's.
     flow: another backend for the frame-to-frame flow, flow(gray_a, gray_b, init) -> [H, W, 2] float32
     (track.FlowFn: grey uint8 frames a -> b, init None), e.g. RAFT or ComfyUI's OPTICAL_FLOW."""
 
@@ -66,6 +71,7 @@ class FlowSettings:
     chain_quality: str | None = None
     light: bool = True
     colour_map: bool = True
+    removal: bool = True
     flow: FlowFn | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -94,7 +100,9 @@ class EditPlan:
     mode: the resolved mode; notes: what the plan decided; colour: the edit as an affine RGB map [3, 4]
     (nodes/flow/colour.py) when it is a colour change and the region is known in every frame (per-frame
     masks, or a global restyle; modes auto/delta), else None; residual [H, W, 3]: the
-    edit minus that map of frame 1 (added in frame 1 only, so frame 1 is the edit itself)."""
+    edit minus that map of frame 1 (added in frame 1 only, so frame 1 is the edit itself). removal: where
+    the edit shows background instead of the source's object, found on frame 1 and as the clip reveals it
+    (nodes/flow/removal.py; modes delta/pixels): carried there with the background's motion."""
 
     edit: np.ndarray
     src0: np.ndarray
@@ -105,6 +113,7 @@ class EditPlan:
     notes: list[str]
     colour: np.ndarray | None = None
     residual: np.ndarray | None = None
+    removal: Removal | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,10 @@ def plan_edit(src0_u8: np.ndarray, edited: torch.Tensor, first_mask: torch.Tenso
         notes.append(f"the edit is a colour change (one affine colour map explains {explained:.0%} of its "
                      "region): carried as that map of each frame's own pixels inside the given per-frame masks")
     if not recolour:
-        return EditPlan(edit, src0, m0, soft0, structure, mode, notes)
+        plan = EditPlan(edit, src0, m0, soft0, structure, mode, notes)
+        if settings.removal and mode in ("delta", "pixels") and (m0 > 0.5).any() and cover < FULL_FRAME:
+            plan.removal = Removal(src0, edit, m0 > 0.5, settings.mask_grow + settings.feather + 1)
+        return plan
     residual = edit - np.clip(apply_colour_map(colour, src0), 0, 1)
     return EditPlan(edit, src0, m0, soft0, structure, mode, notes, colour, residual)
 
@@ -211,7 +223,8 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     low, broken = plan.first_mask > 0.5, 0
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
                           settings.chain_quality, settings.flow, settings.light)
-    frame0 = None
+    frame0 = bg = None
+    keep_out = None if plan.removal is None else cv2.dilate(low.astype(np.uint8), np.ones((15, 15), np.uint8))
     for t, (frame, track) in enumerate(tracks):
         if frame0 is None:
             frame0 = frame
@@ -233,7 +246,59 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
                     plan.notes.append(f"mode auto: {where}; if the edit tears into fragments, try mode 'layer' "
                                       "(or auto_layer), which moves it as one piece")
                     log.info("FFP flow: %s", plan.notes[-1])
-        yield frame, _content(frame, frame0, track, region, plan, settings)
+        moved = hard = None
+        if plan.removal is not None and t:
+            hard = masks(t, False)
+            bg = _background_motion(track, keep_out, given, bg)
+            if bg is not None:
+                _reveal(plan.removal, frame, track, bg[0], hard)
+            moved = bg if plan.removal.any else None
+        yield frame, _content(frame, frame0, track, region, plan, settings, moved, hard)
+    if plan.removal is not None and plan.removal.any:
+        plan.notes.append(f"{plan.removal.share():.0%} of the edit region shows background where the source had "
+                          "an object (a removed part): carried there with the background's motion, not the object's")
+
+
+BG_POINTS = 20000       # about this many tracked pixels are the background's motion fit to
+
+
+def _background_motion(track: Track, keep_out: np.ndarray, given: np.ndarray | None,
+                       last: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The background's motion frame t -> frame 1 as (affine [2, 3], lighting gain [3]) from the tracked
+    pixels that land outside frame 1's region (dilated: keep_out [H, W] uint8) and, with per-frame masks,
+    lie outside frame t's (given); robust affine fit (fit.fit_affine). last: the previous frame's, kept
+    when too few pixels qualify."""
+    from .fit import fit_affine
+
+    h, w = keep_out.shape
+    stride = max(1, int((h * w / BG_POINTS) ** 0.5))
+    q2 = np.ascontiguousarray(track.coords[::stride, ::stride])
+    ok = track.valid[::stride, ::stride] & (sample(keep_out.astype(np.float32), q2) < 0.01)
+    if given is not None:
+        ok &= given[::stride, ::stride] < 0.01
+    ys, xs = np.nonzero(ok)
+    a = fit_affine(np.stack([xs, ys], 1).astype(np.float64) * stride, q2[ys, xs].astype(np.float64))
+    if a is None:
+        return last
+    return a, np.ones(3, np.float32)
+
+
+def _reveal(removal: Removal, frame: np.ndarray, track: Track, bg: np.ndarray, hard: np.ndarray | None) -> None:
+    """Show removal the background frame t reveals behind frame 1's region, located by the background's motion
+    bg: with per-frame masks, pixels outside frame t's region hard [H, W] (grown 2 px); without, pixels whose
+    track does not hold on frame 1's object (unmatched)."""
+    from .fit import apply
+
+    h, w = frame.shape[:2]
+    if hard is not None:
+        outside = cv2.dilate((hard > 0.5).astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    else:
+        outside = ~track.valid
+    bg_coords = apply(bg, identity_grid(h, w).reshape(-1, 2)).reshape(h, w, 2).astype(np.float32)
+    removal.observe(frame, bg_coords, outside)
+
+
+MOVING = 1.5            # px: a pixel whose track is this close to the background's motion moves with it
 
 
 class _ChainBroke(Exception):
@@ -257,7 +322,8 @@ def _broken(held: np.ndarray, valid: np.ndarray) -> str:
 
 
 def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.ndarray, plan: EditPlan,
-             settings: FlowSettings) -> Carried:
+             settings: FlowSettings, bg: tuple[np.ndarray, np.ndarray] | None = None,
+             hard: np.ndarray | None = None) -> Carried:
     """The carried edit inside region's bounding box (see the module docstring for what is carried)."""
     box = _bbox(region)
     if box is None:
@@ -278,6 +344,20 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
         delta = edit - sample(plan.src0, coords)
         keep = 1 - sample(plan.structure, coords)[..., None]
         content = result + keep * (src + delta - result)
+    if bg is not None:                               # a removed part: frame 1's background, moved with the background
+        from .fit import apply
+        grid = np.stack(np.meshgrid(np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32)), -1)
+        bcoords = apply(bg[0], grid.reshape(-1, 2)).reshape(grid.shape).astype(np.float32)
+        back = sample(plan.removal.background, bcoords)
+        if settings.light:
+            back *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, bcoords))
+        rem = sample(plan.removal.removed, coords)
+        if hard is not None and plan.removal.whole:  # the whole object was removed, and the given mask says
+            # these pixels are that object: whatever the track says
+            inside_t = hard[y0:y1, x0:x1] > 0.5
+            rem[inside_t] = sample(plan.removal.removed_far, coords)[inside_t]
+        rem = rem[..., None]
+        content += rem * (back - content)
     return Carried(region, box, np.clip(content, 0, 1, out=content))
 
 
