@@ -3,7 +3,7 @@
   ffprop demo                      synthesise a clip + edit, propagate it, write videos and metrics
   ffprop propagate --video SRC --edited-first-frame IMG [--mask M] -o OUT.mp4
   ffprop propagate --video SRC --keyframe 0:first.png --keyframe 48:f48.png -o OUT.mp4   edits at any frames
-  ffprop propagate --engine wan --world --video SRC --keyframe 0:a.png --keyframe 8:b.png -o OUT.mp4   LoRA-Edit
+  ffprop propagate --engine wan --world|--model DIR --video SRC --keyframe 0:a.png --keyframe 8:b.png -o OUT.mp4
   ffprop eval --video SRC --edited-first-frame IMG --output OUT.mp4 [--mask M]
   ffprop bench world [--json FILE] [--quick]     every engine vs ground truth on held-out world scenes
 
@@ -121,10 +121,9 @@ def check_keyframes(args) -> list[tuple[int, str]]:
     repeated = sorted({i for i in seen if seen.count(i) > 1})
     if repeated:
         raise CliError(f"--keyframe gives frame(s) {repeated} more than once; keep one edit per frame.")
-    if args.engine == "wan" and keys != [(0, keys[0][1])] and not getattr(args, "world", False):
-        raise CliError("--engine wan --model DIR takes the edit of frame 1 only so far; for keyframes at other frames "
-                       "use --engine wan --world (LoRA-Edit per span, two-ended, on the bundled small world models), "
-                       "--engine flow, or the FFPKeyframePropagate node in ComfyUI (engine wan, two-ended).")
+    if args.engine == "wan" and keys != [(0, keys[0][1])] and getattr(args, "save_lora", None):
+        raise CliError("--save-lora saves the one LoRA of a frame-1 run; with keyframes at other frames every span "
+                       "trains its own LoRA. Leave --save-lora out (the span cache keeps the results).")
     return sorted(keys)
 
 
@@ -357,23 +356,6 @@ def check_propagate(args) -> None:
         check_engine(args)
 
 
-def _world_engine(args):
-    """--engine wan --world: LoRA-Edit per span (two-ended between keyframes) on the bundled world models, with
-    the wan options' training and sampling settings (no text: the world DiT ignores it, so CFG is off)."""
-    from .nodes.evaluate.bench import WanWorld
-    from .nodes.keyframes.engines import LoRAEditEngine, world_model_id
-    from .nodes.lora_edit.pipeline import SampleSettings
-    from .nodes.lora_edit.trainer import TrainSettings
-    from .nodes.world.model import load_world_models
-
-    w = load_world_models()
-    print("note: --world: the bundled small world models (trained on 64x64 procedural scenes; other footage "
-          "comes out as those scenes look)")
-    return LoRAEditEngine(WanWorld(w.dit, w.vae.encode, w.vae.decode, w.context()), world_model_id(),
-                          TrainSettings(steps=args.train_steps, learning_rate=args.lr, rank=args.rank, seed=args.seed),
-                          SampleSettings(args.steps, 1.0, args.shift, args.seed))
-
-
 def _wan_size(source, mask, fitted: list, policy: str):
     """Wan's multiple-of-16 size rule applied alike to the clip, its mask and the fitted keyframes."""
     import torch
@@ -389,10 +371,11 @@ def _wan_size(source, mask, fitted: list, policy: str):
 
 
 def _propagate_keyframes(args, source, mask, settings, images: list):
-    """--keyframe (or --engine wan --world): each edited frame fitted like frame 1 (fit_edit), checked, then
+    """--keyframe, or --engine wan with --world or later keyframes: each edited frame fitted like frame 1, checked, then
     propagated span by span with the span cache in --cache-dir (default: ffprop_cache/ next to -o). Returns the
     KeyframeResult (for --engine wan at the clip's size after Wan's multiple-of-16 rule, --crop-policy)."""
     from .nodes.keyframes.cache import SpanCache
+    from .nodes.keyframes.cli import wan_keyframe_engine
     from .nodes.keyframes.engines import FlowEngine
     from .nodes.keyframes.keys import make_keyframes
     from .nodes.keyframes.propagate import propagate_keyframes
@@ -412,7 +395,7 @@ def _propagate_keyframes(args, source, mask, settings, images: list):
     if wan:
         source, mask, fitted = _wan_size(source, mask, fitted, args.crop_policy)
     keys = make_keyframes(source, fitted, [i for i, _ in args.keys], "error", mask, args.mask_threshold)
-    engine = _world_engine(args) if wan else FlowEngine(settings)
+    engine = wan_keyframe_engine(args) if wan else FlowEngine(settings)
     cache = None
     if not args.no_cache:
         cache = SpanCache(args.cache_dir or Path(args.output).resolve().parent / "ffprop_cache", args.cache_mb << 20)
@@ -486,7 +469,7 @@ def cmd_propagate(args) -> int:
     if mask is not None and mask.shape[0] > 1:
         mask = mask[: source.shape[0]]
     audio = audio_codec(args.video)
-    if args.engine != "wan" or args.world:               # span by span: flow, or LoRA-Edit on the world models
+    if args.engine != "wan" or args.world or args.keys != [(0, args.keys[0][1])]:   # span by span (keyframes)
         result = _propagate_keyframes(args, source, mask, settings, images)
         out = write_video(args.output, result.video, fps, audio_from=args.video)
         _wrote(out, result.video, fps)
@@ -609,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     prop.add_argument("--keyframe", action="append", type=_keyframe, metavar="INDEX:PATH",
                       help="an edited frame at 0-based frame INDEX (frame 1 is 0); repeat for several, e.g. "
                            "--keyframe 0:first.png --keyframe 48:f48.png: each stretch between two keyframes is made "
-                           "from both (--engine flow, or wan with --world), the rest from the nearest one")
+                           "from both (--engine flow or wan), the rest from the nearest one")
     prop.add_argument("--cache-dir", help="keyframes: span cache folder, so a re-run after editing one keyframe "
                                           "recomputes only the stretches it touches (default: ffprop_cache/ next to "
                                           "-o; safe to delete)")

@@ -101,6 +101,19 @@ def distance_blend(source: Tensor, fwd: SpanResult, bwd: SpanResult) -> SpanResu
     return SpanResult((src + change).clamp(0, 1), (a * fwd.mask + b * bwd.mask) / den)
 
 
+def _tensor_hash(*tensors: Optional[Tensor]) -> str:
+    """Short hash of tensors' shapes, dtypes and values (None counts too), for cache identities."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        c = t.detach().cpu().contiguous()
+        h.update(f"{tuple(c.shape)}:{c.dtype};".encode())
+        h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def _code_hash(*files: Path) -> str:
     """Short hash of source files, so a changed engine invalidates the cache of its old results."""
     h = hashlib.sha256()
@@ -240,17 +253,21 @@ class LoRAEditEngine(SpanEngine):
     padding after it, all with keep-mask 1. Spans are padded to 4k+1 frames by repeating their last frame (two-
     ended: at least TAIL_PAD frames, so the keyframe fills the last latent frame) and trimmed.
 
-    world: nodes/evaluate/bench.py WanWorld (dit, encode, decode, context); model_id: names the weights (cache)."""
+    world: nodes/evaluate/bench.py WanWorld (dit, encode, decode, context); model_id: names the weights (cache);
+    negative / clip: the negative text context and CLIP-vision tokens of a real Wan (None: none; the world DiT
+    ignores text). The span cache key holds a hash of context, negative and clip."""
 
     name = "lora_edit"
     two_ended = True
 
-    def __init__(self, world, model_id: str, train=None, sampling=None, memory=None):
+    def __init__(self, world, model_id: str, train=None, sampling=None, memory=None,
+                 negative: Optional[Tensor] = None, clip: Optional[Tensor] = None):
         from ..lora_edit.lowvram import MemorySettings
         from ..lora_edit.pipeline import SampleSettings
         from ..lora_edit.trainer import TrainSettings
 
-        self.world, self.model_id = world, model_id
+        self.world, self.model_id, self.negative, self.clip = world, model_id, negative, clip
+        self.text = _tensor_hash(world.context, negative, clip)
         self.train = train or TrainSettings()
         self.sampling = sampling or SampleSettings(cfg=1.0)
         self.memory = memory or MemorySettings(False)
@@ -260,7 +277,8 @@ class LoRAEditEngine(SpanEngine):
 
     @property
     def identity(self) -> str:
-        return f"lora_edit:{self.model_id}:{self.train!r}:{self.sampling!r}:{self.memory!r}:{self.code}"
+        return (f"lora_edit:{self.model_id}:{self.train!r}:{self.sampling!r}:{self.memory!r}:text{self.text}:"
+                f"{self.code}")
 
     def forward(self, source, key, mask, on_step=None, should_stop=None) -> SpanResult:
         return self._run(source, key, None, mask, on_step, should_stop)
@@ -277,8 +295,8 @@ class LoRAEditEngine(SpanEngine):
         steps = self.train.steps + self.sampling.steps
         inner = (lambda off: (lambda i, t, p=None: on_step(off + i, steps))) if on_step else (lambda off: None)
         w = self.world
-        out = lora_edit_video(w.dit, w.encode, w.decode, src, m, first[None], w.context, train=self.train,
-                              memory=self.memory, sampling=self.sampling, on_train_step=inner(0),
+        out = lora_edit_video(w.dit, w.encode, w.decode, src, m, first[None], w.context, self.negative, self.clip,
+                              train=self.train, memory=self.memory, sampling=self.sampling, on_train_step=inner(0),
                               on_sample_step=inner(self.train.steps), should_stop=should_stop, tail=tail)
         log.info("FFP keyframes: LoRA-Edit span of %d frames (%d padded)%s", n, pad,
                  ", two-ended" if last is not None else "")

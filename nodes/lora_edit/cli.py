@@ -14,12 +14,14 @@ without it `run_wan` raises a RuntimeError that says how to install it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from ..common import log
-from .lowvram import place_for_swap, preset
+from .lowvram import MemorySettings, place_for_swap, preset
 
 
 def _tensor(path: str, key: str, required: bool, dims: int):
@@ -50,16 +52,27 @@ def require_diffusers() -> None:
                            "builds.") from None
 
 
-def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, bar_factory) -> torch.Tensor:
-    """Returns the edited clip IMAGE [T, H, W, 3]; prints what it did."""
+@dataclass
+class WanModel:
+    """A diffusers Wan2.1 I2V directory loaded for LoRA-Edit: the DiT (blocks placed for the memory preset's swap),
+    the VAE, encode (IMAGE -> model-space latent on the compute device), the text context (+ negative) and the
+    CLIP-vision tokens (None for a model without an image embedder), as `ffprop propagate --engine wan` gives them."""
+
+    dit: object
+    vae: object
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    context: torch.Tensor
+    negative: Optional[torch.Tensor]
+    clip: Optional[torch.Tensor]
+    memory: MemorySettings
+
+
+def load_wan(args) -> WanModel:
+    """--model DIR with the --engine wan options (--dtype, --memory-preset, --base-weights, --prompt-embeds,
+    --image-embeds); prints what it chose. The one loader of `run_wan` and of keyframe propagation."""
     require_diffusers()
     from ..host.diffusers import load_diffusers_wan
     from ..host.vae import load_diffusers_wan_vae
-    from ..video.frames import fit_to_frame
-    from .conditioning import prepare_clip
-    from .lora import save_lora
-    from .pipeline import SampleSettings, lora_edit_video
-    from .trainer import TrainSettings
 
     if not args.model:
         raise ValueError("--engine wan needs --model DIR (a diffusers-format Wan2.1 I2V directory).")
@@ -83,10 +96,6 @@ def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, 
     if dit.dims.in_channels != 36:
         raise ValueError(f"'{args.model}' is not a Wan2.1 I2V model ({dit.dims.in_channels} input channels, I2V has "
                          "36); LoRA-Edit needs an image-to-video model.")
-    source, mask, notes = prepare_clip(source, mask, args.frame_policy, args.crop_policy)
-    edited, note = fit_to_frame(edited, source.shape[1], source.shape[2], args.size_policy)
-    for n in notes + ([note] if note else []):
-        print(f"note: {n}")
     text_dim = dit.dims.text_dim
     if args.prompt_embeds:
         context = _tensor(args.prompt_embeds, "prompt_embeds", True, 3)
@@ -104,13 +113,28 @@ def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, 
             print("note: no --image-embeds: zero CLIP-vision tokens for the image embedder")
             clip = torch.zeros(1, 257, 1280)
     to = {"device": device, "dtype": dtype}
-    context = context.to(**to)
-    negative = negative.to(**to) if negative is not None else None
-    clip = clip.to(**to) if clip is not None else None
+    return WanModel(dit, vae, lambda x: vae.encode(x).to(**to), context.to(**to),
+                    negative.to(**to) if negative is not None else None, clip.to(**to) if clip is not None else None,
+                    mem)
+
+
+def run_wan(args, source: torch.Tensor, fps: float, edited: torch.Tensor, mask, bar_factory) -> torch.Tensor:
+    """Returns the edited clip IMAGE [T, H, W, 3]; prints what it did."""
+    from ..video.frames import fit_to_frame
+    from .conditioning import prepare_clip
+    from .lora import save_lora
+    from .pipeline import SampleSettings, lora_edit_video
+    from .trainer import TrainSettings
+
+    w = load_wan(args)
+    source, mask, notes = prepare_clip(source, mask, args.frame_policy, args.crop_policy)
+    edited, note = fit_to_frame(edited, source.shape[1], source.shape[2], args.size_policy)
+    for n in notes + ([note] if note else []):
+        print(f"note: {n}")
     train_bar, sample_bar = bar_factory("training LoRA"), bar_factory("sampling")
     out = lora_edit_video(
-        dit, lambda x: vae.encode(x).to(**to), vae.decode, source, mask, edited[None], context, negative, clip,
-        TrainSettings(steps=args.train_steps, learning_rate=args.lr, rank=args.rank, seed=args.seed), mem,
+        w.dit, w.encode, w.vae.decode, source, mask, edited[None], w.context, w.negative, w.clip,
+        TrainSettings(steps=args.train_steps, learning_rate=args.lr, rank=args.rank, seed=args.seed), w.memory,
         SampleSettings(args.steps, args.cfg, args.shift, args.seed), on_train_step=train_bar,
         on_sample_step=sample_bar)
     train_bar.close()

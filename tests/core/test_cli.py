@@ -350,9 +350,8 @@ def test_propagate_keyframes_and_the_span_cache(clip_dir, tmp_path):
     (("--keyframe", "zero:edit.png"), "expected INDEX:PATH"),
     (("--edited-first-frame", "edit.png", "--keyframe", "0:edit.png"), "both give frame 1's edit"),
     (("--keyframe", "0:edit.png", "--keyframe", "40:edit.png"), "[40] are past the clip's end: it has 12 frames"),
-    (("--engine", "wan", "--model", ".", "--keyframe", "0:edit.png", "--keyframe", "5:edit.png"),
-     "--engine wan --model DIR takes the edit of frame 1 only so far; for keyframes at other frames use --engine wan "
-     "--world"),
+    (("--engine", "wan", "--model", ".", "--keyframe", "0:edit.png", "--keyframe", "5:edit.png", "--save-lora",
+      "l.safetensors"), "--save-lora saves the one LoRA of a frame-1 run; with keyframes at other frames every span"),
     (("--engine", "wan", "--world", "--model", ".", "--keyframe", "0:edit.png"), "--model DIR or --world"),
     (("--world", "--keyframe", "0:edit.png"), "add --engine wan"),
     (("--engine", "wan", "--keyframe", "0:edit.png"), "or --world for the bundled small world models"),
