@@ -15,7 +15,7 @@ from ..common import log, safe_output_path
 from ..host.comfy import ComfyWan
 from ..lora_edit.lora import LoRA, attach_weight_wrappers
 from ..lora_edit.lowvram import preset
-from ..lora_edit.node import DTYPES, MemoryType, _auto_dtype, _drop_wrappers, _to_pil, unload_clones_of
+from ..lora_edit.node import MemoryType, compute_dtype, interrupted, loss_progress, trained_alone, trainer_clone
 from ..lora_edit.options import PRESET_ORDER
 from ..lora_edit.trainer import loss_curve_image
 from ..video.frames import check_mask, check_video, frames_to_latent
@@ -170,10 +170,8 @@ class FFPTrainContentEncoder(io.ComfyNode):
         mask = check_mask(object_mask.float().cpu(), "object_mask", source_video.cpu())
         mask = mask.expand(source_video.shape[0], -1, -1) if mask.shape[0] == 1 else mask
         mem = memory if memory is not None else preset(memory_preset)
-        trainer = model.clone()
-        dtype = DTYPES[mem.compute_dtype] or _auto_dtype(trainer)
-        trainer.set_model_compute_dtype(dtype)
-        device, base = trainer.load_device, trainer.model
+        trainer = trainer_clone(model, mem)
+        device, base, dtype = trainer.load_device, trainer.model, compute_dtype(trainer, mem)
 
         def encode(frames):
             return base.process_latent_in(vae.encode(frames[..., :3])).to(device, dtype)
@@ -183,17 +181,7 @@ class FFPTrainContentEncoder(io.ComfyNode):
             clips = [Clip(source_video[..., :3].float().cpu().clone(), mask[None].clone(), "clip")]
             data = [encode_pair(make_pair(clips, i, seed), encode, context) for i in range(pairs)]
             enc = build_encoder(dit, depth, seed)
-        bar = comfy.utils.ProgressBar(steps)
-        losses: list[float] = []
-
-        def on_step(i, n, loss):
-            losses.append(loss)
-            preview = ("JPEG", _to_pil(loss_curve_image(losses)[0]), 512) if i == n or i % 10 == 0 else None
-            bar.update_absolute(i, n, preview)
-
-        def should_stop():
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            return False
+        on_step = loss_progress(comfy.utils.ProgressBar(steps), label="content encoder")
 
         def attach(e):
             clone, state = attach_comfy(trainer, e, data[0].sce)
@@ -203,13 +191,9 @@ class FFPTrainContentEncoder(io.ComfyNode):
         # identity weight wrappers (an empty LoRA): ComfyUI then casts (copies) each frozen weight per forward, so the
         # server's inference-tensor weights are never saved for backward (the LoRA-Edit trainer's way)
         attach_weight_wrappers(trainer, LoRA({}))
-        unload_clones_of(trainer)
-        try:
+        with trained_alone(trainer, drop_wrappers=True):
             result = train_content_encoder(enc, attach, lambda i: data[i % len(data)], settings, mem, on_step,
-                                           should_stop, device)
-        finally:
-            unload_clones_of(trainer)
-            _drop_wrappers(trainer)
+                                           interrupted, device)
         path = safe_output_path(folder_paths.get_folder_paths(FOLDER)[0], name, ".safetensors")
         save_encoder(result.encoder, path, {"steps": str(steps), "lr": str(learning_rate), "pairs": str(pairs)})
         rel = path.relative_to(folder_paths.get_folder_paths(FOLDER)[0]).as_posix()

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import comfy.lora
 import comfy.model_management
@@ -16,7 +18,7 @@ import node_helpers
 import torch
 
 from .._comfy import io, ui
-from ..common import log, safe_output_path
+from ..common import OnStep, log, safe_output_path
 from ..host.comfy import ComfyWan, is_wan22_ti2v, model_file_name
 from ..host.sampling import flow_sigmas
 from ..video.frames import FIT_POLICIES, FRAME_POLICIES, SIZE_POLICIES, fit_to_frame, frames_to_latent
@@ -312,7 +314,7 @@ class FFPTrainLoRAEdit(io.ComfyNode):
         for n in notes:
             log.info("FFP LoRA-Edit trainer: %s", n)
         trainers = [trainer_clone(m, mem) for m in models]
-        device, dtype, base = trainers[0].load_device, _compute_dtype(trainers[0], mem), trainers[0].model
+        device, dtype, base = trainers[0].load_device, compute_dtype(trainers[0], mem), trainers[0].model
 
         def encode(frames):
             return base.process_latent_in(vae.encode(frames[..., :3])).to(device, dtype)
@@ -366,14 +368,15 @@ def expert_roles(model, model_2, boundary: float, unit: str, experts: str) -> tu
     return roles, check_boundary(sigma)
 
 
-def _compute_dtype(patcher, mem: MemorySettings) -> torch.dtype:
+def compute_dtype(patcher, mem: MemorySettings) -> torch.dtype:
+    """The training compute dtype: the memory settings' compute_dtype, auto = the model's (bf16 for fp8 weights)."""
     return DTYPES[mem.compute_dtype] or _auto_dtype(patcher)
 
 
 def trainer_clone(model, mem: MemorySettings):
     """A clone that computes in the training dtype (the memory settings', else the model's)."""
     trainer = model.clone()
-    trainer.set_model_compute_dtype(_compute_dtype(trainer, mem))
+    trainer.set_model_compute_dtype(compute_dtype(trainer, mem))
     return trainer
 
 
@@ -385,29 +388,53 @@ def _train_expert(trainer, stage1, stage2, settings: TrainSettings, mem: MemoryS
     log_settings(mem, dit.dims.num_layers)
     with torch.inference_mode(False):
         lora = create_lora(dit, settings.rank, settings.targets, settings.seed, device=device)
-    losses: list[float] = []
-
-    def on_step(i, n, loss):
-        losses.append(loss)
-        preview = None
-        if i == n or i % 10 == 0:
-            log.info("FFP LoRA-Edit: step %d/%d loss %.4f", i, n, loss)
-            preview = ("JPEG", _to_pil(loss_curve_image(losses)[0]), 512)
-        bar.update_absolute(done + i, total, preview)
-
-    def should_stop():
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        return False
+    on_step = loss_progress(bar, done, total, "LoRA-Edit")
 
     def attach(lo: LoRA):
         attach_weight_wrappers(trainer, lo)
         return lambda: _drop_wrappers(trainer)
 
-    unload_clones_of(trainer)  # a loaded clone of this model would make ComfyUI skip the wrapper patching
+    with trained_alone(trainer):
+        return train_lora_edit(dit, stage1, settings, stage2, mem, attach, lora, on_step, interrupted, device)
+
+
+def loss_progress(bar, done: int = 0, total: Optional[int] = None, label: str = "trainer") -> OnStep:
+    """The trainer nodes' progress: on_step(i, n, loss) (the trainers' report) moves ComfyUI's ProgressBar `bar`
+    to done + i of total (None: n) and, every 10 steps and at the last, logs the loss and shows the loss curve so
+    far (loss_curve_image, the node's `loss` output) as the node's live preview."""
+    losses: list[float] = []
+
+    def on_step(i: int, n: int, loss=None) -> None:
+        preview = None
+        if loss is not None:
+            losses.append(float(loss))
+            if i == n or i % 10 == 0:
+                log.info("FFP %s: step %d/%d loss %.4f", label, i, n, losses[-1])
+                preview = ("JPEG", _to_pil(loss_curve_image(losses)[0]), 512)
+        bar.update_absolute(done + i, n if total is None else total, preview)
+
+    return on_step
+
+
+def interrupted() -> bool:
+    """should_stop for the trainers: raises ComfyUI's InterruptProcessingException once Cancel was pressed."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+@contextmanager
+def trained_alone(trainer, drop_wrappers: bool = False):
+    """The block trains `trainer` (a trainer_clone) as the only loaded copy of its model: every loaded clone is
+    unloaded before (a loaded clone would make ComfyUI skip the weight-wrapper patching) and after, also on error
+    and Cancel (the block runner moved blocks and the wrappers were live: the next load starts clean).
+    drop_wrappers: also take the trainer's weight wrappers off the shared modules at the end."""
+    unload_clones_of(trainer)
     try:
-        return train_lora_edit(dit, stage1, settings, stage2, mem, attach, lora, on_step, should_stop, device)
+        yield trainer
     finally:
         unload_clones_of(trainer)
+        if drop_wrappers:
+            _drop_wrappers(trainer)
 
 
 def apply_lora(model, lora: LoRA, strength: float = 1.0):
