@@ -201,7 +201,8 @@ def train_freeprop(dit: WanDiT, samples: Sequence[PredictorSample] | Callable[[i
     Step k uses samples (k * batch + j) mod count, j < batch; rank r of N takes j = r, r + N, ... When
     torch.distributed is initialised (torchrun), the model is wrapped in DDP (gloo on CPU, nccl on CUDA).
     checkpoint: a path written every `checkpoint_every` steps, on Cancel / Ctrl-C and at the end (LoRA,
-    predictor, optimizer, scheduler, step); resume=True continues from it. memory: lora_edit.lowvram
+    predictor, optimizer, scheduler, step); resume=True continues from it. on_step(i, steps, loss) after every
+    step (this process's loss, as the LoRA-Edit and content-encoder trainers report it). memory: lora_edit.lowvram
     MemorySettings (a preset(name)); None = no checkpointing, no swap. window_frames does not apply (pairs train
     whole; shorten them when reading, e.g. `--max-frames`)."""
     from ..lora_edit.lora import attach_hooks, create_lora
@@ -271,7 +272,7 @@ def train_freeprop(dit: WanDiT, samples: Sequence[PredictorSample] | Callable[[i
                     result.step = done = step
                 if checkpoint is not None and rank == 0 and st.checkpoint_every and step % st.checkpoint_every == 0:
                     save_checkpoint(checkpoint, model, opt, sched, step)
-                report(on_step, should_stop, step, st.steps)
+                report(on_step, should_stop, step, st.steps, total)     # on_step(i, n, loss), as the trainers do
     except Cancelled:                           # keep what was trained: resume continues after `done`
         keep("cancelled")
         raise

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import comfy.sd
+import comfy.utils
 import folder_paths
 import torch
 
@@ -543,8 +544,9 @@ class FFPFreePropTrain(io.ComfyNode):
                 clip_vision=None, memory=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
+        from ..lora_edit.lora import LoRA, attach_weight_wrappers
         from ..lora_edit.lowvram import log_settings, preset
-        from ..lora_edit.node import trainer_clone, unload_clones_of
+        from ..lora_edit.node import interrupted, loss_progress, trained_alone, trainer_clone
         from ..lora_edit.trainer import loss_curve_image
         from .freeprop import FreePropSettings, pair_sample, save_freeprop, train_freeprop
 
@@ -569,24 +571,27 @@ class FFPFreePropTrain(io.ComfyNode):
         def encode(frames: torch.Tensor) -> torch.Tensor:
             return base.process_latent_in(vae.encode(frames[..., :3])).float().to(device)
 
-        context = positive[0][0].float().to(device)
         samples = []
-        for src, ed in pairs:                          # a few pairs: their latents are small, encode them once
-            tokens = None
-            if clip_vision is not None:
-                tokens = clip_vision.encode_image(ed[:1]).penultimate_hidden_states.float().to(device)
-            samples.append(pair_sample(src, ed, encode, context, kind, tokens))
+        # the server runs nodes under inference mode: latents and text made there are inference tensors, which
+        # autograd refuses to save for backward, so the training inputs are made outside it
+        with torch.inference_mode(False):
+            context = positive[0][0].float().to(device).clone()
+            for src, ed in pairs:                      # a few pairs: their latents are small, encode them once
+                tokens = None
+                if clip_vision is not None:
+                    tokens = clip_vision.encode_image(ed[:1]).penultimate_hidden_states.float().to(device).clone()
+                samples.append(pair_sample(src.clone(), ed.clone(), encode, context, kind, tokens))
         config = PredictorConfig(arch="frames" if variant == "warped" else "paper")
         settings = FreePropSettings(steps=steps, learning_rate=learning_rate, rank=rank, variant=variant, split=split,
                                     teacher=bool(teacher), seed=seed, predictor=config)
-        on_step, should_stop = progress(steps)
-        unload_clones_of(trainer)
-        mm.load_models_gpu([trainer])                  # train_freeprop puts the LoRA on the weights' device
-        try:
-            result = train_freeprop(dit, samples, len(samples), settings, on_step=on_step, should_stop=should_stop,
+        on_step = loss_progress(comfy.utils.ProgressBar(steps), label="FreeProp")   # live loss curve
+        # identity weight wrappers (an empty LoRA): ComfyUI then casts (copies) each frozen weight per forward, so
+        # the server's inference-tensor weights are never saved for backward (the LoRA-Edit trainer's way)
+        attach_weight_wrappers(trainer, LoRA({}))
+        with trained_alone(trainer, drop_wrappers=True), torch.inference_mode(False):   # LoRA + predictor trainable
+            mm.load_models_gpu([trainer])              # train_freeprop puts the LoRA on the weights' device
+            result = train_freeprop(dit, samples, len(samples), settings, on_step=on_step, should_stop=interrupted,
                                     memory=mem)
-        finally:
-            unload_clones_of(trainer)                 # the block runner moved blocks: the next load starts clean
         path = _freeprop_path(filename)                # again: another run may have saved that name meanwhile
         save_freeprop(path, result.model, {"steps": result.step, "pairs": len(samples), "kind_base": kind,
                                            "trained_by": "FFPFreePropTrain"})

@@ -96,7 +96,9 @@ def i2v_samples(source: Tensor, encode: Encode, context: Tensor, clip_tokens: Op
 
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
-    """Temporarily set requires_grad False on every parameter (restored after), so no .grad lands on the DiT."""
+    """Temporarily set requires_grad False on every parameter (restored after), so no .grad lands on the DiT.
+    ComfyUI's server loads weights under inference mode: such a flag is restored inside inference mode (outside it
+    torch refuses requires_grad=True on an inference tensor), as the LoRA-Edit trainer does."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -104,7 +106,8 @@ def frozen(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         for p, f in flags:
-            p.requires_grad_(f)
+            with torch.inference_mode(p.is_inference()):
+                p.requires_grad_(f)
 
 
 @contextlib.contextmanager
