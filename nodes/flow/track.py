@@ -22,6 +22,7 @@ FlowFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 RELIT_SHARE = 0.5      # when fewer pixels than this match frame 0 plainly, the frame counts as relit
 LIGHT_WINDOW = 15      # px: local brightness/colour cast removed over this window by the lighting-tolerant test
+LOCAL_LIGHT = 5        # a pixel failing the plain test in a frame that mostly passes it: light_error under tol / this
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     (synthetic disc IoU 0.38 at fast vs 0.70 at medium), so chain_quality defaults to quality. A pixel is
     trusted (valid) when that patch error is below match_tolerance (0..1 grey levels): drift-free, and
     occluders fail it. light_tolerant: in a frame where most pixels fail the plain test (the light changed),
-    candidates are compared, and trusted, by the lighting-normalised light_error (under match_tolerance / 2).
+    candidates are compared, and trusted, by the lighting-normalised light_error (under match_tolerance / 2);
+    in any other frame a pixel that fails the plain test is still trusted when it passes that one (a shadow
+    on the object alone: too few pixels change for the frame-wide switch).
 
     threaded: the chain's flow on its own DIS estimator in a worker thread, one frame ahead. Off: one
     estimator for both flows, in turn (the first release's sequence). DIS keeps state between calls (a flow
@@ -173,6 +176,8 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                 if cand is not None:
                     _keep_better(coords, err, cand, cur, frame0, light_error if relit else patch_error_u8)
             valid = err < (match_tolerance / 2 if relit else match_tolerance)
+            if light_tolerant and not relit and not valid.all():   # local light: a shadow on the object alone
+                valid |= light_error(cur, sample(frame0, coords)) < match_tolerance / LOCAL_LIGHT
             valid &= inside(coords, h, w)
             yield cur, Track(coords, valid, flow)
             cur = nxt
