@@ -11,9 +11,17 @@ Decoder-only (`train_decoder`): the encoder, quant_conv and latents_mean/std of 
 frozen latents of whole 17-frame clips with the one-pass unclamped `vae_decode_whole` (same function as
 diffusers' cached frame loop, about 2x less CPU per step with the encoder's work gone).
 
+Where the VAE's error comes from (tests/benchmarks/bench_world_vae.py, 8 held-out clips, frames 2..17): the
+bundled VAE reconstructs at 21.0 dB, a linear PCA code of the same size (16 numbers per 4-frame x 8x8 x RGB
+patch) at 27.5 dB, but a ridge map from the frozen encoder's latents (3x3x3 latent neighbourhood) reaches only
+20.7 dB and an MLP on the same neighbourhood 20.6 dB: the latents themselves lack the information, so no
+decoder-only fine-tune can approach 27.5 dB; the encoder must train on. It is underfit, not overfit (19.7 dB on
+training clips); its whole history is ~660 end-to-end steps of batch 2-4 windows.
+
 VAE: diffusers `AutoencoderKLWan` trained as a deterministic autoencoder (the posterior mean, no sampling, no
-KL) on random 5-frame, 32x32 windows of world clips (a causal conv net: windows train every weight the
-17-frame, 64x64 clips use), with an UNCLAMPED decode (diffusers' `decode` clamps to [-1, 1], which zeroes the
+KL) on random 5-frame, 32x32 windows of world clips, encoded and decoded in one pass (`vae_encode_whole`,
+`vae_decode_whole`: the same functions as diffusers' chunked loops; a causal conv net: windows train every
+weight the 17-frame, 64x64 clips use), with an UNCLAMPED decode (diffusers' `decode` clamps to [-1, 1], which zeroes the
 gradient of every saturated pixel). Afterwards the log-variance half of `quant_conv` is set to a constant
 -30 (posterior std ~ 3e-7, so `sample()` equals `mode()`), and `latents_mean`/`latents_std` are measured on
 the training clips, so the model-space latent (ComfyUI's `process_in`) is ~N(0, 1) per channel.
@@ -99,6 +107,27 @@ def vae_encode_mean(vae, x: Tensor) -> Tensor:
     h = vae.quant_conv(torch.cat(outs, 2))
     vae.clear_cache()
     return h[:, :vae.config.z_dim]
+
+
+def vae_encode_whole(vae, x: Tensor) -> Tensor:
+    """[B, 3, T, H, W] in [-1, 1] -> posterior mean [B, 16, F, H/8, W/8] in ONE pass over all frames: the same
+    function as `vae_encode_mean` (diffusers' chunked loop: frame 0, then 4 at a time, with its causal feature
+    cache; every cached causal conv equals one zero-padded causal conv over the whole sequence), a few large
+    convs instead of many small ones (faster on CPU for training). The special case is each temporal
+    downsampler (`WanResample` 'downsample3d'): frame 0 passes alone (its first chunk has no time conv), and
+    `time_conv` (kernel 3, stride 2, no padding) runs over all frames from frame 0 on, which is what the cached
+    loop computes chunk by chunk (each chunk is prefixed with the previous chunk's last frame). Wan 2.1 only."""
+    if vae.config.is_residual:
+        raise ValueError("vae_encode_whole supports the Wan 2.1 VAE (is_residual=False) only.")
+    enc = vae.encoder
+    x = enc.conv_in(x)
+    for layer in enc.down_blocks:
+        x = layer(x)                       # a resample without a feature cache: the per-frame spatial part only
+        if getattr(layer, "mode", None) == "downsample3d" and x.shape[2] > 1:
+            x = torch.cat([x[:, :, :1], layer.time_conv(x)], 2)
+    x = enc.mid_block(x)
+    x = enc.conv_out(enc.nonlinearity(enc.norm_out(x)))
+    return vae.quant_conv(x)[:, :vae.config.z_dim]
 
 
 def vae_decode_raw(vae, z: Tensor) -> Tensor:
@@ -218,7 +247,7 @@ def train_vae(pool: Tensor, steps: int, seed: int, batch: int = 4, lr: float = 1
     t0 = time.time()
     for i in range(steps):
         x = vae_windows(pool, batch, gen, frames, crop)
-        rec = vae_decode_raw(vae, vae_encode_mean(vae, x))
+        rec = vae_decode_whole(vae, vae_encode_whole(vae, x))
         loss = F.mse_loss(rec, x)
         total = loss + l1 * F.l1_loss(rec, x) if l1 else loss
         optimizer_step(opt, sched, vae.parameters(), total)

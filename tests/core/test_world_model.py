@@ -96,6 +96,29 @@ def test_vae_round_trip_on_held_out_scenes(world, held_clips):
         assert weighted_psnr(rec, clip) > VAE_PSNR_FLOOR, seed
 
 
+def test_one_pass_encode_is_diffusers_chunked_encode(world, held_clips):
+    """train.vae_encode_whole (one pass over all frames) == diffusers' chunked cached encode
+    (`AutoencoderKLWan.encode(...).latent_dist.mean`: frame 0, then 4 frames at a time) == train.vae_encode_mean
+    (the same loop, differentiable), values and input gradients, on 9-frame held-out clips (3 latent frames:
+    both temporal downsamplers and the chunk-to-chunk cache are used)."""
+    from ffprop.nodes.world.train import to_vae_space, vae_encode_mean, vae_encode_whole
+
+    vae = world.vae.vae
+    x = to_vae_space(torch.stack(held_clips))[..., :32, :32]
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mean
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    whole, loop = vae_encode_whole(vae, xa), vae_encode_mean(vae, xb)
+    assert whole.shape == want.shape == (2, 16, 3, 4, 4)
+    torch.testing.assert_close(whole, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole, loop, atol=1e-4, rtol=1e-4)
+    weight = torch.randn(whole.shape, generator=torch.Generator().manual_seed(0))
+    (whole * weight).sum().backward()
+    (loop * weight).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-3)
+    assert xa.grad.abs().mean() > 1e-5
+
+
 def _i2v_scores(world, held_clips):
     rows = []
     for seed, clip in zip(HELD, held_clips):
