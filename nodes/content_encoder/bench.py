@@ -68,19 +68,26 @@ def content_encoder_engine(world, settings, path: Path = WEIGHTS, with_mask: boo
     return run
 
 
-def true_clip_mpd_iou(world, encoder, sample, seed: int = 0):
-    """The mask decoder alone on a world sample: IoU (both at 0.5, all T frames) of its mask against
-    sample.edit_mask when it reads the TRUE edited clip (encoded, flow time 0.05) with the source clip in the
-    SCE, the task chosen by `task_for`. world: a WanWorld; None when both masks are empty."""
+def true_clip_mpd_mask(world, encoder, sample, seed: int = 0) -> Tensor:
+    """The mask decoder alone on a world sample: its mask [T, H, W] in 0..1 when it reads the TRUE edited clip
+    (encoded, flow time 0.05) with the source clip in the SCE, the task chosen by `task_for`. world: a WanWorld."""
     from ..lora_edit.conditioning import masked_condition_video, wan_cond
     from .attach import attach_diffusers, predict_mask
-    from .model import mask_iou, upsample_mask
+    from .model import upsample_mask
 
     v_cond, keep = masked_condition_video(sample.source, None, sample.edited_first)
     att, state = attach_diffusers(world.dit, encoder, world.encode(sample.source), task=task_for(sample.edit))
     logits = predict_mask(att, state, world.encode(sample.target), wan_cond(world.encode(v_cond), keep, world.context),
                           seed=seed)
-    return mask_iou(upsample_mask(logits, *sample.source.shape[1:3]), sample.edit_mask)
+    return upsample_mask(logits, *sample.source.shape[1:3])
+
+
+def true_clip_mpd_iou(world, encoder, sample, seed: int = 0, threshold: float = 0.5):
+    """IoU (the decoder's mask binarised at `threshold`, the true mask at 0.5, all T frames) of
+    `true_clip_mpd_mask` against sample.edit_mask; None when both masks are empty."""
+    from .model import mask_iou
+
+    return mask_iou((true_clip_mpd_mask(world, encoder, sample, seed) > threshold).float(), sample.edit_mask)
 
 
 def engines(world, settings) -> dict[str, Callable[..., Tensor]]:
