@@ -29,7 +29,9 @@ def arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                 "blocks (a format-1 file only with --only-mpd)")
     p.add_argument("--only-mpd", action="store_true", help="train only the mask decoder of the --init encoder (a new "
                                                           "pixel-resolution head; the SCE and so the video stay as "
-                                                          "they are)")
+                                                          "they are); its inputs are computed once, so use --batch 8")
+    p.add_argument("--flow-times", type=int, default=4, help="--only-mpd: cached decoder inputs per pair, the first at "
+                                                              "t = 0.05, the rest t ~ U(0, 1) (default 4)")
     p.add_argument("--folder", default=None, help="train on <name>.mp4 + <name>_mask.mp4 clips in this folder instead "
                                                   "of the world (the generator is still the world DiT)")
     return p

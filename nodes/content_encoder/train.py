@@ -6,6 +6,8 @@ Flow matching (x_t = (1 - t) x1 + t noise, t ~ U(0, 1), target velocity noise - 
 2 L_mask + L_grad + L_MPD (losses.py). AdamW at 5e-5 with warm-up + cosine decay, grad clip, EMA of the
 encoder's weights (the result). Memory: the LoRA-Edit BlockRunner (checkpointing / block swap / activation
 offload / split blocks) on the generator's blocks and (checkpointing only) on the encoder's copied blocks.
+`train_mask_decoder` (the CLI's --only-mpd) trains the mask decoder alone: with the SCE frozen its inputs never
+change, so they are computed once per (pair, flow time) and each step runs only the decoder, on a batch.
 
 Distributed: `python -m torch.distributed.run --nproc_per_node K -m ffprop.nodes.content_encoder.train ...`
 (torchrun; DDP, gloo on CPU, nccl on CUDA). Step s uses global pairs s*B .. s*B+B-1 (B = batch), each with its
@@ -211,6 +213,127 @@ def train_content_encoder(encoder: ContentEncoder, attach: Attach, get_pair: Cal
     return result
 
 
+@dataclass(frozen=True)
+class MpdSettings:
+    """train_mask_decoder: `flow_times` cached MPD inputs per pair (the first at t = 0.05, where the mask node
+    reads a sampled latent, the others t ~ U(0, max_t)), then `steps` AdamW steps of `batch` cached inputs each."""
+
+    steps: int = 1500
+    learning_rate: float = 2e-3
+    batch: int = 8
+    flow_times: int = 4
+    max_t: float = 1.0
+    ema_decay: float = 0.99
+    seed: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class _MpdInput:
+    hidden: Tensor        # the penultimate block's output [1, L, D] (detached)
+    run_block: object     # the generator's RunBlock of that forward (its context, timestep modulation, RoPE)
+    grid: tuple[int, int, int]
+    target: Tensor        # [1, T, H, W]
+    weight: float         # mpd_time_weight(t)
+
+
+def _mpd_inputs(encoder: ContentEncoder, attach: Attach, pairs: Sequence[LatentPair], settings: MpdSettings,
+                should_stop: Optional[ShouldStop] = None) -> list[_MpdInput]:
+    """One forward of the attached generator per (pair, flow time), no gradient, keeping what the MPD reads."""
+    caught: list[tuple[Tensor, object, tuple]] = []
+
+    def catch(penultimate, run_block, grid):
+        caught.append((penultimate.detach(), run_block, grid))
+        return penultimate.new_zeros(())
+
+    att, state = attach(encoder)
+    out = []
+    encoder.mask_logits = catch   # an instance attribute over the method, removed below
+    try:
+        with torch.no_grad():
+            for i, pair in enumerate(pairs):
+                gen = _pair_gen(settings.seed, i)
+                ts = [0.05, *(settings.max_t * torch.rand(settings.flow_times - 1, generator=gen)).tolist()]
+                state.set_source(pair.sce, pair.task)
+                for t in ts[:settings.flow_times]:
+                    x1 = pair.target
+                    noise = torch.randn(x1.shape, generator=gen).to(x1)
+                    state.want_mask = True
+                    att.predict((1 - t) * x1 + t * noise, torch.tensor([t]).to(x1.device), pair.cond)
+                    state.want_mask, state.mask_logits, state.feats = False, None, None
+                    h, run_block, grid = caught.pop()
+                    out.append(_MpdInput(h, run_block, grid, pair.mpd_target, float(mpd_time_weight(torch.tensor(t)))))
+                if should_stop is not None and should_stop():
+                    from ..common import Cancelled
+
+                    raise Cancelled(f"cancelled while preparing the mask decoder's inputs ({i + 1} of {len(pairs)})")
+    finally:
+        del encoder.mask_logits
+    return out
+
+
+def train_mask_decoder(encoder: ContentEncoder, attach: Attach, pairs: Sequence[LatentPair],
+                       settings: MpdSettings = MpdSettings(), on_step: Optional[OnStep] = None,
+                       should_stop: Optional[ShouldStop] = None) -> TrainResult:
+    """Train only the mask decoder (mpd_*) of `encoder` on `pairs`; returns the EMA copy (SCE bit-identical).
+
+    The generator and the SCE are frozen, so the MPD's input for a (pair, flow time, noise) never changes: it is
+    computed once (`MpdSettings.flow_times` per pair) and the steps run only the MPD (its block and head), on
+    batches of `batch` inputs. One step of the full trainer with batch 1 costs a whole generator + SCE forward;
+    on the world, this trains the decoder 8 pairs a step in about the time of one. Memory: the cached inputs are
+    [L, D] floats each (the world: 40 KB; a 14B clip: hundreds of MB, so use train_content_encoder there)."""
+    from ..world.train import warmup_cosine
+
+    t0 = time.perf_counter()
+    with torch.inference_mode(False):
+        encoder.requires_grad_(False).eval()
+        inputs = _mpd_inputs(encoder, attach, pairs, settings, should_stop)
+        params = [p for n, p in encoder.named_parameters() if n.startswith("mpd_")]
+        for p in params:
+            p.requires_grad_(True)
+        encoder.mpd_block.train()
+        opt = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
+        sched = warmup_cosine(opt, settings.steps)
+        ema = [p.detach().clone() for p in params]
+        gen = torch.Generator().manual_seed(int(settings.seed) + 99)
+        result = TrainResult(encoder)
+        try:
+            with torch.enable_grad():
+                for step in range(settings.steps):
+                    batch = [inputs[i] for i in torch.randint(len(inputs), (settings.batch,), generator=gen).tolist()]
+                    loss = sum(x.weight * mpd_loss(encoder.mask_logits(x.hidden, x.run_block, x.grid), x.target)
+                               for x in batch) / len(batch)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"mask-decoder training diverged at step {step + 1} (loss {float(loss)}); "
+                                           f"lower the learning rate (now {settings.learning_rate:g}).")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if settings.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                    opt.step()
+                    sched.step()
+                    decay = min(settings.ema_decay, (1 + step) / (10 + step))
+                    with torch.no_grad():
+                        for e, p in zip(ema, params):
+                            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+                    value = float(loss.detach())
+                    result.losses.append(value)
+                    result.parts.append({"mpd": value})
+                    report(on_step, should_stop, step + 1, settings.steps, value)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+        out = copy.deepcopy(encoder)
+        with torch.no_grad():
+            for q, e in zip([p for n, p in out.named_parameters() if n.startswith("mpd_")], ema):
+                q.copy_(e)
+        out.requires_grad_(False).eval()
+        encoder.eval()
+    result.encoder = out
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
 # ---- world pairs and the command line (also the torchrun entry) -----------------------------------------------
 
 def world_pairs(world, seeds: Sequence[int], size=(64, 64), frames: int = 17, seed: int = 0,
@@ -263,13 +386,22 @@ def run(args) -> int:
                 last[0] = time.perf_counter()
                 print(f"step {i}/{n} loss {loss:.4f}", file=sys.stderr, flush=True)
 
-        result = train_content_encoder(encoder, lambda e: attach_diffusers(world.dit, e, src), lambda i: pairs[i % len(pairs)],
-                                       settings, on_step=on_step)
+        attach = lambda e: attach_diffusers(world.dit, e, src)   # noqa: E731
+        if args.only_mpd:   # the MPD's inputs cached once, batches of args.batch (train_mask_decoder)
+            result = train_mask_decoder(encoder, attach, pairs, MpdSettings(
+                steps=args.steps, learning_rate=args.lr, batch=args.batch, flow_times=args.flow_times,
+                ema_decay=args.ema, seed=args.seed), on_step=on_step)
+        else:
+            result = train_content_encoder(encoder, attach, lambda i: pairs[i % len(pairs)], settings, on_step=on_step)
         rank = torch.distributed.get_rank() if dist else 0
         if rank == 0:
             tail = result.losses[-10:]
             save_encoder(result.encoder, args.out, {"steps": str(args.steps), "lr": str(args.lr),
                                                     "mpd_weight": str(args.mpd_weight), "mpd_loss": "bce+dice",
+                                                    "batch": str(args.batch),
+                                                    **({"mpd_trainer": "train_mask_decoder (cached MPD inputs, "
+                                                                       f"{args.flow_times} flow times per pair)"}
+                                                       if args.only_mpd else {}),
                                                     "mpd_resolution": "pixel", "init": str(args.init or ""),
                                                     "wall_seconds": f"{result.seconds:.0f}",
                                                     "command": " ".join(["python -m ffprop.nodes.content_encoder.train",

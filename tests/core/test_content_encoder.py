@@ -463,3 +463,32 @@ def test_cli_parses_the_train_command_without_torch():
             "p = argparse.ArgumentParser(); cli.add_parser(p.add_subparsers()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_train_mask_decoder_keeps_the_sce_and_the_video_and_fits_its_pairs():
+    """The cached-input MPD trainer (--only-mpd): only mpd_* move, the attached generator's output stays bit for bit,
+    and it fits the moved-object pairs it trained on (batches of cached inputs; a fresh head scores ~0)."""
+    from ffprop.nodes.content_encoder.model import mask_iou
+    from ffprop.nodes.content_encoder.train import MpdSettings, train_mask_decoder
+
+    dit = tiny()
+    enc = trained_like(build_encoder(dit, 2))
+    pairs = [_moved_object_pair(i)[0] for i in range(6)]
+    x, c = rand(1, 16, F, H, W, seed=4), cond()
+    with torch.no_grad():
+        video_before = attach_diffusers(dit, enc, pairs[0].sce)[0].predict(x, 0.5, c)
+    start = weights(enc)
+    res = train_mask_decoder(enc, lambda e: attach_diffusers(dit, e, pairs[0].sce), pairs,
+                             MpdSettings(steps=150, learning_rate=1e-2, batch=4, flow_times=2, ema_decay=0.0))
+    moved = weights(res.encoder)
+    assert all(torch.equal(moved[k], start[k]) for k in start if not k.startswith("mpd_"))
+    assert max((moved[k] - start[k]).abs().max().item() for k in start if k.startswith("mpd_")) > 1e-4
+    assert "mask_logits" not in enc.__dict__   # the capture (an instance attribute) is gone
+    with torch.no_grad():
+        assert torch.equal(attach_diffusers(dit, res.encoder, pairs[0].sce)[0].predict(x, 0.5, c), video_before)
+    ious = []
+    for p in pairs:
+        att, state = attach_diffusers(dit, res.encoder, p.sce)
+        ious.append(mask_iou(torch.sigmoid(predict_mask(att, state, p.target, p.cond))[0], p.mpd_target[0]))
+    assert min(ious) >= 0.8, ious
+    assert len(res.losses) == 150 and res.losses[-1] < res.losses[0]
