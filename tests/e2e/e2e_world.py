@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +159,14 @@ class WorldCase:
     mask: str
     mask_video: str           # the per-frame edit masks as a video (white = edit)
     box: list[int]            # frame-1 edit region's bounding box [x0, y0, x1, y1] (px, x1/y1 exclusive)
+    keys: dict[int, str] = field(default_factory=dict)   # 0-based frame -> the true edited frame's png
 
 
 def world_case(input_dir: Path, seed_index: int = 0, edit: str = "recolour", frames: int = 17,
-               size: tuple[int, int] = (64, 64), tag: str = "world") -> WorldCase:
+               size: tuple[int, int] = (64, 64), tag: str = "world", keys: tuple[int, ...] = ()) -> WorldCase:
     """Write HELDOUT_SEEDS[seed_index]'s `edit` sample as <tag>_clip.mp4, <tag>_edit.png (the true edited
-    frame 1), <tag>_mask.png (frame 1's edit mask, white = edit) and <tag>_masks.mp4 (every frame's)."""
+    frame 1), <tag>_mask.png (frame 1's edit mask, white = edit), <tag>_masks.mp4 (every frame's) and
+    <tag>_key_<k>.png (the true edited frame k, 0-based) for each k in `keys`."""
     from e2e_media import write_mp4
     from ffprop.nodes.world.scenes import HELDOUT_SEEDS, render_sample
     from PIL import Image
@@ -179,7 +181,11 @@ def world_case(input_dir: Path, seed_index: int = 0, edit: str = "recolour", fra
     Image.fromarray((m.numpy() * 255).astype(np.uint8)).convert("RGB").save(input_dir / f"{tag}_mask.png")
     ys, xs = np.nonzero(m.numpy())
     box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else [0, 0, *size[::-1]]
-    return WorldCase(s, f"{tag}_clip.mp4", f"{tag}_edit.png", f"{tag}_mask.png", f"{tag}_masks.mp4", box)
+    key_files = {}
+    for k in keys:
+        key_files[k] = f"{tag}_key_{k}.png"
+        Image.fromarray(to8(s.target[k])).save(input_dir / key_files[k])
+    return WorldCase(s, f"{tag}_clip.mp4", f"{tag}_edit.png", f"{tag}_mask.png", f"{tag}_masks.mp4", box, key_files)
 
 
 def read_video(path: Path) -> torch.Tensor:
@@ -211,19 +217,66 @@ def score_video(video: torch.Tensor, case: WorldCase) -> dict[str, float]:
 
 # ---- a shipped sampling workflow on the world ----------------------------------------------------------------
 
-WORLD_WORKFLOWS = {"lora_edit": 17, "ast_rope": 17, "long_clip": 33}   # workflow -> scene frames (long: 2 chunks)
+@dataclass(frozen=True)
+class WorldRun:
+    """A shipped workflow on a held-out world scene: workflows/<workflow>.json, HELDOUT_SEEDS[seed_index]'s `edit`
+    sample of `frames` frames; engine "wan": a keyframes workflow switched to its wan engine on the world DiT."""
+
+    workflow: str
+    frames: int = 17
+    edit: str = "recolour"
+    seed_index: int = 0
+    engine: str | None = None
+
+
+WORLD_WORKFLOWS = {
+    "lora_edit": WorldRun("lora_edit"),
+    "ast_rope": WorldRun("ast_rope"),
+    "long_clip": WorldRun("long_clip", 33),                       # 2 chunks of 17
+    "keyframes": WorldRun("keyframes"),                           # as shipped: the flow engine, no model
+    "keyframes_wan": WorldRun("keyframes", engine="wan"),         # its wan engine on the world DiT
+    # a removal scene of the benchmark's world_cases(2) (GenProp's copy_paste task; colour_fill scenes stay at
+    # about 9-11 dB inside the edit for every method here, the source and repeating frame 1 included)
+    "content_encoder": WorldRun("content_encoder", edit="removal", seed_index=12),
+}
 SAMPLE_STEPS = 10
 SHIFT = 3.0
 LORA_STEPS = 20
+CONTENT_ENCODER = Path(__file__).resolve().parents[2] / "nodes" / "content_encoder" / "weights" / "world.safetensors"
+CONTENT_ENCODER_NAME = "ffp_world_content_encoder.safetensors"
 
 
-def world_overrides(api: dict, case: WorldCase, steps: int = SAMPLE_STEPS) -> dict:
+def keyframe_indices(api: dict) -> tuple[int, ...]:
+    """Every frame index an FFPKeyframes node of the prompt names (its frame_indices)."""
+    out: set[int] = set()
+    for node in api.values():
+        if node["class_type"] == "FFPKeyframes":
+            out |= {int(x) for x in str(node["inputs"]["frame_indices"]).split(",") if x.strip()}
+    return tuple(sorted(out))
+
+
+def install_content_encoder(models_dir: Path) -> str:
+    """The bundled world content encoder (nodes/content_encoder/weights/world.safetensors, trained on world
+    training seeds against the world DiT) linked into <models_dir>/ffprop_content_encoder; returns its name."""
+    dst = Path(models_dir) / "ffprop_content_encoder" / CONTENT_ENCODER_NAME
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    dst.symlink_to(CONTENT_ENCODER)
+    return CONTENT_ENCODER_NAME
+
+
+def world_overrides(api: dict, case: WorldCase, steps: int = SAMPLE_STEPS, run: WorldRun | None = None) -> dict:
     """The CI-sized API prompt of a sampling workflow, pointed at the world: the world DiT and VAE for every
     loader, the world scene's files for LoadVideo / LoadImage / LoadImageMask, frame 1's edit box as the mask
     prompt; FFPMaskOps (the loose box) gets the world's per-frame edit masks (oracle masks, as the benchmark's
     lora_edit row: click segmentation is the masks room's to measure), min area 4 px; the world's render size and
     length, `steps` Euler steps at shift 3 and cfg 1 (the world DiT ignores
-    text), stage-1 LoRA training of LORA_STEPS at LoRA-Edit's rate. Changes `api` in place and returns it."""
+    text), stage-1 LoRA training of LORA_STEPS at LoRA-Edit's rate. Keyframes: each FFPKeyframes node's image is
+    the true edited frame at its frame_indices (case.keys); run.engine "wan": `wan_keyframes`. Content encoder:
+    'Train Content Encoder' becomes 'Load Content Encoder' with the bundled world encoder (install_content_encoder;
+    the workflow's note says to do so the next time; the trainer node itself runs in test_workflow_runs, on the
+    tiny models at its CI size of 2 steps: plumbing, not quality), its loss preview goes, and Apply uses the task a user would pick for the edit (nodes/content_encoder/bench.py task_for,
+    as the benchmark row). Changes `api` in place and returns it."""
     t, h, w = case.sample.source.shape[:3]
     for node in list(api.values()):
         inputs, kind = node["inputs"], node["class_type"]
@@ -256,10 +309,46 @@ def world_overrides(api: dict, case: WorldCase, steps: int = SAMPLE_STEPS) -> di
             inputs.update(mask=["world_masks_mask", 0], min_area=4)
         elif kind == "FFPTrainLoRAEdit":
             inputs.update(steps=LORA_STEPS, steps_stage2=0, learning_rate=1e-4, rank=16)
+        elif kind == "FFPApplyContentEncoder":
+            from ffprop.nodes.content_encoder.bench import task_for
+
+            inputs["task"] = task_for(case.sample.edit)
         if kind == "FFPChunkSample" and not any(n["class_type"] == "ModelSamplingSD3" for n in api.values()):
-            api["world_shift"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": inputs["model"], "shift": SHIFT},
+            api["world_shift"] = {"class_type": "ModelSamplingSD3",
+                                  "inputs": {"model": inputs["model"], "shift": SHIFT},
                                   "_meta": {"title": "ModelSamplingSD3 (world: shift 3)"}}
             inputs["model"] = ["world_shift", 0]
+    for nid, node in list(api.items()):
+        if node["class_type"] == "FFPKeyframes":               # after the LoadImage defaults above
+            (k,) = keyframe_indices({nid: node})                # one image per Keyframes node in these workflows
+            image = api[node["inputs"]["images"][0]]
+            if image["class_type"] != "LoadImage":
+                raise ValueError(f"FFPKeyframes reads its image from {image['class_type']}, not LoadImage")
+            image["inputs"]["image"] = case.keys[k] if k else case.edited
+        if node["class_type"] == "FFPTrainContentEncoder":
+            api[nid] = {"class_type": "FFPContentEncoderLoader", "_meta": {"title": "Load Content Encoder (world)"},
+                        "inputs": {"model": node["inputs"]["model"], "encoder_name": CONTENT_ENCODER_NAME}}
+            for other, n in list(api.items()):      # the loss preview: the loader has only the encoder output
+                if any(isinstance(v, list) and v[:1] == [nid] and v[1:] != [0] for v in n["inputs"].values()):
+                    del api[other]
+    if run is not None and run.engine == "wan":
+        wan_keyframes(api, steps)
+    return api
+
+
+def wan_keyframes(api: dict, steps: int = SAMPLE_STEPS) -> dict:
+    """FFPKeyframePropagate switched to engine 'wan' on the world models: the world DiT (shift 3) and VAE, the
+    test pack's zero text conditioning (the world DiT ignores text), chunk_length 17, `steps` Euler steps at cfg
+    1. No LoRA (the keyframes workflow trains none) and no edit mask (as shipped: derived from the keyframes)."""
+    api["world_dit"] = {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_NAME, "weight_dtype": "default"}}
+    api["world_dit_shift"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["world_dit", 0], "shift": SHIFT}}
+    api["world_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}}
+    api["world_text"] = {"class_type": "E2EWanTextConditioning", "inputs": {"tokens": 8, "seed": 0, "scale": 0.0}}
+    for node in api.values():
+        if node["class_type"] == "FFPKeyframePropagate":
+            node["inputs"].update(engine="wan", chunk_length=17, steps=steps, cfg=1.0, sampler_name="euler",
+                                  scheduler="simple", model=["world_dit_shift", 0], vae=["world_vae", 0],
+                                  positive=["world_text", 0], negative=["world_text", 0])
     return api
 
 
