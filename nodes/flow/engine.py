@@ -373,6 +373,8 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
             # these pixels are that object: whatever the track says
             inside_t = hard[y0:y1, x0:x1] > 0.5
             rem[inside_t] = sample(plan.removal.removed_far, coords)[inside_t]
+        if hard is not None:                         # the rim outside the object shows the source's own background
+            rem *= cv2.dilate((hard[y0:y1, x0:x1] > 0.01).astype(np.uint8), np.ones((3, 3), np.uint8))
         rem = rem[..., None]
         content += rem * (back - content)
     return Carried(region, box, np.clip(content, 0, 1, out=content))

@@ -9,7 +9,8 @@ Such pixels are carried with the background's motion instead (nodes/flow/engine.
   source's does not (smooth backgrounds);
 - the clip: where the object has moved away, the background behind its frame-1 place shows in frame t
   (a tracked pixel outside frame t's region that lands inside frame 1's). Where that background matches the
-  edit, the edit removed the object there; where it does not, the edit put something new there. Once enough
+  edit and not the source, the edit removed the object there; where it matches neither, the edit put
+  something new there; where it matches the source, nothing was there to remove (an insertion). Once enough
   of the region has been seen this way and nearly all of it matched (REMOVAL_SHARE), the whole region counts
   as removed except where it did not match: a removal of the whole object.
 
@@ -51,6 +52,7 @@ class Removal:
         self.region = region
         self.area = int(region.sum())
         self.edit_u8 = (np.clip(edit, 0, 1) * 255 + 0.5).astype(np.uint8)
+        self.src_u8 = (np.clip(src0, 0, 1) * 255 + 0.5).astype(np.uint8)
         guess = _inpaint(edit, region)
         d_edit, d_src = patch_error(edit, guess), patch_error(src0, guess)
         first = ((d_edit < REMOVED_TOL) & (d_edit < REMOVED_GAIN * d_src) & region).astype(np.uint8)
@@ -91,10 +93,12 @@ class Removal:
         if not hit.any():
             return
         err = light_error(frame, sample(self.edit_u8, coords))   # the light has moved since frame 1
+        was = light_error(frame, sample(self.src_u8, coords))    # the source there: background too (no removal)
         ys, xs = np.nonzero(hit)
         qx, qy = q[ys, xs, 0], q[ys, xs, 1]
         ok = err[ys, xs] < SEEN_TOL
-        new = ~(self.seen_ok[qy, qx] | self.seen_bad[qy, qx])
+        plain = was[ys, xs] < SEEN_TOL                   # nothing was removed here: neither answer
+        new = ~(self.seen_ok[qy, qx] | self.seen_bad[qy, qx]) & ~plain
         self.seen_ok[qy[ok & new], qx[ok & new]] = True
         self.seen_bad[qy[~ok & new], qx[~ok & new]] = True
         bad = ~ok & new
