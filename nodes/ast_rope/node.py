@@ -12,7 +12,7 @@ import folder_paths
 import torch
 
 from ...kernels import BACKENDS
-from .._comfy import io, progress, ui
+from .._comfy import io, ui
 from ..common import log, log_once, safe_output_path
 from ..host.comfy import ComfyWan, check_wan_model
 from ..lora_edit.node import MemoryType
@@ -321,17 +321,31 @@ class FFPASTRoPETrain(io.ComfyNode):
     def execute(cls, model, vae, positive, source_video, steps, learning_rate, variant, alpha_max, width, depth,
                 self_distill, lambda_motion, lambda_mmd, seed, filename, edited_video=None, pairs_folder="",
                 max_frames=33, clip_vision_output=None, backend="auto", clip=None, clip_vision=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        from ..lora_edit.lora import LoRA, attach_weight_wrappers
+        from ..lora_edit.lowvram import MemorySettings
+        from ..lora_edit.node import interrupted, loss_progress, trained_alone, trainer_clone
+
         _predictor_path(filename)                    # a bad file name fails now, not after training
-        dit = ComfyWan(model)
-        encode = _encode(model, vae)
-        context = positive[0][0].float()
-        image_tokens = None if clip_vision_output is None else clip_vision_output.penultimate_hidden_states.float()
-        samples = [i2v_samples(source_video, encode, context, image_tokens, edited_video)]
-        pairs = PairSet.from_folder(pairs_folder, max_frames) if pairs_folder.strip() else PairSet([])
-        for i in range(len(pairs)):
-            pair = pairs[i]
-            ctx, tokens = _pair_conditioning(pair, context, clip, clip_vision)
-            samples.append(i2v_samples(pair.source, encode, ctx, tokens, pair.edited))
+        trainer = trainer_clone(model, MemorySettings(gradient_checkpointing=False))
+        dit = ComfyWan(trainer)
+        encode = _encode(trainer, vae)
+        # the server runs nodes under inference mode: latents and text made there are inference tensors, which
+        # autograd refuses to save for backward (the positions' gradient runs through the DiT), so the training
+        # inputs are made outside it
+        with torch.inference_mode(False):
+            context = positive[0][0].float().clone()
+            image_tokens = None if clip_vision_output is None else \
+                clip_vision_output.penultimate_hidden_states.float().clone()
+            edited = None if edited_video is None else edited_video.clone()
+            samples = [i2v_samples(source_video.clone(), encode, context, image_tokens, edited)]
+            pairs = PairSet.from_folder(pairs_folder, max_frames) if pairs_folder.strip() else PairSet([])
+            for i in range(len(pairs)):
+                pair = pairs[i]
+                ctx, tokens = _pair_conditioning(pair, context, clip, clip_vision)
+                samples.append(i2v_samples(pair.source, encode, ctx.clone(), None if tokens is None else tokens.clone(),
+                                           pair.edited))
         if self_distill and edited_video is None and len(samples) == 1:
             raise ValueError("self_distill needs edited clips: connect edited_video or set pairs_folder.")
         if edited_video is None and len(samples) > 1:
@@ -341,9 +355,12 @@ class FFPASTRoPETrain(io.ComfyNode):
                                           lambda_mmd=lambda_mmd)
         config = PredictorConfig(width=width, depth=depth, heads=max(1, width // 64), alpha_max=alpha_max,
                                  arch="frames" if variant == "warped" else "paper")
-        on_step, should_stop = progress(steps)
-        result = train_predictor(dit, samples, settings, AlphaPredictor(config, seed=seed), on_step=on_step,
-                                 should_stop=should_stop)
+        on_step = loss_progress(comfy.utils.ProgressBar(steps), label="AST-RoPE predictor")   # live loss curve
+        attach_weight_wrappers(trainer, LoRA({}))     # ComfyUI casts (copies) the frozen weights per forward
+        with trained_alone(trainer, drop_wrappers=True), torch.inference_mode(False):   # the predictor trainable
+            mm.load_models_gpu([trainer])
+            result = train_predictor(dit, samples, settings, AlphaPredictor(config, seed=seed), on_step=on_step,
+                                     should_stop=interrupted)
         path = _predictor_path(filename)             # again: another run may have saved that name meanwhile
         if path is not None:
             save_predictor(result.predictor, path)

@@ -247,7 +247,7 @@ def train_predictor(dit: WanDiT, samples: list[PredictorSample], settings: Predi
             torch.nn.utils.clip_grad_norm_(predictor.parameters(), settings.grad_clip)
             opt.step()
             result.losses.append(float(loss.detach()))
-            report(on_step, should_stop, step, settings.steps)
+            report(on_step, should_stop, step, settings.steps, result.losses[-1])   # on_step(i, n, loss)
     predictor.eval()
     with torch.no_grad():
         a = alphas_for(samples[0])

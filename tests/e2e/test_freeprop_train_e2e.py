@@ -1,7 +1,8 @@
-"""Train FreeProp Model on the real server (CPU, tiny random Wan 2.1 I2V): the server runs every node under
-inference mode and loads the weights there, so the trainer must make its inputs, LoRA and predictor outside it and
-never save an inference-tensor weight for backward (it failed with 'Setting requires_grad=True on inference tensor
-outside InferenceMode' before). The file lands in models/ast_rope and Apply FreeProp Model loads it."""
+"""Train FreeProp Model and Train AST-RoPE Predictor on the real server (CPU, tiny random Wan 2.1 I2V): the server
+runs every node under inference mode and loads the weights there, so a trainer must make its inputs, LoRA and
+predictor outside it and never save an inference-tensor weight for backward (both failed there before: 'Setting
+requires_grad=True on inference tensor outside InferenceMode', 'Inference tensors cannot be saved for backward').
+The FreeProp file lands in models/ast_rope and Apply FreeProp Model loads it."""
 
 from __future__ import annotations
 
@@ -38,3 +39,15 @@ def test_freeprop_trainer_runs_on_server_loaded_weights_and_apply_loads_the_file
     }
     res = comfy_server.run_prompt(apply, timeout=200, label="FreeProp apply")
     assert " ".join(res.history["outputs"]["3"]["text"]).startswith("FreeProp: LoRA x1")
+
+
+def test_predictor_trainer_runs_on_server_loaded_weights(comfy_server, tiny_models):
+    graph = {k: v for k, v in train_graph(tiny_models).items() if k in ("1", "2", "3", "4")}
+    graph["6"] = {"class_type": "FFPASTRoPETrain", "inputs": {
+        "model": ["1", 0], "vae": ["2", 0], "positive": ["3", 0], "source_video": ["4", 0], "steps": 3,
+        "learning_rate": 1e-3, "variant": "global", "alpha_max": 2.0, "width": 16, "depth": 1, "self_distill": False,
+        "lambda_motion": 1.0, "lambda_mmd": 1.0, "seed": 0, "filename": "ffp_e2e/predictor_train"}}
+    graph["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["6", 2]}}
+    res = comfy_server.run_prompt(graph, timeout=400, label="AST-RoPE predictor train")
+    report = " ".join(res.history["outputs"]["8"]["text"])
+    assert report.startswith("loss ") and "over 3 steps (1 clip(s))" in report, report

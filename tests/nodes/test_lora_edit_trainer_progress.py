@@ -15,7 +15,7 @@ import_comfy()
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
-from ffprop.nodes.ast_rope.node import FFPFreePropTrain  # noqa: E402
+from ffprop.nodes.ast_rope.node import FFPASTRoPETrain, FFPFreePropTrain  # noqa: E402
 from ffprop.nodes.content_encoder.node import FOLDER, FFPTrainContentEncoder  # noqa: E402
 from ffprop.nodes.lora_edit.conditioning import comfy_concat_mask, masked_condition_video  # noqa: E402
 from ffprop.nodes.lora_edit.lowvram import preset  # noqa: E402
@@ -138,3 +138,14 @@ def test_loss_progress_without_a_loss_moves_the_bar_only(hook):
     on_step(4, 4, 0.5)
     assert [(v, t) for v, t, _ in hook] == [(3, 6), (6, 6)]        # the first and the final update are never throttled
     assert hook[0][2] is None and hook[1][2][0] == "JPEG"
+
+
+def test_predictor_trainer_shows_the_loss_curve_too(model, folders, hook):
+    """Train AST-RoPE Predictor (the same loss_progress, trained_alone) under inference mode, as the server runs it."""
+    src, _ = clip()
+    with torch.inference_mode():
+        text = FFPASTRoPETrain.execute(model, FakeVAE(), [[context(), {}]], src, 10, 1e-3, "global", 2.0, 16, 1,
+                                       False, 1.0, 1.0, 0, "pred_progress").args[2]
+    assert "over 10 steps" in text
+    assert [v for v, _, p in hook if p is not None] == [10] and isinstance(hook[-1][2][1], Image.Image)
+    assert loaded_clones(model) == 0
