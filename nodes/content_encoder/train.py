@@ -110,6 +110,24 @@ def _pair_gen(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 7_919 + 1_000_003 * int(index) + 17)
 
 
+def _ema_step(loss: Tensor, opt, sched, params: list, ema: list, step: int, settings, what: str) -> None:
+    """One optimiser step of both trainers: refuse a non-finite loss, backward, clip to settings.grad_clip (0 =
+    off), AdamW + schedule, then the EMA copies `ema` follow `params` (decay min(ema_decay, (1+step)/(10+step)))."""
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{what} training diverged at step {step + 1} (loss {float(loss)}); "
+                           f"lower the learning rate (now {settings.learning_rate:g}).")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if settings.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+    opt.step()
+    sched.step()
+    decay = min(settings.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
 def train_content_encoder(encoder: ContentEncoder, attach: Attach, get_pair: Callable[[int], LatentPair],
                           settings: TrainSettings = TrainSettings(), memory=None,
                           on_step: Optional[OnStep] = None, should_stop: Optional[ShouldStop] = None,
@@ -169,19 +187,7 @@ def train_content_encoder(encoder: ContentEncoder, attach: Attach, get_pair: Cal
                         return total
 
                     loss = model(step_loss)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"content-encoder training diverged at step {step + 1} (loss {float(loss)}); "
-                                           f"lower the learning rate (now {settings.learning_rate:g}).")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if settings.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                    opt.step()
-                    sched.step()
-                    decay = min(settings.ema_decay, (1 + step) / (10 + step))
-                    with torch.no_grad():
-                        for e, p in zip(ema, params):
-                            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+                    _ema_step(loss, opt, sched, params, ema, step, settings, "content-encoder")
                     value = float(loss.detach())
                     if world > 1:
                         value_t = torch.tensor([value])
@@ -303,19 +309,7 @@ def train_mask_decoder(encoder: ContentEncoder, attach: Attach, pairs: Sequence[
                     batch = [inputs[i] for i in torch.randint(len(inputs), (settings.batch,), generator=gen).tolist()]
                     loss = sum(x.weight * mpd_loss(encoder.mask_logits(x.hidden, x.run_block, x.grid), x.target)
                                for x in batch) / len(batch)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"mask-decoder training diverged at step {step + 1} (loss {float(loss)}); "
-                                           f"lower the learning rate (now {settings.learning_rate:g}).")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if settings.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                    opt.step()
-                    sched.step()
-                    decay = min(settings.ema_decay, (1 + step) / (10 + step))
-                    with torch.no_grad():
-                        for e, p in zip(ema, params):
-                            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+                    _ema_step(loss, opt, sched, params, ema, step, settings, "mask-decoder")
                     value = float(loss.detach())
                     result.losses.append(value)
                     result.parts.append({"mpd": value})
