@@ -323,7 +323,6 @@ class FFPASTRoPETrain(io.ComfyNode):
                 max_frames=33, clip_vision_output=None, backend="auto", clip=None, clip_vision=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from ..lora_edit.lora import LoRA, attach_weight_wrappers
         from ..lora_edit.lowvram import MemorySettings
         from ..lora_edit.node import interrupted, loss_progress, trained_alone, trainer_clone
 
@@ -356,8 +355,8 @@ class FFPASTRoPETrain(io.ComfyNode):
         config = PredictorConfig(width=width, depth=depth, heads=max(1, width // 64), alpha_max=alpha_max,
                                  arch="frames" if variant == "warped" else "paper")
         on_step = loss_progress(comfy.utils.ProgressBar(steps), label="AST-RoPE predictor")   # live loss curve
-        attach_weight_wrappers(trainer, LoRA({}))     # ComfyUI casts (copies) the frozen weights per forward
-        with trained_alone(trainer, drop_wrappers=True), torch.inference_mode(False):   # the predictor trainable
+        # cast_frozen: ComfyUI casts (copies) the frozen weights per forward; outside inference mode: trainable
+        with trained_alone(trainer, cast_frozen=True), torch.inference_mode(False):
             mm.load_models_gpu([trainer])
             result = train_predictor(dit, samples, settings, AlphaPredictor(config, seed=seed), on_step=on_step,
                                      should_stop=interrupted)
@@ -561,7 +560,6 @@ class FFPFreePropTrain(io.ComfyNode):
                 clip_vision=None, memory=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from ..lora_edit.lora import LoRA, attach_weight_wrappers
         from ..lora_edit.lowvram import log_settings, preset
         from ..lora_edit.node import interrupted, loss_progress, trained_alone, trainer_clone
         from ..lora_edit.trainer import loss_curve_image
@@ -602,10 +600,8 @@ class FFPFreePropTrain(io.ComfyNode):
         settings = FreePropSettings(steps=steps, learning_rate=learning_rate, rank=rank, variant=variant, split=split,
                                     teacher=bool(teacher), seed=seed, predictor=config)
         on_step = loss_progress(comfy.utils.ProgressBar(steps), label="FreeProp")   # live loss curve
-        # identity weight wrappers (an empty LoRA): ComfyUI then casts (copies) each frozen weight per forward, so
-        # the server's inference-tensor weights are never saved for backward (the LoRA-Edit trainer's way)
-        attach_weight_wrappers(trainer, LoRA({}))
-        with trained_alone(trainer, drop_wrappers=True), torch.inference_mode(False):   # LoRA + predictor trainable
+        # cast_frozen: ComfyUI casts (copies) the frozen weights per forward; outside inference mode: trainable
+        with trained_alone(trainer, cast_frozen=True), torch.inference_mode(False):
             mm.load_models_gpu([trainer])              # train_freeprop puts the LoRA on the weights' device
             result = train_freeprop(dit, samples, len(samples), settings, on_step=on_step, should_stop=interrupted,
                                     memory=mem)

@@ -13,7 +13,6 @@ import torch
 from .._comfy import io, ui
 from ..common import log, safe_output_path
 from ..host.comfy import ComfyWan
-from ..lora_edit.lora import LoRA, attach_weight_wrappers
 from ..lora_edit.lowvram import preset
 from ..lora_edit.node import MemoryType, compute_dtype, interrupted, loss_progress, trained_alone, trainer_clone
 from ..lora_edit.options import PRESET_ORDER
@@ -188,10 +187,7 @@ class FFPTrainContentEncoder(io.ComfyNode):
             return ComfyWan(clone), state
 
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, ema_decay=ema_decay, seed=seed)
-        # identity weight wrappers (an empty LoRA): ComfyUI then casts (copies) each frozen weight per forward, so the
-        # server's inference-tensor weights are never saved for backward (the LoRA-Edit trainer's way)
-        attach_weight_wrappers(trainer, LoRA({}))
-        with trained_alone(trainer, drop_wrappers=True):
+        with trained_alone(trainer, cast_frozen=True):
             result = train_content_encoder(enc, attach, lambda i: data[i % len(data)], settings, mem, on_step,
                                            interrupted, device)
         path = safe_output_path(folder_paths.get_folder_paths(FOLDER)[0], name, ".safetensors")

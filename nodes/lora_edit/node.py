@@ -423,17 +423,21 @@ def interrupted() -> bool:
 
 
 @contextmanager
-def trained_alone(trainer, drop_wrappers: bool = False):
+def trained_alone(trainer, cast_frozen: bool = False):
     """The block trains `trainer` (a trainer_clone) as the only loaded copy of its model: every loaded clone is
     unloaded before (a loaded clone would make ComfyUI skip the weight-wrapper patching) and after, also on error
     and Cancel (the block runner moved blocks and the wrappers were live: the next load starts clean).
-    drop_wrappers: also take the trainer's weight wrappers off the shared modules at the end."""
+    cast_frozen: for trainers that add no LoRA to the weights, put identity weight wrappers (an empty LoRA) on the
+    trainer for the block, so ComfyUI casts (copies) each frozen weight per forward and the server's
+    inference-tensor weights are never saved for backward (the LoRA-Edit trainer's way); off again at the end."""
+    if cast_frozen:
+        attach_weight_wrappers(trainer, LoRA({}))
     unload_clones_of(trainer)
     try:
         yield trainer
     finally:
         unload_clones_of(trainer)
-        if drop_wrappers:
+        if cast_frozen:
             _drop_wrappers(trainer)
 
 
