@@ -187,3 +187,13 @@ class FakeVAE:
         groups = [x[:1]] + [x[i:i + 4].mean(0, keepdim=True) for i in range(1, x.shape[0], 4)]
         x = torch.nn.functional.avg_pool2d(torch.cat(groups), 8)
         return torch.einsum("oc,fchw->ofhw", self.proj, x)[None]
+
+
+def clip_and_mask(frames: int = 9, height: int = 32, width: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random clip IMAGE [T, H, W, 3] and a square object MASK [T, H, W] (rows/cols 8:24) for the
+    trainer node tests."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(frames, height, width, 3, generator=g)
+    mask = torch.zeros(frames, height, width)
+    mask[:, 8:24, 8:24] = 1
+    return src, mask

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import FakeVAE, cancelled, import_comfy, load_tiny_comfy_wan
+from comfy_support import FakeVAE, cancelled, clip_and_mask, import_comfy, load_tiny_comfy_wan
 
 import_comfy()
 
@@ -29,14 +29,6 @@ from ffprop.nodes.lora_edit.node import (  # noqa: E402
 
 T, H, W = 9, 32, 32
 
-
-
-def clip_and_mask():
-    g = torch.Generator().manual_seed(0)
-    src = torch.rand(T, H, W, 3, generator=g)
-    mask = torch.zeros(T, H, W)
-    mask[:, 8:24, 8:24] = 1
-    return src, mask
 
 
 def positive(seed=3):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from comfy_support import FakeVAE, cancelled, import_comfy, load_tiny_comfy_wan
+from comfy_support import FakeVAE, cancelled, clip_and_mask, import_comfy, load_tiny_comfy_wan
 
 import_comfy()
 
@@ -45,32 +45,24 @@ def hook():
     comfy.utils.set_progress_bar_global_hook(old)
 
 
-def clip():
-    g = torch.Generator().manual_seed(0)
-    src = torch.rand(T, H, W, 3, generator=g)
-    mask = torch.zeros(T, H, W)
-    mask[:, 8:24, 8:24] = 1
-    return src, mask
-
-
 def context():
     return torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(3))
 
 
 def run_lora_edit(model, steps):
-    src, mask = clip()
+    src, mask = clip_and_mask()
     return FFPTrainLoRAEdit.execute(model, FakeVAE(), src, [[context(), {}]], steps, 0, 1e-2, 4, "all_linears", 0,
                                     "unlimited", "trim", "crop", edit_mask=mask).args[2]
 
 
 def run_freeprop(model, steps):
-    src, _ = clip()
+    src, _ = clip_and_mask()
     return FFPFreePropTrain.execute(model, FakeVAE(), [[context(), {}]], src, (src * 0.5).clamp(0, 1), steps, 1e-2, 4,
                                     "global", 0.5, False, "unlimited", 0, "fp_progress").args[1]
 
 
 def run_content_encoder(model, steps):
-    src, mask = clip()
+    src, mask = clip_and_mask()
     vae = FakeVAE()
     v_cond, keep = masked_condition_video(src, None, src[0])
     lat = vae.encode(v_cond)
@@ -142,7 +134,7 @@ def test_loss_progress_without_a_loss_moves_the_bar_only(hook):
 
 def test_predictor_trainer_shows_the_loss_curve_too(model, folders, hook):
     """Train AST-RoPE Predictor (the same loss_progress, trained_alone) under inference mode, as the server runs it."""
-    src, _ = clip()
+    src, _ = clip_and_mask()
     with torch.inference_mode():
         text = FFPASTRoPETrain.execute(model, FakeVAE(), [[context(), {}]], src, 10, 1e-3, "global", 2.0, 16, 1,
                                        False, 1.0, 1.0, 0, "pred_progress").args[2]
