@@ -229,7 +229,8 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
                           settings.chain_quality, settings.flow, settings.light)
     frame0 = bg = None
-    keep_out = None if plan.removal is None else cv2.dilate(low.astype(np.uint8), np.ones((15, 15), np.uint8))
+    keep_out = None if plan.removal is None else \
+        cv2.dilate(low.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(np.float32)
     for t, (frame, track) in enumerate(tracks):
         if frame0 is None:
             frame0 = frame
@@ -256,7 +257,7 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
             hard = masks(t, False)
             bg = _background_motion(track, keep_out, given, bg)
             if bg is not None:
-                _reveal(plan.removal, frame, track, bg[0], hard)
+                _reveal(plan.removal, frame, track, bg, hard)
             moved = bg if plan.removal.any else None
         yield frame, _content(frame, frame0, track, region, plan, settings, moved, hard)
     if plan.removal is not None and plan.removal.any:
@@ -268,9 +269,9 @@ BG_POINTS = 20000       # about this many tracked pixels are the background's mo
 
 
 def _background_motion(track: Track, keep_out: np.ndarray, given: np.ndarray | None,
-                       last: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """The background's motion frame t -> frame 1 as (affine [2, 3], lighting gain [3]) from the tracked
-    pixels that land outside frame 1's region (dilated: keep_out [H, W] uint8) and, with per-frame masks,
+                       last: np.ndarray | None) -> np.ndarray | None:
+    """The background's motion frame t -> frame 1 as an affine [2, 3], fitted to the tracked
+    pixels that land outside frame 1's region (dilated: keep_out [H, W] float32 0/1) and, with per-frame masks,
     lie outside frame t's (given); robust affine fit (fit.fit_affine). last: the previous frame's, kept
     when too few pixels qualify."""
     from .fit import fit_affine
@@ -278,14 +279,12 @@ def _background_motion(track: Track, keep_out: np.ndarray, given: np.ndarray | N
     h, w = keep_out.shape
     stride = max(1, int((h * w / BG_POINTS) ** 0.5))
     q2 = np.ascontiguousarray(track.coords[::stride, ::stride])
-    ok = track.valid[::stride, ::stride] & (sample(keep_out.astype(np.float32), q2) < 0.01)
+    ok = track.valid[::stride, ::stride] & (sample(keep_out, q2) < 0.01)
     if given is not None:
         ok &= given[::stride, ::stride] < 0.01
     ys, xs = np.nonzero(ok)
     a = fit_affine(np.stack([xs, ys], 1).astype(np.float64) * stride, q2[ys, xs].astype(np.float64))
-    if a is None:
-        return last
-    return a, np.ones(3, np.float32)
+    return last if a is None else a
 
 
 def _reveal(removal: Removal, frame: np.ndarray, track: Track, bg: np.ndarray, hard: np.ndarray | None) -> None:
@@ -339,7 +338,7 @@ def _broken(held: np.ndarray, valid: np.ndarray, flow: np.ndarray | None = None)
 
 
 def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.ndarray, plan: EditPlan,
-             settings: FlowSettings, bg: tuple[np.ndarray, np.ndarray] | None = None,
+             settings: FlowSettings, bg: np.ndarray | None = None,
              hard: np.ndarray | None = None) -> Carried:
     """The carried edit inside region's bounding box (see the module docstring for what is carried)."""
     box = _bbox(region)
@@ -364,7 +363,7 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
     if bg is not None:                               # a removed part: frame 1's background, moved with the background
         from .fit import apply
         grid = np.stack(np.meshgrid(np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32)), -1)
-        bcoords = apply(bg[0], grid.reshape(-1, 2)).reshape(grid.shape).astype(np.float32)
+        bcoords = apply(bg, grid.reshape(-1, 2)).reshape(grid.shape).astype(np.float32)
         back = sample(plan.removal.background, bcoords)
         if settings.light:
             back *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, bcoords))
