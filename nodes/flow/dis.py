@@ -38,16 +38,27 @@ def identity_grid(h: int, w: int) -> np.ndarray:
     return np.stack([xs, ys], -1)
 
 
+def _map(coords: np.ndarray) -> np.ndarray:
+    """coords as remap's one two-channel float32 map (no copy when it already is one)."""
+    if coords.dtype != np.float32 or coords.strides[-1] != 4 or coords.strides[-2] != 8:
+        coords = np.ascontiguousarray(coords, dtype=np.float32)
+    return coords
+
+
 def sample(image: np.ndarray, coords: np.ndarray, nearest: bool = False) -> np.ndarray:
-    """Bilinear (or nearest) lookup of image [H, W(, C)] at absolute coords [H', W', 2]; edges replicated."""
+    """Bilinear (or nearest) lookup of image [H, W(, C)] at absolute coords [H', W', 2]; edges replicated.
+    One CV_32FC2 map, not two strided x/y planes that OpenCV would copy first (same result, bit for bit)."""
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.remap(image, coords[..., 0], coords[..., 1], interp, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(image, _map(coords), None, interp, borderMode=cv2.BORDER_REPLICATE)
 
 
-def inside(coords: np.ndarray, h: int, w: int) -> np.ndarray:
-    """[H', W'] bool: coords fall inside an h x w image."""
-    x, y = coords[..., 0], coords[..., 1]
-    return (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+def inside(coords: np.ndarray, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
+    """[H', W'] bool: coords fall inside an h x w image (NaN: outside). out: a [H', W'] bool buffer to reuse."""
+    m = cv2.inRange(_map(coords), (0.0, 0.0), (float(w - 1), float(h - 1)))   # 255 where both are in range
+    if out is None:
+        return m > 0
+    np.greater(m, 0, out=out)
+    return out
 
 
 def consistent(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
