@@ -644,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="one scene per edit type and short LoRA training (under 10 minutes on 2 cores)")
     bench.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    bench.add_argument("--per-edit", type=int, default=None, metavar="K",
+                       help="the full run's settings on only K held-out scenes per edit (1..14; default: all 14)")
     bench.set_defaults(func=cmd_bench, check=check_bench)
 
     train = sub.add_parser("train", help="train a model on a dataset (FreeProp, GenProp content encoder)",
@@ -678,7 +680,7 @@ def cmd_bench(args) -> int:
     """`ffprop bench world`: nodes/evaluate/bench.py does the work (imported here: it needs torch)."""
     from .nodes.evaluate.bench import run_cli
 
-    return run_cli(args.quick, args.json, args.methods, Bar("benchmark"))
+    return run_cli(args.quick, args.json, args.methods, Bar("benchmark"), per_edit=args.per_edit)
 
 
 def _command(argv: list[str]) -> str | None:

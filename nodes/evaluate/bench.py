@@ -389,14 +389,20 @@ def write_json(result: dict, path: str) -> None:
         tmp.write_text(text)
 
 
-def run_cli(quick: bool, json_path: Optional[str], methods: Optional[str], on_step: Optional[OnStep] = None) -> int:
-    """`ffprop bench world [--quick] [--json FILE] [--methods a,b]`: run, print the table, write the JSON."""
-    settings = QUICK if quick else FULL
+def run_cli(quick: bool, json_path: Optional[str], methods: Optional[str], on_step: Optional[OnStep] = None,
+            per_edit: Optional[int] = None) -> int:
+    """`ffprop bench world [--quick | --per-edit K] [--json FILE] [--methods a,b]`: run, print the table, write
+    the JSON. per_edit: FULL's settings on the first K held-out scenes of each edit (ValueError out of range)."""
+    if quick and per_edit is not None:
+        raise ValueError("--quick and --per-edit exclude each other: --quick is one scene per edit with short "
+                         "training; --per-edit K keeps the full run's training on K scenes per edit.")
+    settings = QUICK if quick else FULL if per_edit is None else replace(FULL, cases=world_cases(per_edit))
     names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None
     t0 = time.perf_counter()
     result = run_bench(settings, engines(settings, names), on_step)
     print(format_table(result))
-    print(f"{'quick' if quick else 'full'} run: {result['scenes']} scenes x {len(result['methods'])} methods in "
+    kind = "quick" if quick else "full" if per_edit is None else f"full-settings ({per_edit} per edit)"
+    print(f"{kind} run: {result['scenes']} scenes x {len(result['methods'])} methods in "
           f"{time.perf_counter() - t0:.0f} s")
     if json_path:
         write_json(result, json_path)

@@ -107,6 +107,17 @@ def test_cli_prints_the_table_and_writes_strict_json(tmp_path, capsys):
     assert main(["bench", "world", "--methods", "nope"]) == 2
 
 
+def test_per_edit_runs_k_scenes_of_each_edit_and_refuses_bad_counts(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "world", "--per-edit", "2", "--methods", "repeat_first_frame", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["scenes"] == 2 * len(EDITS)
+    assert "full-settings (2 per edit) run: 14 scenes" in capsys.readouterr().out
+    assert main(["bench", "world", "--per-edit", "15", "--methods", "repeat_first_frame"]) == 2
+    assert "per_edit must be 1..14" in capsys.readouterr().err
+    assert main(["bench", "world", "--quick", "--per-edit", "2"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_generative_engines_run_end_to_end_on_a_tiny_random_wan():
     """Plumbing only (random weights): i2v, lora_edit and lora_edit_ast_rope produce scorable clips."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
