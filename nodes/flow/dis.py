@@ -16,14 +16,27 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
 
 
-class DenseFlow:
-    """A reusable DIS estimator. `flow(a, b)` -> [H, W, 2] float32 from grey frame a to grey frame b."""
+SEEDED = {"medium": (4, 16), "fast": (5, 12), "ultrafast": (5, 12)}
+"""seeded=True: (patch stride, gradient-descent iterations) per preset, and no variational refinement; the
+preset's finest scale and patch size are kept (at a coarser finest scale small frames lose the detail)."""
 
-    def __init__(self, quality: str = "medium"):
+
+class DenseFlow:
+    """A reusable DIS estimator. `flow(a, b)` -> [H, W, 2] float32 from grey frame a to grey frame b.
+
+    seeded: tuned to refine a good initial guess (SEEDED: sparser patches, fewer iterations, no variational
+    refinement): at medium on 832x480 about 40 % of the preset's time."""
+
+    def __init__(self, quality: str = "medium", seeded: bool = False):
         if quality not in QUALITY:
             raise ValueError(f"unknown flow quality '{quality}'; use one of {list(QUALITY)}.")
         self._dis = cv2.DISOpticalFlow_create(QUALITY[quality])
         self._dis.setUseSpatialPropagation(True)
+        if seeded:
+            stride, iters = SEEDED[quality]
+            self._dis.setPatchStride(stride)
+            self._dis.setGradientDescentIterations(iters)
+            self._dis.setVariationalRefinementIterations(0)
 
     def flow(self, a: np.ndarray, b: np.ndarray, init: np.ndarray | None = None) -> np.ndarray:
         """init: an initial guess [H, W, 2] (refined, not replaced)."""

@@ -76,6 +76,31 @@ def light_error(a: np.ndarray, b: np.ndarray, window: int = LIGHT_WINDOW) -> np.
     return err
 
 
+LIGHT_TILE = 32       # px: the local-light test runs only on tiles holding a pixel that failed the plain test
+_LIGHT_HALO = LIGHT_WINDOW // 2 + 2       # px of context around a tile: the filters' reach (7 + 2)
+
+
+def light_error_where(a: np.ndarray, b: np.ndarray, need: np.ndarray, tile: int = LIGHT_TILE) -> np.ndarray:
+    """light_error of uint8 frames a, b [H, W, 3] where it is needed: float32 [H, W], computed on the runs of
+    tile x tile tiles that hold a pixel of need [H, W] bool (with a halo beyond the filters' reach, so it
+    equals the full-frame light_error there up to float rounding), +inf elsewhere. A frame where a few
+    scattered pixels fail the plain test no longer pays for the whole frame."""
+    h, w = need.shape
+    out = np.full((h, w), np.inf, np.float32)
+    ys, xs = np.arange(0, h, tile), np.arange(0, w, tile)
+    hit = np.logical_or.reduceat(np.logical_or.reduceat(need, ys, axis=0), xs, axis=1)
+    for i, row in enumerate(hit):
+        y0, y1 = int(ys[i]), min(h, int(ys[i]) + tile)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.view(np.uint8), [0]])))
+        for j0, j1 in zip(edges[::2], edges[1::2]):           # one run of hit tiles: [j0, j1)
+            x0, x1 = int(xs[j0]), min(w, int(j1) * tile)
+            cy0, cy1 = max(0, y0 - _LIGHT_HALO), min(h, y1 + _LIGHT_HALO)
+            cx0, cx1 = max(0, x0 - _LIGHT_HALO), min(w, x1 + _LIGHT_HALO)
+            err = light_error(a[cy0:cy1, cx0:cx1], b[cy0:cy1, cx0:cx1])
+            out[y0:y1, x0:x1] = err[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+    return out
+
+
 def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0) -> np.ndarray:
     """Displacement (coords - grid) of untrusted pixels replaced by a Gaussian-weighted average of trusted
     neighbours' displacements (normalised convolution, at quarter resolution: the displacement field is
@@ -102,24 +127,29 @@ def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
     return sample(coords, snapped, nearest=True) + (target - snapped)
 
 
-def _keep_better(coords: np.ndarray, err: np.ndarray, cand: np.ndarray, frame: np.ndarray, frame0: np.ndarray,
-                 error: Callable[[np.ndarray, np.ndarray], np.ndarray] = patch_error_u8) -> None:
-    """Per pixel, replace coords [H, W, 2] and its patch error err [H, W] (in place) by the candidate's where
-    the candidate's patch matches frame 0 better (by `error`)."""
-    cand_err = error(frame, sample(frame0, cand))
+def _keep_better(coords: np.ndarray, err: np.ndarray, seen: np.ndarray, cand: np.ndarray, frame: np.ndarray,
+                 frame0: np.ndarray, error: Callable[[np.ndarray, np.ndarray], np.ndarray] = patch_error_u8) -> None:
+    """Per pixel, replace coords [H, W, 2], its patch error err [H, W] and frame 0 seen through it (seen
+    [H, W, 3], uint8) in place by the candidate's where the candidate's patch matches frame 0 better (by
+    `error`)."""
+    cand_seen = sample(frame0, cand)
+    cand_err = error(frame, cand_seen)
     better = (cand_err < err).view(np.uint8)            # OpenCV's masked copy: ~9x numpy's broadcast copyto
     cv2.copyTo(cand, better, coords)
     cv2.copyTo(cand_err, better, err)
+    cv2.copyTo(cand_seen, better, seen)
 
 
-def dis_backend(quality: str) -> FlowFn:
-    """The default flow: OpenCV DIS at `quality` (one estimator per call site: they are not thread-safe)."""
-    return DenseFlow(quality).flow
+def dis_backend(quality: str, seeded: bool = False) -> FlowFn:
+    """The default flow: OpenCV DIS at `quality` (one estimator per call site: they are not thread-safe);
+    seeded: the estimator tuned to refine a given initial guess (dis.DenseFlow)."""
+    return DenseFlow(quality, seeded).flow
 
 
 def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_refine: bool = True,
                  match_tolerance: float = 0.06, chain_quality: str | None = None,
-                 chain_flow: FlowFn | None = None, light_tolerant: bool = True, threaded: bool = True) -> Iterator[tuple[np.ndarray, Track]]:
+                 chain_flow: FlowFn | None = None, light_tolerant: bool = True, threaded: bool = True,
+                 cheap_anchor: bool = True) -> Iterator[tuple[np.ndarray, Track]]:
     """frames: uint8 [H, W, 3] each, any iterable (a decoder). Yields (frame, Track) per frame, frame 0 first.
 
     Each frame: chain the previous map along the backward flow t -> t-1 (DIS at chain_quality, or
@@ -137,14 +167,21 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     threaded: the chain's flow on its own DIS estimator in a worker thread, one frame ahead. Off: one
     estimator for both flows, in turn (the first release's sequence). DIS keeps state between calls (a flow
     after a seeded call differs by up to 4 px from a fresh one), so the two give different tracks; on
-    bmx-trees the masks room's flow fallback scores IoU 0.189 threaded, 0.143 sequential."""
+    bmx-trees the masks room's flow fallback scores IoU 0.189 threaded, 0.143 sequential.
+
+    cheap_anchor: the direct flow by DIS tuned for a seed (dis.DenseFlow seeded: same scales, sparser
+    patches, fewer iterations, no variational refinement; about 40 % of the time at medium), seeded by the
+    chain at `quality`: the seed already holds the large motion, the anchor only removes the drift. The
+    engine's default; the masks room's follower keeps the full anchor (track_to_first: a cheaper anchor lost
+    IoU on bmx-trees there, 0.189 -> 0.113)."""
     it = iter(frames)
     first = next(it, None)
     if first is None:
         return
     h, w = first.shape[:2]
-    anchor = dis_backend(quality) if anchor_refine else None
-    shared = not threaded and chain_flow is None and chain_quality in (None, quality) and anchor is not None
+    anchor = dis_backend(quality, cheap_anchor) if anchor_refine else None
+    shared = (not threaded and chain_flow is None and chain_quality in (None, quality) and anchor is not None
+              and not cheap_anchor)
     chain = chain_flow or (anchor if shared else dis_backend(chain_quality or quality))
     grid = identity_grid(h, w)
     frame0, gray0 = first, to_gray(first)
@@ -166,19 +203,21 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                 job = pool.submit(pair_flow, nxt, gray)
             prev_gray = gray
             coords = _compose(coords, grid + flow)
-            err = patch_error_u8(cur, sample(frame0, coords))
+            seen = sample(frame0, coords)                  # frame 0 seen through the track, kept in step with it
+            err = patch_error_u8(cur, seen)
             filled = _fill_from_trusted(coords, err < match_tolerance, grid)
             direct = grid + anchor(gray, gray0, coords - grid) if anchor is not None else None  # seeded by the chain
             relit = light_tolerant and float((err < match_tolerance).mean()) < RELIT_SHARE
             if relit:                                      # the light changed: compare lighting-normalised
-                err = light_error(cur, sample(frame0, coords))
+                err = light_error(cur, seen)
             for cand in (filled, direct):
                 if cand is not None:
-                    _keep_better(coords, err, cand, cur, frame0, light_error if relit else patch_error_u8)
+                    _keep_better(coords, err, seen, cand, cur, frame0, light_error if relit else patch_error_u8)
             valid = err < (match_tolerance / 2 if relit else match_tolerance)
+            ins = inside(coords, h, w)
             if light_tolerant and not relit and not valid.all():   # local light: a shadow on the object alone
-                valid |= light_error(cur, sample(frame0, coords)) < match_tolerance / LOCAL_LIGHT
-            valid &= inside(coords, h, w)
+                valid |= light_error_where(cur, seen, ~valid & ins) < match_tolerance / LOCAL_LIGHT
+            valid &= ins
             yield cur, Track(coords, valid, flow)
             cur = nxt
 
@@ -199,10 +238,10 @@ def track_to_first(frames: np.ndarray, quality: str = "medium", anchor_refine: b
                    threaded: bool = True) -> Iterator[Track]:
     """frames: uint8 [T, H, W, 3] (or anything with .shape and frames[t]). Yields one Track per frame, frame 0
     first (identity); see track_frames (light_tolerant off by default: the masks room's re-acquisition is
-    tuned on the plain test)."""
+    tuned on the plain test; the full-preset anchor, not cheap_anchor)."""
     t_len = frames.shape[0]
     tracks = track_frames(_Indexed(frames), quality, anchor_refine, match_tolerance, light_tolerant=light_tolerant,
-                          threaded=threaded)
+                          threaded=threaded, cheap_anchor=False)
     for t, (_, track) in enumerate(tracks):
         yield track
         if t:

@@ -45,6 +45,21 @@ def test_sample_bit_identical_to_two_plane_remap(kind, nearest):
         assert np.array_equal(got, want, equal_nan=got.dtype.kind == "f")
 
 
+def test_seeded_estimator_is_cheaper_and_refines_a_seed():
+    from ffprop.nodes.flow.dis import SEEDED, DenseFlow
+
+    rng = np.random.default_rng(5)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (96, 128), np.uint8), (0, 0), 2)
+    moved = np.roll(base, (2, 3), (0, 1))                 # content moves by (dx, dy) = (3, 2)
+    seed = np.zeros((96, 128, 2), np.float32)
+    seed[..., 0], seed[..., 1] = -2.5, -1.5               # flow moved -> base is (-3, -2): a rough guess
+    flow = DenseFlow("medium", seeded=True).flow(moved, base, seed)
+    assert np.abs(np.median(flow[20:-20, 20:-20].reshape(-1, 2), 0) - (-3, -2)).max() < 0.25
+    dis = DenseFlow("medium", seeded=True)._dis
+    assert (dis.getPatchStride(), dis.getGradientDescentIterations()) == SEEDED["medium"]
+    assert dis.getVariationalRefinementIterations() == 0
+
+
 def test_inside_matches_plain_comparisons_and_reuses_buffer():
     h, w = 37, 53
     coords = _coords(h, w)
@@ -54,3 +69,39 @@ def test_inside_matches_plain_comparisons_and_reuses_buffer():
     buf = np.zeros((h, w), bool)
     assert inside(coords, h, w, out=buf) is buf and np.array_equal(buf, want)
     assert np.array_equal(inside(coords[5:30, 7:40], h, w), want[5:30, 7:40])
+
+
+def test_light_error_where_equals_the_full_frame_one_where_needed():
+    from ffprop.nodes.flow.track import LIGHT_TILE, light_error, light_error_where
+
+    rng = np.random.default_rng(3)
+    h, w = 150, 230
+    a = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), np.uint8), (0, 0), 2)
+    b = np.clip(a.astype(np.int16) * 0.7 + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    need = np.zeros((h, w), bool)
+    need[rng.integers(0, h, 40), rng.integers(0, w, 40)] = True
+    need[:, -3:] = True                                  # a strip at the frame border
+    full, part = light_error(a, b), light_error_where(a, b, need)
+    assert np.allclose(part[need], full[need], rtol=0, atol=1e-6)
+    one = np.zeros((h, w), bool)                         # tiles holding no needed pixel are skipped (+inf)
+    one[LIGHT_TILE + 3, 2 * LIGHT_TILE + 5] = True
+    got = light_error_where(a, b, one)
+    tile = np.zeros((h, w), bool)
+    tile[LIGHT_TILE:2 * LIGHT_TILE, 2 * LIGHT_TILE:3 * LIGHT_TILE] = True
+    assert np.isinf(got[~tile]).all() and np.allclose(got[tile], full[tile], rtol=0, atol=1e-6)
+
+
+def test_cheap_anchor_in_the_engine_full_anchor_for_the_mask_follower(monkeypatch):
+    from ffprop.nodes.flow import track
+
+    made = []
+    real = track.dis_backend
+    monkeypatch.setattr(track, "dis_backend", lambda q, seeded=False: made.append((q, seeded)) or real(q, seeded))
+    rng = np.random.default_rng(4)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (48, 64, 3), np.uint8), (0, 0), 1.5)
+    frames = np.stack([np.roll(base, t, 1) for t in range(3)])
+    list(track.track_frames(iter(frames), "medium"))
+    assert sorted(made) == [("medium", False), ("medium", True)]   # the chain, and the anchor it seeds
+    made.clear()
+    list(track.track_to_first(frames, "medium"))
+    assert made == [("medium", False), ("medium", False)]
