@@ -226,17 +226,20 @@ class _Resized:
         return f if f.shape[1::-1] == self.size else cv2.resize(f, self.size, interpolation=cv2.INTER_AREA)
 
 
+METHODS = ("patch", "motion")
+
+
 def track_mask(frames: np.ndarray, key_mask: np.ndarray, quality: str = "medium", tolerance: float = 0.12,
-               max_side: int = MAX_SIDE, anchor: bool = True,
-               should_stop: ShouldStop | None = None) -> Iterator[np.ndarray]:
+               max_side: int = MAX_SIDE, anchor: bool = True, should_stop: ShouldStop | None = None,
+               method: str = "patch") -> Iterator[np.ndarray]:
     """One object: track_masks with a single key mask; yields bool [H, W] masks, frame 0 first."""
-    for masks in track_masks(frames, [key_mask], quality, tolerance, max_side, anchor, should_stop):
+    for masks in track_masks(frames, [key_mask], quality, tolerance, max_side, anchor, should_stop, method):
         yield masks[0]
 
 
 def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = "medium", tolerance: float = 0.12,
-                max_side: int = MAX_SIDE, anchor: bool = True,
-                should_stop: ShouldStop | None = None) -> Iterator[list[np.ndarray]]:
+                max_side: int = MAX_SIDE, anchor: bool = True, should_stop: ShouldStop | None = None,
+                method: str = "patch") -> Iterator[list[np.ndarray]]:
     """frames: uint8 [T, H, W, 3] in tracking order, frames[0] the keyframe; key_masks: one bool [H, W] per
     object, all on that keyframe. Yields per frame the list of the objects' bool [H, W] masks, frame 0 (the key
     masks themselves) first. The flows (4 DIS flows per frame: 2 for the frame-to-frame motion, 2 for the
@@ -247,7 +250,13 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
     to the keyframe, patch-checked against it) and keep the mask within that keyframe-anchored mask grown by
     a few pixels (while that mask holds at least 30 % of the key area): the frame-to-frame tracker then cannot
     drift far onto a neighbour. When the tracked mask falls under LOST of the key area (object hidden, or lost),
-    the keyframe-anchored mask is added back: re-acquisition of an object that reappears elsewhere."""
+    the keyframe-anchored mask is added back: re-acquisition of an object that reappears elsewhere.
+
+    method: "patch" (MaskTracker, with the anchor above) or "motion" (MotionFollower: the object found each
+    frame as what moves unlike the camera, shaped by GrabCut; one DIS flow per frame, tolerance and anchor
+    unused): for objects the camera follows past occluders (fast pans, DAVIS bmx-trees)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown mask tracking method '{method}'; use one of {list(METHODS)}.")
     t_len, h, w = frames.shape[:3]
     scale = min(1.0, max_side / max(h, w))
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
@@ -256,6 +265,9 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
     yield keys
     if scale < 1:
         keys = [cv2.resize(k.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5 for k in keys]
+    if method == "motion":
+        yield from _follow(small, keys, quality, (w, h), should_stop)
+        return
     stream = MotionStream(small[0], quality)
     trackers = [MaskTracker(small[0], k, tolerance) for k in keys]
     anchored = track_to_first(small, quality, True, tolerance) if anchor else None
@@ -282,3 +294,193 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
                 m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
             masks.append(m)
         yield masks
+
+
+def _follow(small: _Resized, keys: list[np.ndarray], quality: str, size: tuple[int, int],
+            should_stop: ShouldStop | None) -> Iterator[list[np.ndarray]]:
+    """track_masks' "motion" method after frame 0: one MotionFollower per key mask (bool, at the tracking size)
+    over small's frames, sharing one DIS flow t -> t-1 per frame; masks scaled to size (W, H)."""
+    t_len = small.shape[0]
+    dis, prev = DenseFlow(quality), to_gray(small[0])
+    followers = [MotionFollower(small[0], k) for k in keys]
+    for t in range(1, t_len):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"cancelled at frame {t} of {t_len}")
+        frame = small[t]
+        gray = to_gray(frame)
+        back, prev = dis.flow(gray, prev), gray
+        masks = [f.step(frame, back) for f in followers]
+        if frame.shape[1::-1] != size:
+            masks = [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) >= 0.5 for m in masks]
+        yield masks
+
+
+# ---- the motion follower: an object that moves unlike the camera (fast pans, occluding trees) --------------
+
+def _grabcut_labels(image: np.ndarray, labels: np.ndarray, fg_model: np.ndarray | None = None) -> np.ndarray:
+    """GrabCut on uint8 RGB image [h, w, 3] from labels [h, w] (cv2.GC_*) -> bool object mask. With fg_model
+    (GrabCut's 1x65 GMM) the object's colours are that model, frozen; the background's are learnt here. A map
+    with no possible object or no possible background returns the sure-object pixels."""
+    fg = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    if fg.all() or not fg.any():
+        return labels == cv2.GC_FGD
+    cv2.setRNGSeed(0)
+    lab, bgd, fgd = labels.copy(), np.zeros((1, 65)), np.zeros((1, 65))
+    if fg_model is None:
+        cv2.grabCut(image, lab, None, bgd, fgd, 3, cv2.GC_INIT_WITH_MASK)
+    else:
+        cv2.grabCut(image, lab, None, bgd, fgd, 0, cv2.GC_INIT_WITH_MASK)     # learns the background model only
+        fgd = fg_model.copy()
+        cv2.grabCut(image, lab, None, bgd, fgd, 1, cv2.GC_EVAL_FREEZE_MODEL)
+    return (lab == cv2.GC_FGD) | (lab == cv2.GC_PR_FGD)
+
+
+def colour_model(frame: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """GrabCut's object GMM (1x65 float64) of frame uint8 RGB [H, W, 3] under bool mask [H, W]; None when the
+    mask is empty or full."""
+    if not mask.any() or mask.all():
+        return None
+    cv2.setRNGSeed(0)
+    lab = np.where(mask, cv2.GC_FGD, cv2.GC_BGD).astype(np.uint8)
+    bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.grabCut(np.ascontiguousarray(frame), lab, None, bgd, fgd, 0, cv2.GC_INIT_WITH_MASK)
+    return fgd
+
+
+def background_motion(back: np.ndarray, exclude: np.ndarray, grid: np.ndarray, step: int = 4) -> np.ndarray | None:
+    """The camera's flow t -> p ([H, W, 2]): a RANSAC homography fitted to back [H, W, 2] sampled every `step`
+    px outside bool exclude [H, W]; None when too few samples or no fit."""
+    h, w = exclude.shape
+    sel = ~exclude[::step, ::step]
+    if sel.sum() < 16:
+        return None
+    src = grid[::step, ::step][sel].reshape(-1, 2)
+    hom, _ = cv2.findHomography(src, src + back[::step, ::step][sel].reshape(-1, 2), cv2.RANSAC, 1.0)
+    if hom is None:
+        return None
+    return cv2.perspectiveTransform(grid.reshape(-1, 1, 2), hom).reshape(h, w, 2) - grid
+
+
+class MotionFollower:
+    """Follows an object that moves differently from the camera (bool key_mask [H, W] on key_frame uint8 RGB
+    [H, W, 3]); `step(frame, back)` with the next frame (uint8 RGB) and its DIS flow to the previous frame
+    (t -> p, [H, W, 2]) returns the object's mask (bool [H, W]). Per frame:
+    - the camera's motion: a RANSAC homography of the flow outside the object's neighbourhood; the residual
+      (flow minus camera, px) is large on the object and near zero on the background; noise floor: NOISE x
+      its median away from the object, at least MIN_SPEED px;
+    - the object's motion: the median flow of the pixels near it above the floor that move like it
+      (`_like_object`: nearer its last motion than LIKE x their distance to the camera's, which an occluder in
+      front with more parallax, a tree trunk, is not); its last motion when too few pixels do;
+    - the blob: pixels with residual over REL x the object's speed against the camera that move like it,
+      within reach (r0 px) of the last blob carried by the object's motion. The blob is the state carried on;
+      it is wider than the object (DIS smooths motion edges). Accepted when its area is within AREA_CHANGE of
+      the last, or when it covers COVER of the carried blob and is at most WIDER times it (growing back after
+      an occluder, and the first frame's wider blob); otherwise the carried blob coasts, and the nearest blob
+      of plausible area (REACQUIRE_AREA, residual over REACQUIRE px) within a radius growing with the coasted
+      frames re-acquires the object;
+    - the mask: GrabCut in the blob (sure object: the blob eroded by CORE px; the object's colours: the
+      keyframe mask's GMM, frozen; the background's learnt around the blob each frame).
+    Deterministic (OpenCV's fixed RANSAC seed, cv2.setRNGSeed before GrabCut)."""
+
+    REL = 0.3
+    MIN_SPEED = 0.3
+    NOISE = 6.0
+    LIKE = 2.0
+    AREA_CHANGE = (0.5, 1.6)
+    COVER, WIDER = 0.7, 3.0
+    REACQUIRE = 1.0
+    REACQUIRE_AREA = (0.3, 2.0)
+    CORE = 6
+
+    def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray):
+        h, w = key_mask.shape
+        self.grid = identity_grid(h, w)
+        self.blob = key_mask.astype(bool)
+        self.fg_model = colour_model(key_frame, self.blob)
+        self.velocity, self.speed, self.coasting = None, 0.0, 0
+        self.area = max(1.0, float(self.blob.sum()))
+
+    def _carried(self, mask: np.ndarray, motion: np.ndarray) -> np.ndarray:
+        return sample(mask.astype(np.float32), self.grid + motion) >= 0.5
+
+    def step(self, frame: np.ndarray, back: np.ndarray) -> np.ndarray:
+        prev = self.blob
+        r0 = max(8, int(0.5 * np.sqrt(self.area)))
+        near = cv2.dilate(prev.astype(np.uint8), _disk(r0)) > 0
+        bg = background_motion(back, near, self.grid)
+        if bg is None:
+            bg = np.zeros_like(back)
+        rel = back - bg
+        resid = np.linalg.norm(rel, axis=-1)
+        floor = max(self.MIN_SPEED, self.NOISE * float(np.median(resid[~near]))) if (~near).any() else self.MIN_SPEED
+        cand = near & (resid > floor)
+        cand &= self._like_object(back, resid)
+        if cand.sum() > max(20, 0.1 * self.area):
+            motion = np.median(back[cand], 0)
+            self.speed = float(np.linalg.norm(np.median(rel[cand], 0)))
+        elif self.velocity is not None:
+            motion = self.velocity
+        else:
+            motion = np.median(back[prev], 0) if prev.any() else np.zeros(2, np.float32)
+        self.velocity = motion.astype(np.float32)
+        carried = self._carried(prev, self.velocity)
+        blob, lo, hi = carried, *self.AREA_CHANGE
+        found = None
+        if self.speed > floor:
+            moving = (resid > max(floor, self.REL * self.speed)) & self._like_object(back, resid)
+            reach = cv2.dilate(carried.astype(np.uint8), _disk(r0)) > 0
+            found = moving & reach
+        grows = found is not None and (found & carried).sum() >= self.COVER * carried.sum() and \
+            found.sum() <= self.WIDER * carried.sum()
+        if found is not None and (grows or lo * self.area <= found.sum() <= hi * self.area):
+            blob, self.coasting = found, 0
+        else:
+            self.coasting += 1
+            again = self._reacquire(resid > max(floor, self.REACQUIRE), carried, r0 * (2 + self.coasting))
+            if again is not None:
+                blob, self.coasting = again, 0
+        self.blob = blob
+        self.area = max(1.0, float(blob.sum()))
+        return self._refine(frame, blob)
+
+    def _like_object(self, back: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        """bool [H, W]: flow back [H, W, 2] nearer the object's last motion than LIKE x its distance to the
+        camera's (resid); an occluder with more parallax than the object (a tree trunk in front) is not."""
+        if self.velocity is None:
+            return np.ones(resid.shape, bool)
+        return np.linalg.norm(back - self.velocity, axis=-1) < self.LIKE * resid
+
+    def _reacquire(self, moving: np.ndarray, carried: np.ndarray, radius: float) -> np.ndarray | None:
+        """The part of bool moving [H, W] (pixels moving unlike the camera) nearest the carried blob's centre,
+        within radius px, of a plausible area (REACQUIRE_AREA x the last area); None when there is none."""
+        if not carried.any():
+            return None
+        n, comp, stats, centres = cv2.connectedComponentsWithStats(moving.astype(np.uint8))
+        ys, xs = np.nonzero(carried)
+        c = np.array([xs.mean(), ys.mean()])
+        lo, hi = self.REACQUIRE_AREA
+        best, best_d = None, radius
+        for i in range(1, n):
+            d = float(np.linalg.norm(centres[i] - c))
+            if lo * self.area <= stats[i, cv2.CC_STAT_AREA] <= hi * self.area and d < best_d:
+                best, best_d = i, d
+        return None if best is None else comp == best
+
+    def _refine(self, frame: np.ndarray, blob: np.ndarray) -> np.ndarray:
+        """GrabCut within the blob (bool [H, W]) on frame; the blob itself when GrabCut finds nothing."""
+        if blob.sum() < 30:
+            return blob
+        h, w = blob.shape
+        x, y, bw, bh = cv2.boundingRect(blob.astype(np.uint8))
+        pad = max(10, int(0.5 * max(bw, bh)))
+        x0, y0, x1, y1 = max(0, x - pad), max(0, y - pad), min(w, x + bw + pad), min(h, y + bh + pad)
+        b = blob[y0:y1, x0:x1]
+        lab = np.full(b.shape, cv2.GC_BGD, np.uint8)
+        lab[cv2.dilate(b.astype(np.uint8), _disk(3)) > 0] = cv2.GC_PR_BGD
+        lab[b] = cv2.GC_PR_FGD
+        core = cv2.erode(b.astype(np.uint8), _disk(self.CORE)) > 0
+        if core.sum() > 10:
+            lab[core] = cv2.GC_FGD
+        out = np.zeros((h, w), bool)
+        out[y0:y1, x0:x1] = _grabcut_labels(np.ascontiguousarray(frame[y0:y1, x0:x1]), lab, self.fg_model)
+        return out if out.any() else blob
