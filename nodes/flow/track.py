@@ -149,7 +149,7 @@ def dis_backend(quality: str, seeded: bool = False) -> FlowFn:
 def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_refine: bool = True,
                  match_tolerance: float = 0.06, chain_quality: str | None = None,
                  chain_flow: FlowFn | None = None, light_tolerant: bool = True, threaded: bool = True,
-                 cheap_anchor: bool = True) -> Iterator[tuple[np.ndarray, Track]]:
+                 cheap_anchor: bool = True, anchor_every: int = 2) -> Iterator[tuple[np.ndarray, Track]]:
     """frames: uint8 [H, W, 3] each, any iterable (a decoder). Yields (frame, Track) per frame, frame 0 first.
 
     Each frame: chain the previous map along the backward flow t -> t-1 (DIS at chain_quality, or
@@ -173,7 +173,8 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     patches, fewer iterations, no variational refinement; about 40 % of the time at medium), seeded by the
     chain at `quality`: the seed already holds the large motion, the anchor only removes the drift. The
     engine's default; the masks room's follower keeps the full anchor (track_to_first: a cheaper anchor lost
-    IoU on bmx-trees there, 0.189 -> 0.113)."""
+    IoU on bmx-trees there, 0.189 -> 0.113). anchor_every: the direct flow on every k-th frame only (and the
+    last); in between the chain (and the fill) carry the track, re-anchored k frames later."""
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -193,7 +194,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
         return gray, chain(gray, prev_gray, None)
 
     with ThreadPoolExecutor(1, thread_name_prefix="ffp-flow") as pool:
-        cur = next(it, None)
+        cur, t = next(it, None), 0
         job = pool.submit(pair_flow, cur, gray0) if cur is not None and threaded else None
         prev_gray = gray0
         while cur is not None:
@@ -202,11 +203,13 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             if nxt is not None and threaded:
                 job = pool.submit(pair_flow, nxt, gray)
             prev_gray = gray
+            t += 1
             coords = _compose(coords, grid + flow)
             seen = sample(frame0, coords)                  # frame 0 seen through the track, kept in step with it
             err = patch_error_u8(cur, seen)
             filled = _fill_from_trusted(coords, err < match_tolerance, grid)
-            direct = grid + anchor(gray, gray0, coords - grid) if anchor is not None else None  # seeded by the chain
+            anchored = anchor is not None and (t % max(1, anchor_every) == 0 or nxt is None)
+            direct = grid + anchor(gray, gray0, coords - grid) if anchored else None  # seeded by the chain
             relit = light_tolerant and float((err < match_tolerance).mean()) < RELIT_SHARE
             if relit:                                      # the light changed: compare lighting-normalised
                 err = light_error(cur, seen)
@@ -241,7 +244,7 @@ def track_to_first(frames: np.ndarray, quality: str = "medium", anchor_refine: b
     tuned on the plain test; the full-preset anchor, not cheap_anchor)."""
     t_len = frames.shape[0]
     tracks = track_frames(_Indexed(frames), quality, anchor_refine, match_tolerance, light_tolerant=light_tolerant,
-                          threaded=threaded, cheap_anchor=False)
+                          threaded=threaded, cheap_anchor=False, anchor_every=1)
     for t, (_, track) in enumerate(tracks):
         yield track
         if t:

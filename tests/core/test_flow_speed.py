@@ -105,3 +105,23 @@ def test_cheap_anchor_in_the_engine_full_anchor_for_the_mask_follower(monkeypatc
     made.clear()
     list(track.track_to_first(frames, "medium"))
     assert made == [("medium", False), ("medium", False)]
+
+
+def test_anchor_every_second_frame_and_the_last(monkeypatch):
+    from ffprop.nodes.flow import track
+
+    calls = []
+    real = track.dis_backend
+
+    def counted(q, seeded=False):
+        fn = real(q, seeded)
+        return (lambda a, b, init=None: calls.append(seeded) or fn(a, b, init)) if seeded else fn
+    monkeypatch.setattr(track, "dis_backend", counted)
+    rng = np.random.default_rng(6)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (48, 64, 3), np.uint8), (0, 0), 1.5)
+    frames = [np.roll(base, t, 1) for t in range(6)]     # frames 1..5 after frame 0: anchored at 2, 4 and 5
+    assert len(list(track.track_frames(iter(frames)))) == 6
+    assert len(calls) == 3
+    calls.clear()
+    list(track.track_frames(iter(frames), anchor_every=1))
+    assert len(calls) == 5
