@@ -226,7 +226,9 @@ class _Resized:
         return f if f.shape[1::-1] == self.size else cv2.resize(f, self.size, interpolation=cv2.INTER_AREA)
 
 
-METHODS = ("patch", "motion")
+METHODS = ("patch", "motion", "auto")
+PAN = 3.0           # px per frame: "auto" follows by motion when the camera moves this much (frame 0 -> 1) ...
+APART = 1.0         # ... and the key mask's median flow differs from the camera's by this much
 
 
 def track_mask(frames: np.ndarray, key_mask: np.ndarray, quality: str = "medium", tolerance: float = 0.12,
@@ -254,7 +256,9 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
 
     method: "patch" (MaskTracker, with the anchor above) or "motion" (MotionFollower: the object found each
     frame as what moves unlike the camera, shaped by GrabCut; one DIS flow per frame, tolerance and anchor
-    unused): for objects the camera follows past occluders (fast pans, DAVIS bmx-trees)."""
+    unused): for objects the camera follows past occluders (fast pans, DAVIS bmx-trees). "auto": "motion"
+    when between frames 0 and 1 the camera moves at least PAN px and every key mask's median flow differs from
+    the camera's by at least APART px (`pick_method`), else "patch"."""
     if method not in METHODS:
         raise ValueError(f"unknown mask tracking method '{method}'; use one of {list(METHODS)}.")
     t_len, h, w = frames.shape[:3]
@@ -265,6 +269,8 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
     yield keys
     if scale < 1:
         keys = [cv2.resize(k.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5 for k in keys]
+    if method == "auto":
+        method = pick_method(small[0], small[1], keys, quality) if t_len > 1 else "patch"
     if method == "motion":
         yield from _follow(small, keys, quality, (w, h), should_stop)
         return
@@ -294,6 +300,23 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
                 m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
             masks.append(m)
         yield masks
+
+
+def pick_method(first: np.ndarray, second: np.ndarray, keys: list[np.ndarray], quality: str = "medium") -> str:
+    """track_masks' "auto": "motion" when the camera pans (background homography of the DIS flow frame 1 -> 0
+    outside the key masks: median motion >= PAN px) and each object (bool [H, W] keys on uint8 RGB first)
+    moves apart from it (median residual inside its mask >= APART px); else "patch"."""
+    h, w = keys[0].shape
+    grid = identity_grid(h, w)
+    back = DenseFlow(quality).flow(to_gray(second), to_gray(first))
+    union = np.any(keys, 0)
+    cam = background_motion(back, cv2.dilate(union.astype(np.uint8), _disk(7)) > 0, grid)
+    if cam is None or not all(k.any() for k in keys):
+        return "patch"
+    resid = np.linalg.norm(back - cam, axis=-1)
+    panning = float(np.median(np.linalg.norm(cam, axis=-1)[~union])) >= PAN
+    apart = all(float(np.median(resid[k])) >= APART for k in keys)
+    return "motion" if panning and apart else "patch"
 
 
 def _follow(small: _Resized, keys: list[np.ndarray], quality: str, size: tuple[int, int],

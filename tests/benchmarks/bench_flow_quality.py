@@ -6,7 +6,10 @@
     recoloured frame 0, with its edit mask chosen per variant:
       derived     none (the engine derives it from the edit: what `ffprop demo`-style use gets),
       first_mask  the true mask of frame 0 (a mask drawn or clicked on frame 1),
-      oracle      the true mask of every frame (as a perfect SAM2 track would give).
+      oracle      the true mask of every frame (as a perfect SAM2 track would give),
+      followed    per-frame masks from the no-SAM2 fallback, nodes/masks/flow_track.py track_masks(method=
+                  "motion") from the true frame-0 mask (--follower patch: the patch tracker instead); their
+                  IoU with the true masks is reported (mean, min, frames under 0.5, ms per frame).
     The output is written and read back through nodes/video/io (write_video's defaults: H.264 crf 17, yuv420p),
     as a user gets it; so is the untouched source ("source" rows: the same clip with no edit, same encoder).
     Scores on frames 2..T (the ones the engine makes), RGB 0..1, PSNR in dB:
@@ -33,7 +36,7 @@
 
 Run (CPU, a few minutes on 2 cores):
     nice -n 10 python tests/benchmarks/bench_flow_quality.py [--out /tmp/ffprop_flow_quality] [--before DIR]
-        [--per-edit 2] [--variants derived,first_mask,oracle] [--frames 80]
+        [--per-edit 2] [--variants derived,first_mask,oracle,followed] [--frames 80] [--follower motion|patch]
 Needs ../shared/data (FFP_SHARED_DATA) for (a); (b) runs anywhere.
 """
 
@@ -59,7 +62,7 @@ MARGIN = 7              # px: FlowSettings' mask_grow (4) + feather (3), how far
 VISIBLE = 0.1
 VANISH = 0.75
 STRIP_FRAMES = (0, 10, 20, 30, 45, 60, 79)
-VARIANTS = ("derived", "first_mask", "oracle")
+VARIANTS = ("derived", "first_mask", "oracle", "followed")
 WORLD_ROWS = ("flow", "derived")
 
 
@@ -148,7 +151,26 @@ def read_bmx(frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images).float() / 255, torch.from_numpy(gt).float()
 
 
-def run_bmx(variants: tuple[str, ...], frames: int, strips: dict) -> dict:
+def followed_masks(source: torch.Tensor, gt: torch.Tensor, method: str) -> tuple[torch.Tensor, dict]:
+    """The fallback follower's masks [T, H, W] float from the true frame-0 mask, and their IoU with gt."""
+    from ffprop.nodes.masks.flow_track import track_masks
+
+    frames = (source.numpy() * 255 + 0.5).astype(np.uint8)
+    t0 = time.perf_counter()
+    masks = np.stack([m[0] for m in track_masks(frames, [gt[0].numpy() > 0.5], method=method)])
+    ms = 1000 * (time.perf_counter() - t0) / max(1, len(frames) - 1)
+    truth = gt.numpy() > 0.5
+    inter = (masks & truth).reshape(len(truth), -1).sum(1)
+    ious = inter / np.maximum((masks | truth).reshape(len(truth), -1).sum(1), 1)
+    info = {"method": method, "mean_iou": round(float(ious.mean()), 3), "min_iou": round(float(ious.min()), 3),
+            "frames_under_0.5": int((ious < 0.5).sum()), "ms_per_frame": round(ms, 1),
+            "iou": [round(float(v), 3) for v in ious]}
+    print(f"  bmx follower ({method}): mean IoU {info['mean_iou']}, min {info['min_iou']}, "
+          f"{info['frames_under_0.5']} frames under 0.5, {ms:.0f} ms per frame", file=sys.stderr, flush=True)
+    return torch.from_numpy(masks).float(), info
+
+
+def run_bmx(variants: tuple[str, ...], frames: int, strips: dict, follower: str = "motion") -> dict:
     from ffprop.nodes.flow.engine import propagate_edit
 
     source, gt = read_bmx(frames)
@@ -165,7 +187,10 @@ def run_bmx(variants: tuple[str, ...], frames: int, strips: dict) -> dict:
                   "hue_deg": HUE_DEG, "motion_radius_px": radius,
                   "source": {**scores(src_enc, truth, gt, far), **edit_kept(src_enc, truth, source, gt)}}
         for v in variants:
-            mask = {"derived": None, "first_mask": gt[:1], "oracle": gt}[v]
+            if v == "followed":
+                mask, result["follower"] = followed_masks(source, gt, follower)
+            else:
+                mask = {"derived": None, "first_mask": gt[:1], "oracle": gt}[v]
             t0 = time.perf_counter()
             out = propagate_edit(source, truth[0], mask).video.float()
             seconds = time.perf_counter() - t0
@@ -287,6 +312,11 @@ def table(result: dict, before: dict | None) -> str:
                 lines.append(f"   before     {fmt(p['object'])}  {fmt(p['outside'])}  {fmt(p['far_bg'])}  "
                              f"{fmt(p['all'])} |{' ' * 25}|      | {fmt(p.get('missing'))}  | {len(p['vanished'])}")
         lines.append(f"  encoder ceiling (far_bg of the re-encoded source): {fmt(b['source']['far_bg'])} dB")
+        if "follower" in b:
+            f = b["follower"]
+            lines.append(f"  followed: masks of track_masks(method={f['method']!r}) from the true frame-0 mask: mean IoU "
+                         f"{f['mean_iou']}, min {f['min_iou']}, {f['frames_under_0.5']} frames under 0.5, "
+                         f"{f['ms_per_frame']} ms per frame")
     if "world" in result:
         w = result["world"]
         lines += ["", "(b) world held-out scenes, 64x64x17, no encoding; object = the world's edit mask; "
@@ -316,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-edit", type=int, default=2, help="held-out world scenes per edit (0 = skip the world)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="bmx variants ('' = skip bmx-trees)")
     ap.add_argument("--frames", type=int, default=80, help="bmx-trees frames (from the first)")
+    ap.add_argument("--follower", default="motion", choices=("motion", "patch"),
+                    help="the mask follower of the 'followed' variant (nodes/masks/flow_track.py track_masks)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     if out == REPO or REPO in out.parents:
@@ -333,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     strips: dict[str, torch.Tensor] = {}
     result: dict = {"settings": {"frames": args.frames, "per_edit": args.per_edit, "variants": list(variants),
+                                 "follower": args.follower,
                                  "hue_deg": HUE_DEG, "vanish": VANISH, "margin_px": MARGIN}}
     if variants:
-        result["bmx"] = run_bmx(variants, args.frames, strips)
+        result["bmx"] = run_bmx(variants, args.frames, strips, args.follower)
     if args.per_edit > 0:
         result["world"] = run_world(args.per_edit, strips)
     result["seconds"] = round(time.perf_counter() - t0, 1)

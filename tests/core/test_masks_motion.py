@@ -73,3 +73,19 @@ def test_follower_is_deterministic_and_checks_its_method():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="unknown mask tracking method 'sam'"):
         next(track_masks(video, [truth[0]], method="sam"))
+
+
+def test_auto_follows_by_motion_only_when_the_camera_pans():
+    from ffprop.nodes.masks.flow_track import pick_method
+    from ffprop.nodes.video.synthetic import synthetic_clip
+
+    video, truth = panning_clip(frames=12)
+    assert pick_method(video[0], video[1], [truth[0]]) == "motion"
+    auto = [m[0] for m in track_masks(video, [truth[0]], method="auto")]
+    motion = [m[0] for m in track_masks(video, [truth[0]], method="motion")]
+    assert all(np.array_equal(a, b) for a, b in zip(auto, motion))
+    clip = synthetic_clip(6, 144, 256, seed=0)          # the disc clip: camera nearly still (about 1 px/frame)
+    frames = (clip.source.numpy() * 255 + 0.5).astype(np.uint8)
+    assert pick_method(frames[0], frames[1], [clip.mask[0].numpy() > 0.5]) == "patch"
+    still = np.repeat(video[:1], 2, 0)                  # nothing moves at all
+    assert pick_method(still[0], still[1], [truth[0]]) == "patch"
