@@ -22,6 +22,11 @@ A keyframe mask is carried frame to frame. Per frame t (tracking order, previous
 Several objects keyed on the same frame share every flow: the flows above and the anchor's depend on the frames
 only, so they are computed once per frame (`Motion`) and each object's tracker reads them.
 
+A second method, `MotionFollower` (track_masks(method="motion"), or "auto" when the camera pans past the object),
+re-finds the object every frame as what moves unlike the camera (a RANSAC homography of the flow) and like the
+object, and shapes it with GrabCut using the keyframe's object colours: for fast pans past occluders (DAVIS
+bmx-trees), where the patch tracker's region motion is taken over by the background and the trees in front.
+
 Large frames are tracked at most `max_side` pixels on the long side and the masks scaled back."""
 
 from __future__ import annotations
