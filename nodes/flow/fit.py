@@ -123,11 +123,30 @@ def overlap(a: np.ndarray, m0: np.ndarray, mt: np.ndarray) -> float:
     return float((p & q).sum()) / union if union else 0.0
 
 
+MASK_SIDE = 160        # px: mask_motion registers masks at most this large (ECC at 832x480: 0.44 s per frame)
+
+
+def _rescale(a: np.ndarray, s: float) -> np.ndarray:
+    """An affine [2, 3] of full-size pixels as the same motion in pixels scaled by s (pixel centres kept)."""
+    h = 0.5 * (s - 1)                                  # x_small = s * x + h
+    out = a.copy()
+    out[:, 2] = s * a[:, 2] + h - a[:, :2] @ np.array([h, h])
+    return out
+
+
 def mask_motion(m0: np.ndarray, mt: np.ndarray, candidates: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """The region's motion frame t -> frame 0 from its masks m0, mt [H, W] float32 (0..1): each candidate
     affine [2, 3] (e.g. the previous frame's, a fit to the flow) and ECC registrations of the masks started
     from it, both ways (frame t onto 0, and 0 onto t inverted: pixels leaving the frame drop out); the one
-    whose moved m0 overlaps mt best. Returns (affine, its overlap)."""
+    whose moved m0 overlaps mt best. Registered at most MASK_SIDE px large. Returns (affine, its overlap)."""
+    import cv2
+
+    s = min(1.0, MASK_SIDE / max(m0.shape))
+    if s < 1:
+        size = (max(1, round(m0.shape[1] * s)), max(1, round(m0.shape[0] * s)))
+        s = size[0] / m0.shape[1]
+        m0, mt = (cv2.resize(m, size, interpolation=cv2.INTER_AREA) for m in (m0, mt))
+        candidates = [_rescale(c, s) for c in candidates]
     tried = []
     for c in candidates:
         tried.append(c)
@@ -139,4 +158,4 @@ def mask_motion(m0: np.ndarray, mt: np.ndarray, candidates: list[np.ndarray]) ->
             tried.append(invert(rev))
     scores = [overlap(a, m0, mt) for a in tried]
     best = int(np.argmax(scores))
-    return tried[best], scores[best]
+    return (tried[best] if s == 1 else _rescale(tried[best], 1 / s)), scores[best]
