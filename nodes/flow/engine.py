@@ -16,7 +16,7 @@ not lose it. Mode 'layer' (nodes/flow/layer.py) moves the whole edit region as o
 over a reconstructed background, for pose and shape changes; with per-frame masks it is one affine layer
 with the region's own motion fitted to the masks (layer.MaskLayer), and mode 'auto' picks it for every edit
 no colour map explains (a new shape or texture, an insertion, a removal; world benchmark, 14 held-out scenes
-per edit, PSNR: shape_swap 31.8 -> 33.7 dB, insertion 29.2 -> 35.3, removal 34.6 -> 36.3, retexture
+per edit, PSNR: shape_swap 31.8 -> 33.7 dB, insertion 29.2 -> 35.3, removal 34.6 -> 36.4, retexture
 32.8 -> 34.5). Without per-frame masks, when the per-pixel chain breaks up (most of
 the tracked region unmatched, the rest in pieces, the unmatched pixels still moving with the object: not an
 occluder, for BROKEN_FRAMES frames) mode 'auto' notes it, and with FlowSettings.auto_layer restarts in layer
