@@ -94,3 +94,68 @@ class PieceFit:
                     sel = idx == k
                     out[sel] += (wy * wx)[sel, None] * apply(affines[1 + k], p[sel])
         return out
+
+
+def _ecc(template: np.ndarray, image: np.ndarray, init: np.ndarray) -> np.ndarray | None:
+    """OpenCV ECC affine registration: A [2, 3] with template(x) ~= image(A x), from init; None when it fails.
+    Template pixels that A maps outside image do not count (an object leaving the frame)."""
+    import cv2
+
+    crit = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
+    try:
+        _, a = cv2.findTransformECC(template, image, init.astype(np.float32), cv2.MOTION_AFFINE, crit, None, 1)
+    except cv2.error:
+        return None
+    a = a.astype(np.float64)
+    return a if np.all(np.isfinite(a)) and abs(np.linalg.det(a[:, :2])) > 1e-3 else None
+
+
+def overlap(a: np.ndarray, m0: np.ndarray, mt: np.ndarray) -> float:
+    """IoU of frame t's mask mt [H, W] with frame 0's m0 moved by a (frame t -> frame 0 affine), counting only
+    pixels that a maps inside frame 0."""
+    import cv2
+
+    h, w = m0.shape
+    moved = cv2.warpAffine(m0, a, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=-1.0)
+    ok = moved >= 0
+    p, q = moved[ok] > 0.5, mt[ok] > 0.5
+    union = int((p | q).sum())
+    return float((p & q).sum()) / union if union else 0.0
+
+
+MASK_SIDE = 160        # px: mask_motion registers masks at most this large (ECC at 832x480: 0.44 s per frame)
+
+
+def _rescale(a: np.ndarray, s: float) -> np.ndarray:
+    """An affine [2, 3] of full-size pixels as the same motion in pixels scaled by s (pixel centres kept)."""
+    h = 0.5 * (s - 1)                                  # x_small = s * x + h
+    out = a.copy()
+    out[:, 2] = s * a[:, 2] + h - a[:, :2] @ np.array([h, h])
+    return out
+
+
+def mask_motion(m0: np.ndarray, mt: np.ndarray, candidates: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """The region's motion frame t -> frame 0 from its masks m0, mt [H, W] float32 (0..1): each candidate
+    affine [2, 3] (e.g. the previous frame's, a fit to the flow) and ECC registrations of the masks started
+    from it, both ways (frame t onto 0, and 0 onto t inverted: pixels leaving the frame drop out); the one
+    whose moved m0 overlaps mt best. Registered at most MASK_SIDE px large. Returns (affine, its overlap)."""
+    import cv2
+
+    s = min(1.0, MASK_SIDE / max(m0.shape))
+    if s < 1:
+        size = (max(1, round(m0.shape[1] * s)), max(1, round(m0.shape[0] * s)))
+        s = size[0] / m0.shape[1]
+        m0, mt = (cv2.resize(m, size, interpolation=cv2.INTER_AREA) for m in (m0, mt))
+        candidates = [_rescale(c, s) for c in candidates]
+    tried = []
+    for c in candidates:
+        tried.append(c)
+        fwd = _ecc(mt, m0, c)
+        if fwd is not None:
+            tried.append(fwd)
+        rev = _ecc(m0, mt, invert(c))
+        if rev is not None:
+            tried.append(invert(rev))
+    scores = [overlap(a, m0, mt) for a in tried]
+    best = int(np.argmax(scores))
+    return (tried[best] if s == 1 else _rescale(tried[best], 1 / s)), scores[best]

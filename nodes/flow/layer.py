@@ -12,7 +12,11 @@ object's pixels are, and a turning head has no pixel-to-pixel match), so two pas
    and relit by the source's lighting, over the plate moved with the background's motion; a removed part
    shows the edited frame's background, never the old object's ghost.
 
-Only small per-frame maps and frame-sized plates are kept: memory does not grow with the clip."""
+Only small per-frame maps and frame-sized plates are kept: memory does not grow with the clip.
+
+With per-frame masks (the edit region of every frame given) MaskLayer does the same with one affine per frame
+fitted to the masks themselves (fit.mask_motion), which also moves an inserted object the source never shows,
+and takes the background behind it from nodes/flow/removal.py's plate."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 
 FIT_POINTS = 40000    # about this many points (a grid over the frame) are the motions fit to
 MOVING = 1.5          # px: a tracked pixel whose track differs this much from the background's is the object
+FLOW_FIT_POINTS = 6   # the flow fit uses the unmatched tracks too when fewer matched ones than this remain
 REMOVAL_SHARE = 0.2   # if less than this share of the revealed region disagrees with the edit, it is a removal
 
 
@@ -138,3 +143,105 @@ def carry_layer(open_frames: Callable[[], Iterator[np.ndarray]], plan: "EditPlan
         a = alpha[y0:y1, x0:x1, None]
         content = a * layer + (1 - a) * sample(bg_f, bmap)
         yield frame, Carried(region, box, np.clip(content, 0, 1, out=content))
+
+
+def _flow_fit(track, m0: np.ndarray, mt: np.ndarray, pts: np.ndarray, stride: int) -> np.ndarray | None:
+    """Affine frame t -> frame 0 fitted (robustly) to the tracked pixels inside frame t's region mt whose track
+    lands in frame 0's m0 (the source's own object, where the edit has one)."""
+    q2 = np.ascontiguousarray(track.coords[::stride, ::stride])
+    ok = ((mt[::stride, ::stride] > 0.5) & (sample(m0, q2) > 0.5)).ravel()
+    valid = ok & track.valid[::stride, ::stride].ravel()
+    if valid.sum() >= FLOW_FIT_POINTS:
+        ok = valid
+    return fit_affine(pts[ok], q2.reshape(-1, 2)[ok].astype(np.float64))
+
+
+class MaskLayer:
+    """Layer mode with per-frame masks (the edit region of every frame given): the new object (frame 1's edit
+    region minus the parts where the edit shows background: nodes/flow/removal.py) moves as one affine layer
+    with the region's own motion, fitted to the masks (fit.mask_motion: ECC of frame t's mask onto frame 1's,
+    started from the previous frame's motion and from a fit to the tracked source pixels; the best overlap
+    wins), over frame 1's background (removal's plate: the edit where it shows background, the background the
+    clip reveals elsewhere, inpainted where never seen) moved with the background's motion. Outside the layer
+    and outside frame t's region the frame's own pixels stay.
+
+    Built by pass 1 over the frames (the motions, the revealed background: a few affines per frame and
+    frame-sized maps); overlap: the mean IoU of frame t's mask with frame 1's moved by the fitted motion (how
+    well one affine explains the region: low for a deforming object or a region that frame 1 barely shows);
+    frames(open_frames()) is pass 2, (frame, Carried) per frame."""
+
+    def __init__(self, frames: Iterator[np.ndarray], plan: "EditPlan", settings: "FlowSettings",
+                 masks: Callable[..., np.ndarray]):
+        from .engine import _background_motion, _reveal
+        from .fit import IDENTITY, mask_motion
+        from .removal import Removal
+
+        self.plan, self.settings, self.masks = plan, settings, masks
+        m0 = np.ascontiguousarray(plan.first_mask, np.float32)
+        h, w = m0.shape
+        self.grid = identity_grid(h, w)
+        stride = _stride((h, w))
+        pts = self.grid[::stride, ::stride].reshape(-1, 2).astype(np.float64)
+        removal = Removal(plan.src0, plan.edit, m0 > 0.5, settings.mask_grow + settings.feather + 1)
+        keep_out = cv2.dilate((m0 > 0.5).astype(np.uint8), np.ones((15, 15), np.uint8)).astype(np.float32)
+        blur0 = cv2.GaussianBlur(m0, (0, 0), 1.0)
+        self.obj_maps, self.bg_maps, fits = [IDENTITY.copy()], [IDENTITY.copy()], []
+        tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
+                              settings.chain_quality, settings.flow, settings.light)
+        for t, (frame, track) in enumerate(tracks):
+            if t == 0:
+                continue
+            hard = masks(t, False)
+            bg = _background_motion(track, keep_out, masks(t), self.bg_maps[-1])
+            self.bg_maps.append(bg)
+            _reveal(removal, frame, track, bg, hard)
+            obj = self.obj_maps[-1]
+            if (hard > 0.5).any():
+                cands = [obj]
+                flow_fit = _flow_fit(track, m0, hard, pts, stride)
+                if flow_fit is not None:
+                    cands.append(flow_fit)
+                obj, fit = mask_motion(blur0, cv2.GaussianBlur(hard, (0, 0), 1.0), cands)
+                fits.append(fit)
+            self.obj_maps.append(obj)
+        self.overlap = float(np.mean(fits)) if fits else 1.0
+        layer0 = (m0 > 0.5) & ((removal.removed_far < 0.5) | (not settings.removal))   # removal off: all of it
+        self.share = float(layer0.sum()) / max(int((m0 > 0.5).sum()), 1)
+        self.alpha0 = cv2.GaussianBlur(layer0.astype(np.float32), (0, 0), 0.5)
+        self.plate = removal.background
+
+    def note(self) -> str:
+        return (f"layer mode with per-frame masks: {self.share:.0%} of the edit region moves as the new object's "
+                f"layer with the region's motion (fitted to the masks, overlap {self.overlap:.2f}); the rest "
+                "shows the background")
+
+    def frames(self, frames: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, "Carried"]]:
+        """Pass 2: the layer over the moved background inside each frame's region."""
+        from .engine import Carried, _bbox, relight_gain
+
+        plan, grid, frame0 = self.plan, self.grid, None
+        for t, frame in enumerate(frames):
+            frame0 = frame if frame0 is None else frame0
+            region = self.masks(t)
+            box = _bbox(region)
+            if box is None:
+                yield frame, Carried(region, None, None)
+                continue
+            y0, y1, x0, x1 = box
+            if t == 0:                                   # frame 1 is the edit itself
+                yield frame, Carried(region, box, np.ascontiguousarray(plan.edit[y0:y1, x0:x1]))
+                continue
+            cell = grid[y0:y1, x0:x1].reshape(-1, 2)
+            om = apply(self.obj_maps[t], cell).reshape(y1 - y0, x1 - x0, 2).astype(np.float32)
+            bm = apply(self.bg_maps[t], cell).reshape(y1 - y0, x1 - x0, 2).astype(np.float32)
+            hard = self.masks(t, False)[y0:y1, x0:x1]
+            src = frame[y0:y1, x0:x1].astype(np.float32) * np.float32(1 / 255)
+            back = sample(self.plate, bm)
+            layer = sample(plan.edit, om)
+            if self.settings.light:
+                back *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, bm))
+                layer *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, om))
+            back = np.where((hard > 0.01)[..., None], back, src)       # outside frame t's region: the frame
+            a = (sample(self.alpha0, om) * np.minimum(1, hard * 2))[..., None]
+            content = back + a * (layer - back)
+            yield frame, Carried(region, box, np.clip(content, 0, 1, out=content))

@@ -61,6 +61,7 @@ class Removal:
         self.background = _inpaint(edit, kept) if kept.any() else np.ascontiguousarray(edit, np.float32)
         self.seen_ok = np.zeros(region.shape, bool)
         self.seen_bad = np.zeros(region.shape, bool)
+        self.seen_plain = np.zeros(region.shape, bool)
         dist, labels = cv2.distanceTransformWithLabels((~region).astype(np.uint8), cv2.DIST_L2, 5,
                                                     labelType=cv2.DIST_LABEL_PIXEL)
         self._labels = labels                          # DIST_LABEL_PIXEL numbers the region's pixels 1.. row by row
@@ -70,7 +71,8 @@ class Removal:
         self._refresh()
 
     def _refresh(self) -> None:
-        removed = (self.first | self.seen_ok | (self.region if self.whole else False)) & ~self.seen_bad
+        whole = self.region & ~self.seen_plain if self.whole else False   # not where the source showed background
+        removed = (self.first | self.seen_ok | whole) & ~self.seen_bad
         lut = np.zeros(len(self._ys) + 1, np.float32)
         lut[1:] = removed[self._ys, self._xs]
         self.removed_far = np.ascontiguousarray(lut[self._labels])
@@ -99,6 +101,7 @@ class Removal:
         ok = err[ys, xs] < SEEN_TOL
         plain = was[ys, xs] < SEEN_TOL                   # nothing was removed here: neither answer
         new = ~(self.seen_ok[qy, qx] | self.seen_bad[qy, qx]) & ~plain
+        self.seen_plain[qy[plain], qx[plain]] = True
         self.seen_ok[qy[ok & new], qx[ok & new]] = True
         self.seen_bad[qy[~ok & new], qx[~ok & new]] = True
         bad = ~ok & new
