@@ -190,11 +190,14 @@ def _tqdm_off() -> None:
 
 
 def _flow_masks(images: torch.Tensor, obj_keys: dict[int, dict[int, torch.Tensor]], direction: str, quality: str,
-                tolerance: float, on_step: OnStep | None, should_stop: ShouldStop | None) -> torch.Tensor:
+                tolerance: float, on_step: OnStep | None, should_stop: ShouldStop | None,
+                follower: str = "auto") -> torch.Tensor:
     """Flow engine: each object's keyframe masks carried forward to the next keyframe and backward to the
     previous one (before the first keyframe only for direction 'both') by the optical-flow mask tracker
     (flow_track.py). Objects keyed on the same frame are tracked together in one pass over the union of their
-    spans, so each frame's flows are computed once for all of them. -> [N, T, H, W] float {0, 1}."""
+    spans, so each frame's flows are computed once for all of them. follower: track_masks' method ('auto' picks
+    the motion follower when the camera pans past a moving object, else the patch tracker). -> [N, T, H, W]
+    float {0, 1}."""
     from ..video.frames import to_uint8
     from .flow_track import track_masks
 
@@ -215,7 +218,8 @@ def _flow_masks(images: torch.Tensor, obj_keys: dict[int, dict[int, torch.Tensor
         frames = to_uint8(images[start:stop])
         order = range(stop - 1, start - 1, -1) if backward else range(start, stop)
         keys = [obj_keys[ids[n]][k].bool().numpy() for n, _, _ in members]
-        tracked = track_masks(frames[::-1] if backward else frames, keys, quality, tolerance, should_stop=should_stop)
+        tracked = track_masks(frames[::-1] if backward else frames, keys, quality, tolerance, should_stop=should_stop,
+                              method=follower)
         for t, masks in zip(order, tracked):
             for (n, first, end), m in zip(members, masks):
                 if first <= t < end:                      # a shorter span is a prefix of the group's pass
@@ -290,12 +294,13 @@ def propagate_masks(images: torch.Tensor, prompts: MaskPrompts | None = None, ma
                     mask_frame: int = 0, model: SAM2Model | None = None, engine: str = "auto",
                     direction: str = "both", flow_quality: str = "medium", model_error: str = "",
                     flow_tolerance: float = FLOW_TOLERANCE, on_step: OnStep | None = None,
-                    should_stop: ShouldStop | None = None) -> MaskResult:
+                    should_stop: ShouldStop | None = None, follower: str = "auto") -> MaskResult:
     """Track the prompted objects through images [T, H, W, 3].
 
     engine 'sam2' needs `model`; 'flow' carries keyframe masks (the input mask, or points/boxes segmented by
     GrabCut, grabcut.py) along the optical flow; 'auto' = SAM2 when a model is given, else flow with a logged
-    reason (`model_error`).
+    reason (`model_error`). follower: the flow engine's tracker (flow_track.track_masks' method: auto, patch,
+    motion).
     Raises ValueError for bad input (no prompts, sizes, frame indices)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine '{engine}'; use one of {ENGINES}.")
@@ -334,5 +339,5 @@ def propagate_masks(images: torch.Tensor, prompts: MaskPrompts | None = None, ma
         keys.setdefault(km.object, {})[km.frame] = km.mask
     ids = tuple(sorted(keys))
     objects = _flow_masks(images, {i: keys[i] for i in ids}, direction, flow_quality, flow_tolerance, on_step,
-                          should_stop)
+                          should_stop, follower)
     return MaskResult(objects.amax(0), objects, ids, "flow", tuple(notes))

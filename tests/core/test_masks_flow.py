@@ -108,11 +108,11 @@ def test_objects_share_each_frames_flows(shared_data, monkeypatch):
     objects = {1: {0: gt[0]}, 2: {0: box}, 3: {0: gt[0].flip(1), 6: gt[6].flip(1)}}   # 3: keyed on frames 0 and 6
     calls, real = [], DenseFlow.flow
     monkeypatch.setattr(DenseFlow, "flow", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    together = _flow_masks(images, objects, "both", "medium", 0.12, None, None)
+    together = _flow_masks(images, objects, "both", "medium", 0.12, None, None, "patch")
     shared = len(calls)
     alone = []
     for oid, keys in objects.items():
-        alone.append(_flow_masks(images, {oid: keys}, "both", "medium", 0.12, None, None)[0])
+        alone.append(_flow_masks(images, {oid: keys}, "both", "medium", 0.12, None, None, "patch")[0])
     # key 0 forward over frames 0-11 (11 steps, all three objects), key 6 forward over 6-11 (5 steps)
     assert shared == 4 * (11 + 5)
     assert len(calls) - shared == 4 * (11 + 11 + 5 + 5)                   # alone: the same flows per object

@@ -89,3 +89,21 @@ def test_auto_follows_by_motion_only_when_the_camera_pans():
     assert pick_method(frames[0], frames[1], [clip.mask[0].numpy() > 0.5]) == "patch"
     still = np.repeat(video[:1], 2, 0)                  # nothing moves at all
     assert pick_method(still[0], still[1], [truth[0]]) == "patch"
+
+
+def test_mask_propagate_without_sam2_follows_a_panned_object_by_default():
+    """propagate_masks (the Mask Propagate node's flow fallback) picks the motion follower on a pan past a moving
+    object ('auto'), so its masks beat the patch tracker's there; direction forward from the frame-0 mask."""
+    import torch
+    from ffprop.nodes.masks.propagate import propagate_masks
+
+    video, truth = panning_clip(frames=24)
+    images = torch.from_numpy(video).float() / 255
+    key = torch.from_numpy(truth[0]).float()
+    auto = propagate_masks(images, None, key, 0, engine="flow", direction="forward").mask.numpy() > 0.5
+    patch = propagate_masks(images, None, key, 0, engine="flow", direction="forward",
+                            follower="patch").mask.numpy() > 0.5
+    a, p = _ious(auto, truth).mean(), _ious(patch, truth).mean()
+    assert a > p + 0.15, (a, p)
+    with pytest.raises(ValueError, match="unknown mask tracking method 'nope'"):
+        propagate_masks(images[:3], None, key, 0, engine="flow", follower="nope")
