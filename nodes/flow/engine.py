@@ -59,7 +59,7 @@ class FlowSettings:
     auto_layer is still opt-in),
     'delta' (the edit's change added where it keeps the structure, the relit result elsewhere), 'pixels' (the
     relit edited pixels everywhere), 'layer' (the edit region as one moving layer). quality: DIS preset of
-    the direct flow to frame 0 (the accurate one); chain_quality: of the frame-to-frame flow that seeds it
+    the direct flow to frame 0 (seeded by the chain and refined, on every second frame: track.py); chain_quality: of the frame-to-frame flow that seeds it
     (None: quality). mask_threshold: colour difference (0..1) that counts as edited when no mask is given.
     mask_grow/feather: pixels. light: lighting-tolerant matching and relighting of carried pixels.
     colour_map: in auto/delta, carry a colour change (one affine RGB map explains the edit) as that map of
