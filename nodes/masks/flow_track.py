@@ -40,6 +40,7 @@ import numpy as np
 from ..common import Cancelled, ShouldStop
 from ..flow.dis import DenseFlow, consistent, identity_grid, sample, to_gray
 from ..flow.engine import patch_error, track_to_first
+from .grabcut import grabcut_labels
 
 MAX_SIDE = 640
 LOST = 0.3      # below this share of the key mask's area the tracker counts as lost and re-acquires
@@ -345,24 +346,6 @@ def _follow(small: _Resized, keys: list[np.ndarray], quality: str, size: tuple[i
 
 # ---- the motion follower: an object that moves unlike the camera (fast pans, occluding trees) --------------
 
-def _grabcut_labels(image: np.ndarray, labels: np.ndarray, fg_model: np.ndarray | None = None) -> np.ndarray:
-    """GrabCut on uint8 RGB image [h, w, 3] from labels [h, w] (cv2.GC_*) -> bool object mask. With fg_model
-    (GrabCut's 1x65 GMM) the object's colours are that model, frozen; the background's are learnt here. A map
-    with no possible object or no possible background returns the sure-object pixels."""
-    fg = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-    if fg.all() or not fg.any():
-        return labels == cv2.GC_FGD
-    cv2.setRNGSeed(0)
-    lab, bgd, fgd = labels.copy(), np.zeros((1, 65)), np.zeros((1, 65))
-    if fg_model is None:
-        cv2.grabCut(image, lab, None, bgd, fgd, 3, cv2.GC_INIT_WITH_MASK)
-    else:
-        cv2.grabCut(image, lab, None, bgd, fgd, 0, cv2.GC_INIT_WITH_MASK)     # learns the background model only
-        fgd = fg_model.copy()
-        cv2.grabCut(image, lab, None, bgd, fgd, 1, cv2.GC_EVAL_FREEZE_MODEL)
-    return (lab == cv2.GC_FGD) | (lab == cv2.GC_PR_FGD)
-
-
 def colour_model(frame: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """GrabCut's object GMM (1x65 float64) of frame uint8 RGB [H, W, 3] under bool mask [H, W]; None when the
     mask is empty or full."""
@@ -510,5 +493,5 @@ class MotionFollower:
         if core.sum() > 10:
             lab[core] = cv2.GC_FGD
         out = np.zeros((h, w), bool)
-        out[y0:y1, x0:x1] = _grabcut_labels(np.ascontiguousarray(frame[y0:y1, x0:x1]), lab, self.fg_model)
+        out[y0:y1, x0:x1] = grabcut_labels(np.ascontiguousarray(frame[y0:y1, x0:x1]), lab, 3, self.fg_model)
         return out if out.any() else blob

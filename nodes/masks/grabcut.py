@@ -50,16 +50,24 @@ def check_clicks(points, boxes, width: int, height: int) -> None:
                              f"y in 0..{height}). Re-place it in the Mask Prompts editor on this clip.")
 
 
-def _grabcut(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def grabcut_labels(image: np.ndarray, labels: np.ndarray, iterations: int = ITERATIONS,
+                   fg_model: np.ndarray | None = None) -> np.ndarray:
     """GrabCut from an initial label map (cv2.GC_*) -> bool object mask. A map with no possible object or no
-    possible background returns the sure-object pixels (GrabCut needs both)."""
+    possible background returns the sure-object pixels (GrabCut needs both). fg_model: the object's colours
+    as GrabCut's 1x65 GMM, kept frozen (the background's are learnt from the map, then one frozen pass;
+    `iterations` unused)."""
     fg = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     if fg.all() or not fg.any():
         return labels == cv2.GC_FGD
     cv2.setRNGSeed(0)
     mask = labels.copy()
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.grabCut(image, mask, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
+    if fg_model is None:
+        cv2.grabCut(image, mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    else:
+        cv2.grabCut(image, mask, None, bgd, fgd, 0, cv2.GC_INIT_WITH_MASK)     # learns the background model only
+        fgd = fg_model.copy()
+        cv2.grabCut(image, mask, None, bgd, fgd, 1, cv2.GC_EVAL_FREEZE_MODEL)
     return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
@@ -154,13 +162,13 @@ def segment_clicks(frame: np.ndarray, points, boxes=(), neighbour: np.ndarray | 
     if not sboxes and neighbour is not None and min(sh, sw) >= MIN_MOTION_SIDE:
         moving = motion_mask(image, np.ascontiguousarray(shrink(neighbour)), seeds > 0, pos)
     if sboxes:
-        fg = _grabcut(image, labels(cv2.GC_BGD, sboxes))
+        fg = grabcut_labels(image, labels(cv2.GC_BGD, sboxes))
     elif moving is not None:
         ys, xs = np.nonzero(moving)
         mx, my = BOX_MARGIN * (xs.max() - xs.min() + 1), BOX_MARGIN * (ys.max() - ys.min() + 1)
         box = (max(0, int(xs.min() - mx)), max(0, int(ys.min() - my)), min(sw, int(np.ceil(xs.max() + 1 + mx))),
                min(sh, int(np.ceil(ys.max() + 1 + my))))
-        fg = _keep_clicked(_grabcut(image, labels(cv2.GC_BGD, [box], moving)), pos)
+        fg = _keep_clicked(grabcut_labels(image, labels(cv2.GC_BGD, [box], moving)), pos)
         if fg.sum() < SEPARATES * moving.sum():
             fg = moving
     else:
@@ -168,7 +176,7 @@ def segment_clicks(frame: np.ndarray, points, boxes=(), neighbour: np.ndarray | 
         xs, ys = [p[0] for p in pos], [p[1] for p in pos]
         window = (max(0, int(min(xs) - half)), max(0, int(min(ys) - half)), min(sw, int(np.ceil(max(xs) + half))),
                   min(sh, int(np.ceil(max(ys) + half))))
-        fg = _grabcut(image, labels(cv2.GC_PR_BGD, [window]))
+        fg = grabcut_labels(image, labels(cv2.GC_PR_BGD, [window]))
     fg = _keep_clicked(fg, pos, sboxes)
     if scale < 1:
         fg = cv2.resize(fg.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
