@@ -211,12 +211,16 @@ def plan_edit(src0_u8: np.ndarray, edited: torch.Tensor, first_mask: torch.Tenso
     return EditPlan(edit, src0, m0, soft0, structure, mode, notes, colour, residual)
 
 
+def removal_of(plan: EditPlan, settings: FlowSettings) -> Removal:
+    """A fresh Removal of the plan's edit inside frame 1's region (first_mask > 0.5), grown as the mask is."""
+    return Removal(plan.src0, plan.edit, plan.first_mask > 0.5, settings.mask_grow + settings.feather + 1)
+
+
 def _removal(plan: EditPlan, settings: FlowSettings) -> Removal | None:
-    """A fresh Removal of the plan's edit for modes delta/pixels (settings.removal on, a region given), else None."""
-    low = plan.first_mask > 0.5
-    if not (settings.removal and plan.mode in ("delta", "pixels") and low.any()):
+    """removal_of for modes delta/pixels (settings.removal on, a region given), else None."""
+    if not (settings.removal and plan.mode in ("delta", "pixels") and (plan.first_mask > 0.5).any()):
         return None
-    return Removal(plan.src0, plan.edit, low, settings.mask_grow + settings.feather + 1)
+    return removal_of(plan, settings)
 
 
 def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -172,9 +172,8 @@ class MaskLayer:
 
     def __init__(self, frames: Iterator[np.ndarray], plan: "EditPlan", settings: "FlowSettings",
                  masks: Callable[..., np.ndarray]):
-        from .engine import _background_motion, _reveal
+        from .engine import _background_motion, _reveal, removal_of
         from .fit import IDENTITY, mask_motion
-        from .removal import Removal
 
         self.plan, self.settings, self.masks = plan, settings, masks
         m0 = np.ascontiguousarray(plan.first_mask, np.float32)
@@ -182,7 +181,7 @@ class MaskLayer:
         self.grid = identity_grid(h, w)
         stride = _stride((h, w))
         pts = self.grid[::stride, ::stride].reshape(-1, 2).astype(np.float64)
-        removal = Removal(plan.src0, plan.edit, m0 > 0.5, settings.mask_grow + settings.feather + 1)
+        removal = removal_of(plan, settings)
         keep_out = cv2.dilate((m0 > 0.5).astype(np.uint8), np.ones((15, 15), np.uint8)).astype(np.float32)
         blur0 = cv2.GaussianBlur(m0, (0, 0), 1.0)
         self.obj_maps, self.bg_maps, fits = [IDENTITY.copy()], [IDENTITY.copy()], []
