@@ -450,12 +450,23 @@ def dit_loss(model, x0: Tensor, cond: Tensor, gen: torch.Generator) -> Tensor:
     return F.mse_loss(v, noise - x0)
 
 
+def dit_config(width: int = 0, layers: int = 0, ffn: int = 0) -> dict:
+    """DIT_CONFIG with another width (a multiple of 128: ComfyUI reads heads = width // 128), depth or FFN
+    width (0 keeps the default)."""
+    if width % 128:
+        raise ValueError(f"DiT width {width} is not a multiple of 128 (ComfyUI builds width // 128 heads of 128)")
+    heads = width // 128 or DIT_CONFIG["num_attention_heads"]
+    return DIT_CONFIG | {"num_attention_heads": heads, "num_layers": layers or DIT_CONFIG["num_layers"],
+                         "ffn_dim": ffn or DIT_CONFIG["ffn_dim"]}
+
+
 def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
-              log=print, model=None):
-    """Train a fresh I2V DiT (or continue `model`) on model-space latents [N, 16, F, h, w] with conditioning
-    channels cond [N, C, F, h, w]; returns (model, losses)."""
+              log=print, model=None, config: dict | None = None, checkpoint=None):
+    """Train a fresh I2V DiT of `config` (default DIT_CONFIG), or continue `model`, on model-space latents
+    [N, 16, F, h, w] with conditioning channels cond [N, C, F, h, w]; checkpoint(model, step) every 500 steps
+    when given; returns (model, losses)."""
     gen = torch.Generator().manual_seed(seed)
-    model = seeded_init(new_dit, seed) if model is None else model
+    model = seeded_init(lambda: new_dit(config), seed) if model is None else model
     mute_text(model)                                       # a warm start too (its text path stays frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -470,6 +481,8 @@ def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int =
         losses.append(loss.item())
         if i % 25 == 0 or i == steps - 1:
             log(f"dit step {i} loss {losses[-1]:.4f} {time.time() - t0:.0f}s")
+        if checkpoint is not None and i % 500 == 499:
+            checkpoint(model, i + 1)
     return model.eval(), losses
 
 
@@ -636,6 +649,9 @@ def main(argv=None) -> int:
     p.add_argument("--decoder-only", action="store_true",
                    help="vae: fine-tune only the decoder of --init's VAE on whole clips (encoder, latents_mean/std "
                         "kept bit-identical); checkpoints vae.safetensors + manifest to --out every 50 steps")
+    p.add_argument("--width", type=int, default=0, help="dit without --init: model width, a multiple of 128 (default 128)")
+    p.add_argument("--layers", type=int, default=0, help="dit without --init: transformer blocks (default 4)")
+    p.add_argument("--ffn", type=int, default=0, help="dit without --init: FFN width (default 512)")
     p.add_argument("--cache", type=Path, default=None, help="folder to cache rendered clips (default: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a shared CPU)")
     args = p.parse_args(argv)
@@ -693,7 +709,12 @@ def main(argv=None) -> int:
             if start.config.in_channels == 36:
                 start = fun_from_i2v(start)
         init_record = None if args.init is None else read_manifest(args.init)["models"][init_name]
-        model, losses = train_dit(lat, cond, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log, start)
+        def checkpoint(model, step):               # raw weights mid-run: a killed run keeps them
+            save_model(model, args.out / f"{name}_checkpoint.safetensors")
+            log(f"checkpoint at step {step}")
+
+        model, losses = train_dit(lat, cond, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log, start,
+                                  dit_config(args.width, args.layers, args.ffn), checkpoint)
         save_model(model, args.out / f"{name}.safetensors")
         extra = {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                  "text_context": f"ignored (cross-attention outputs zeroed); trained with zeros [B, {TEXT_TOKENS}, 4096]",

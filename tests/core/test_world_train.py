@@ -97,3 +97,14 @@ def test_the_bundled_vae_keeps_the_encoder_the_dits_were_trained_on():
         same = [r for r in chain if r["sha256"] == trained_on]
         assert same, f"{name} was trained on VAE {trained_on[:12]}, which is not in the bundled VAE's chain"
         assert same[0] is entry or same[0].get("encoder_sha256") == digest, name
+
+
+def test_dit_config_keeps_comfyui_heads_of_128_and_refuses_other_widths():
+    """ComfyUI reads a Wan 2.1 DiT's heads as width // 128: a wider world DiT adds heads of 128, never changes the
+    head size; a width ComfyUI cannot rebuild is refused with the number."""
+    wide = T.dit_config(256, 3, 768)
+    assert (wide["num_attention_heads"], wide["attention_head_dim"]) == (2, 128)
+    assert (wide["num_layers"], wide["ffn_dim"]) == (3, 768)
+    assert T.dit_config() == T.DIT_CONFIG
+    with pytest.raises(ValueError, match="192 is not a multiple of 128"):
+        T.dit_config(192)
