@@ -5,7 +5,10 @@ first frame (identity propagation). From the tokens of block l, [B, F, N = h * w
   z        = tokens average-pooled spatially by K_S (VideoREPA), then L2-normalised per token -> [B, F, n, d]
   L_motion = 1 / (F (F - 1)) sum_{i != j} mean | G_ij - G^_ij |,   G_ij = z_i z_j^T  (n x n Gram block)
   L_MMD    = sum_{i = 2..F} | d_i - d^_i |,   d_i = MMD^2(P_1, P_i),   P_i = rows of S_i = z_1 z_i^T
-with an RBF kernel whose bandwidth is the median heuristic on the teacher's rows (detached; the notes give none).
+with an RBF kernel whose bandwidth is the median heuristic on the teacher's rows (detached; the notes give none),
+floored at MIN_BANDWIDTH: on near-parallel tokens (the world DiT's pooled tokens: median sigma^2 1e-5, a tenth
+of them at the old 1e-6 clamp) the kernel saturates and L_MMD's gradient (~1 / sigma^2) swamps L_FM (FreeProp's
+world row: validation FM loss 0.973, above its untrained base 0.894; floored at 0.1: 0.558, at 1.0: 0.514).
 Weights in the total loss: L = L_FM + 5 L_motion + 1 L_MMD. Both are exactly 0 when the two sides are equal.
 The earlier reading (SEED_SPEC 3.4) stays in train.py (motion_loss / drift_loss).
 """
@@ -19,6 +22,7 @@ from torch import Tensor
 
 LAMBDA_MOTION = 5.0
 LAMBDA_MMD = 1.0
+MIN_BANDWIDTH = 1.0     # sigma^2 floor of the RBF kernel (rows of S_i hold cosine similarities, entries in [-1, 1])
 
 
 def pooled_tokens(h: Tensor, grid: tuple[int, int], k_s: int = 2) -> Tensor:
@@ -56,7 +60,7 @@ def _mmd2(p: Tensor, q: Tensor, sigma2: Tensor) -> Tensor:
 def _bandwidth(p: Tensor, q: Tensor) -> Tensor:
     d2 = torch.cdist(torch.cat([p, q]), torch.cat([p, q])).pow(2).detach()
     pos = d2[d2 > 0]
-    return pos.median().clamp_min(1e-6) if pos.numel() else d2.new_tensor(1.0)
+    return pos.median().clamp_min(MIN_BANDWIDTH) if pos.numel() else d2.new_tensor(MIN_BANDWIDTH)
 
 
 def drift_scores(z: Tensor, bandwidths: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
