@@ -389,8 +389,15 @@ class MotionFollower:
       an occluder, and the first frame's wider blob); otherwise the carried blob coasts, and the nearest blob
       of plausible area (REACQUIRE_AREA, residual over REACQUIRE px) within a radius growing with the coasted
       frames re-acquires the object;
-    - the mask: GrabCut in the blob (sure object: the blob eroded by CORE px; the object's colours: the
-      keyframe mask's GMM, frozen; the background's learnt around the blob each frame).
+    - uncovered background: pixels that the camera's motion brings from inside the last mask but the object's
+      motion does not (from that mask with its gaps under GAPS x the long side closed, grown by HELD x the long
+      side for a non-rigid object): background the object has just uncovered on its trailing side, where DIS
+      finds no match and smooths the object's flow over it, so the blob spills onto a band as wide as the
+      object's speed against the camera. They leave the blob given to GrabCut and are its sure background
+      (not the carried blob: it stays the motion state);
+    - the mask: GrabCut in the blob (sure object: the blob eroded by CORE x the square root of its area, at
+      most CORE_MAX px, so a small far object keeps a core; the object's colours: the keyframe mask's GMM, frozen;
+      the background's learnt around the blob each frame).
     Deterministic (OpenCV's fixed RANSAC seed, cv2.setRNGSeed before GrabCut)."""
 
     REL = 0.3
@@ -401,7 +408,8 @@ class MotionFollower:
     COVER, WIDER = 0.7, 3.0
     REACQUIRE = 1.0
     REACQUIRE_AREA = (0.3, 2.0)
-    CORE = 6
+    CORE, CORE_MAX = 0.12, 6
+    HELD, GAPS = 0.01, 0.015
 
     def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray):
         h, w = key_mask.shape
@@ -410,8 +418,12 @@ class MotionFollower:
         self.fg_model = colour_model(key_frame, self.blob)
         self.velocity, self.speed, self.coasting = None, 0.0, 0
         self.area = max(1.0, float(self.blob.sum()))
+        self.mask = self.blob                           # the last mask returned
+        self.held = _disk(max(2, round(self.HELD * max(h, w))))
+        self.gaps = _disk(max(2, round(self.GAPS * max(h, w))))
 
     def _carried(self, mask: np.ndarray, motion: np.ndarray) -> np.ndarray:
+        """bool mask [H, W] of the last frame moved to this one by motion t -> p ([2] or [H, W, 2])."""
         return sample(mask.astype(np.float32), self.grid + motion) >= 0.5
 
     def step(self, frame: np.ndarray, back: np.ndarray) -> np.ndarray:
@@ -450,9 +462,15 @@ class MotionFollower:
             again = self._reacquire(resid > max(floor, self.REACQUIRE), carried, r0 * (2 + self.coasting))
             if again is not None:
                 blob, self.coasting = again, 0
+        # background the object uncovered: hidden behind it in the last frame (there by the camera's motion,
+        # not by the object's); DIS finds no match there and smooths the object's flow over it, so it joins
+        # the blob (a band as wide as the object's speed against the camera, on its trailing side)
+        held = cv2.dilate(cv2.morphologyEx(self.mask.astype(np.uint8), cv2.MORPH_CLOSE, self.gaps), self.held) > 0
+        uncovered = self._carried(self.mask, bg) & ~self._carried(held, self.velocity)
         self.blob = blob
         self.area = max(1.0, float(blob.sum()))
-        return self._refine(frame, blob)
+        self.mask = self._refine(frame, blob & ~uncovered, uncovered)
+        return self.mask
 
     def _like_object(self, back: np.ndarray, resid: np.ndarray) -> np.ndarray:
         """bool [H, W]: flow back [H, W, 2] nearer the object's last motion than LIKE x its distance to the
@@ -477,8 +495,9 @@ class MotionFollower:
                 best, best_d = i, d
         return None if best is None else comp == best
 
-    def _refine(self, frame: np.ndarray, blob: np.ndarray) -> np.ndarray:
-        """GrabCut within the blob (bool [H, W]) on frame; the blob itself when GrabCut finds nothing."""
+    def _refine(self, frame: np.ndarray, blob: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+        """GrabCut within the blob (bool [H, W]) on frame, background (bool [H, W] or None) sure background; the
+        blob itself when GrabCut finds nothing."""
         if blob.sum() < 30:
             return blob
         h, w = blob.shape
@@ -488,8 +507,10 @@ class MotionFollower:
         b = blob[y0:y1, x0:x1]
         lab = np.full(b.shape, cv2.GC_BGD, np.uint8)
         lab[cv2.dilate(b.astype(np.uint8), _disk(3)) > 0] = cv2.GC_PR_BGD
+        if background is not None:
+            lab[background[y0:y1, x0:x1]] = cv2.GC_BGD
         lab[b] = cv2.GC_PR_FGD
-        core = cv2.erode(b.astype(np.uint8), _disk(self.CORE)) > 0
+        core = cv2.erode(b.astype(np.uint8), _disk(max(2, min(self.CORE_MAX, round(self.CORE * np.sqrt(b.sum())))))) > 0
         if core.sum() > 10:
             lab[core] = cv2.GC_FGD
         out = np.zeros((h, w), bool)
