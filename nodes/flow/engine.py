@@ -34,7 +34,7 @@ import torch
 from ..common import OnStep, ShouldStop, log, report
 from ..video.frames import check_mask, check_video, fit_to_frame, to_uint8
 from .colour import EXPLAINED, apply_colour_map, fit_colour_map
-from .dis import identity_grid, sample
+from .dis import identity_grid, sample, sample_u8
 from .edit_mask import derive_edit_mask, derive_mask  # noqa: F401  (public here since the first release)
 from .removal import Removal
 from .track import FlowFn, Track, patch_error, track_frames, track_to_first  # noqa: F401  (public names)
@@ -249,8 +249,16 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     check_broken: when the tracked region stays mostly unmatched and in pieces, note it once in plan.notes, or
     with settings.auto_layer raise _ChainBroke (run_carry then restarts in layer mode)."""
     low, broken = plan.first_mask > 0.5, 0
+    near = {}                                            # frame 1's softened region seen through this frame's track
+    reach = np.ones((4 * settings.mask_grow + 3,) * 2, np.uint8)   # a square: covers _close's ellipse, faster
+
+    def care(coords: np.ndarray) -> np.ndarray:
+        """Where valid is read: the tracked region and _close's reach around it."""
+        near["soft"] = soft = sample(plan.soft0, coords)
+        return cv2.dilate((soft > 0).view(np.uint8), reach).view(bool)
+    own = masks(0, False) is None and plan.colour is None and plan.removal is None   # valid read near the region only
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
-                          settings.chain_quality, settings.flow, settings.light)
+                          settings.chain_quality, settings.flow, settings.light, care=care if own else None)
     frame0 = bg = None
     keep_out = None if plan.removal is None else \
         cv2.dilate(low.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(np.float32)
@@ -263,7 +271,9 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
         elif plan.colour is not None:                    # a global restyle
             region = np.ones(frame.shape[:2], np.float32)
         else:
-            region = sample(plan.soft0, track.coords) * _close(track.valid, settings.mask_grow)
+            soft = near.pop("soft", None)
+            soft = sample(plan.soft0, track.coords) if soft is None else soft
+            region = soft * _close(track.valid, settings.mask_grow)
         if check_broken and t:
             why = _broken(sample(low.astype(np.float32), track.coords) > 0.5, track.valid, track.flow)
             broken = broken + 1 if why else 0
@@ -376,7 +386,11 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
             content += plan.residual[y0:y1, x0:x1]
         return Carried(region, box, np.clip(content, 0, 1, out=content))
     edit = sample(plan.edit, coords)
-    result = edit * relight_gain(frame[y0:y1, x0:x1], sample(frame0, coords)) if settings.light else edit.copy()
+    if settings.light:
+        seen0 = sample_u8(frame0, coords) if track.seen is None else track.seen[y0:y1, x0:x1]
+        result = edit * relight_gain(frame[y0:y1, x0:x1], seen0)
+    else:
+        result = edit.copy()
     if plan.mode == "pixels":
         content = result
     else:
@@ -389,7 +403,7 @@ def _content(frame: np.ndarray, frame0: np.ndarray, track: Track, region: np.nda
         bcoords = apply(bg, grid.reshape(-1, 2)).reshape(grid.shape).astype(np.float32)
         back = sample(plan.removal.background, bcoords)
         if settings.light:
-            back *= relight_gain(frame[y0:y1, x0:x1], sample(frame0, bcoords))
+            back *= relight_gain(frame[y0:y1, x0:x1], sample_u8(frame0, bcoords))
         rem = sample(plan.removal.removed, coords)
         if hard is not None and plan.removal.whole:  # the whole object was removed, and the given mask says
             # these pixels are that object: whatever the track says

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from ..common import OnStep, ShouldStop, report
-from .dis import DenseFlow, identity_grid, inside, sample, to_gray
+from .dis import DenseFlow, identity_grid, inside, sample, sample_u8, to_gray
 
 FlowFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 """flow(gray_a, gray_b, init=None) -> [H, W, 2] float32 flow from grey uint8 frame a to frame b."""
@@ -29,11 +29,13 @@ LOCAL_LIGHT = 5        # a pixel failing the plain test in a frame that mostly p
 class Track:
     """coords [H, W, 2]: where pixel (x, y) of frame t lies in frame 0; valid [H, W]: tracked without
     occlusion (its patch matches frame 0, directly or after removing the local lighting change); flow
-    [H, W, 2]: the frame-to-frame flow t -> t-1 the chain used (None for frame 0)."""
+    [H, W, 2]: the frame-to-frame flow t -> t-1 the chain used (None for frame 0); seen [H, W, 3] uint8:
+    frame 0 looked up at coords (dis.sample_u8; None for frame 0, which is frame 0 itself)."""
 
     coords: np.ndarray
     valid: np.ndarray
     flow: np.ndarray | None = None
+    seen: np.ndarray | None = None
 
 
 def patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -128,11 +130,12 @@ def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def _keep_better(coords: np.ndarray, err: np.ndarray, seen: np.ndarray, cand: np.ndarray, frame: np.ndarray,
-                 frame0: np.ndarray, error: Callable[[np.ndarray, np.ndarray], np.ndarray] = patch_error_u8) -> None:
+                 frame0: np.ndarray, error: Callable[[np.ndarray, np.ndarray], np.ndarray] = patch_error_u8,
+                 look: Callable[[np.ndarray, np.ndarray], np.ndarray] = sample) -> None:
     """Per pixel, replace coords [H, W, 2], its patch error err [H, W] and frame 0 seen through it (seen
-    [H, W, 3], uint8) in place by the candidate's where the candidate's patch matches frame 0 better (by
-    `error`)."""
-    cand_seen = sample(frame0, cand)
+    [H, W, 3], uint8, looked up by `look`) in place by the candidate's where the candidate's patch matches
+    frame 0 better (by `error`)."""
+    cand_seen = look(frame0, cand)
     cand_err = error(frame, cand_seen)
     better = (cand_err < err).view(np.uint8)            # OpenCV's masked copy: ~9x numpy's broadcast copyto
     cv2.copyTo(cand, better, coords)
@@ -149,7 +152,8 @@ def dis_backend(quality: str, seeded: bool = False) -> FlowFn:
 def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_refine: bool = True,
                  match_tolerance: float = 0.06, chain_quality: str | None = None,
                  chain_flow: FlowFn | None = None, light_tolerant: bool = True, threaded: bool = True,
-                 cheap_anchor: bool = True, anchor_every: int = 2) -> Iterator[tuple[np.ndarray, Track]]:
+                 cheap_anchor: bool = True, anchor_every: int = 2, fixed_point: bool = True,
+                 care: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, Track]]:
     """frames: uint8 [H, W, 3] each, any iterable (a decoder). Yields (frame, Track) per frame, frame 0 first.
 
     Each frame: chain the previous map along the backward flow t -> t-1 (DIS at chain_quality, or
@@ -174,7 +178,11 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     chain at `quality`: the seed already holds the large motion, the anchor only removes the drift. The
     engine's default; the masks room's follower keeps the full anchor (track_to_first: a cheaper anchor lost
     IoU on bmx-trees there, 0.189 -> 0.113). anchor_every: the direct flow on every k-th frame only (and the
-    last); in between the chain (and the fill) carry the track, re-anchored k frames later."""
+    last); in between the chain (and the fill) carry the track, re-anchored k frames later. fixed_point:
+    frame 0 is looked up through remap's fixed-point maps (dis.sample_u8, 1/32 px: faster), else through
+    float maps (dis.sample, the masks room's follower). care(coords) -> [H, W] bool: where the caller reads
+    valid (e.g. near the carried edit region); the local-light test runs only there, elsewhere valid is the
+    plain test's (None: everywhere)."""
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -185,6 +193,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
               and not cheap_anchor)
     chain = chain_flow or (anchor if shared else dis_backend(chain_quality or quality))
     grid = identity_grid(h, w)
+    look = sample_u8 if fixed_point else sample
     frame0, gray0 = first, to_gray(first)
     coords, valid = grid.copy(), np.ones((h, w), bool)
     yield first, Track(coords, valid)
@@ -205,7 +214,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             prev_gray = gray
             t += 1
             coords = _compose(coords, grid + flow)
-            seen = sample(frame0, coords)                  # frame 0 seen through the track, kept in step with it
+            seen = look(frame0, coords)                    # frame 0 seen through the track, kept in step with it
             err = patch_error_u8(cur, seen)
             filled = _fill_from_trusted(coords, err < match_tolerance, grid)
             anchored = anchor is not None and (t % max(1, anchor_every) == 0 or nxt is None)
@@ -215,13 +224,14 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                 err = light_error(cur, seen)
             for cand in (filled, direct):
                 if cand is not None:
-                    _keep_better(coords, err, seen, cand, cur, frame0, light_error if relit else patch_error_u8)
+                    _keep_better(coords, err, seen, cand, cur, frame0, light_error if relit else patch_error_u8, look)
             valid = err < (match_tolerance / 2 if relit else match_tolerance)
             ins = inside(coords, h, w)
             if light_tolerant and not relit and not valid.all():   # local light: a shadow on the object alone
-                valid |= light_error_where(cur, seen, ~valid & ins) < match_tolerance / LOCAL_LIGHT
+                need = ~valid & ins if care is None else ~valid & ins & care(coords)
+                valid |= light_error_where(cur, seen, need) < match_tolerance / LOCAL_LIGHT
             valid &= ins
-            yield cur, Track(coords, valid, flow)
+            yield cur, Track(coords, valid, flow, seen)
             cur = nxt
 
 
@@ -241,10 +251,10 @@ def track_to_first(frames: np.ndarray, quality: str = "medium", anchor_refine: b
                    threaded: bool = True) -> Iterator[Track]:
     """frames: uint8 [T, H, W, 3] (or anything with .shape and frames[t]). Yields one Track per frame, frame 0
     first (identity); see track_frames (light_tolerant off by default: the masks room's re-acquisition is
-    tuned on the plain test; the full-preset anchor, not cheap_anchor)."""
+    tuned on the plain test; the full-preset anchor, not cheap_anchor; float lookups, not fixed_point)."""
     t_len = frames.shape[0]
     tracks = track_frames(_Indexed(frames), quality, anchor_refine, match_tolerance, light_tolerant=light_tolerant,
-                          threaded=threaded, cheap_anchor=False, anchor_every=1)
+                          threaded=threaded, cheap_anchor=False, anchor_every=1, fixed_point=False)
     for t, (_, track) in enumerate(tracks):
         yield track
         if t:

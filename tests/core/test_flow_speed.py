@@ -124,3 +124,42 @@ def test_anchor_every_second_frame_and_the_last(monkeypatch):
     calls.clear()
     list(track.track_frames(iter(frames), anchor_every=1))
     assert len(calls) == 5
+
+
+def test_fixed_point_lookup_is_close_to_the_float_one():
+    from ffprop.nodes.flow.dis import sample_u8
+
+    rng = np.random.default_rng(7)
+    h, w = 60, 80
+    image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), np.uint8), (0, 0), 3)   # smooth footage
+    coords = identity_grid(h, w) + rng.normal(0, 4, (h, w, 2)).astype(np.float32)
+    got, want = sample_u8(image, coords).astype(int), sample(image, coords).astype(int)
+    slope = np.abs(np.diff(image.astype(int), axis=1)).max()
+    assert got.shape == want.shape and sample_u8(image, coords).dtype == np.uint8
+    assert np.abs(got - want).max() <= max(1, slope // 32)
+    assert (got != want).any()                           # it is another lookup, not the float one renamed
+
+
+def test_care_limits_the_local_light_test_and_nothing_else():
+    from ffprop.nodes.flow.track import track_frames
+
+    rng = np.random.default_rng(8)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (64, 96, 3), np.uint8), (0, 0), 1.5)
+    frames = []
+    for t in range(4):
+        f = np.roll(base, t, 1).astype(np.float32)
+        if t:
+            f[20:44, 10:86] *= 0.6                        # a shadow across both halves after frame 0: local light
+        frames.append(f.astype(np.uint8))
+    left = np.zeros((64, 96), bool)
+    left[:, :48] = True
+    full = list(track_frames(iter(frames)))
+    part = list(track_frames(iter(frames), care=lambda coords: left))
+    plain = list(track_frames(iter(frames), light_tolerant=False))
+    for (_, a), (_, b), (_, p) in zip(full, part, plain):
+        assert np.array_equal(a.coords, b.coords)          # the track itself does not depend on care
+        assert np.array_equal(a.valid[left], b.valid[left])
+        assert np.array_equal(b.valid[~left], p.valid[~left] | (a.valid & b.valid)[~left])
+    shadow = np.zeros((64, 96), bool)
+    shadow[24:40, 60:80] = True
+    assert full[-1][1].valid[shadow].mean() > part[-1][1].valid[shadow].mean()   # care was honoured
