@@ -9,7 +9,8 @@
       oracle      the true mask of every frame (as a perfect SAM2 track would give),
       followed    per-frame masks from the no-SAM2 fallback, nodes/masks/flow_track.py track_masks(method=
                   "motion") from the true frame-0 mask (--follower patch: the patch tracker instead); their
-                  IoU with the true masks is reported (mean, min, frames under 0.5, ms per frame).
+                  IoU with the true masks is reported (mean, min, frames under 0.5, ms per frame), and their
+                  mean precision (1 - spill onto the background) and recall over frames 2..T.
     The output is written and read back through nodes/video/io (write_video's defaults: H.264 crf 17, yuv420p),
     as a user gets it; so is the untouched source ("source" rows: the same clip with no edit, same encoder).
     Scores on frames 2..T (the ones the engine makes), RGB 0..1, PSNR in dB:
@@ -162,11 +163,15 @@ def followed_masks(source: torch.Tensor, gt: torch.Tensor, method: str) -> tuple
     truth = gt.numpy() > 0.5
     inter = (masks & truth).reshape(len(truth), -1).sum(1)
     ious = inter / np.maximum((masks | truth).reshape(len(truth), -1).sum(1), 1)
+    precision = inter / np.maximum(masks.reshape(len(truth), -1).sum(1), 1)     # spill: 1 - precision
+    recall = inter / np.maximum(truth.reshape(len(truth), -1).sum(1), 1)
     info = {"method": method, "mean_iou": round(float(ious.mean()), 3), "min_iou": round(float(ious.min()), 3),
-            "frames_under_0.5": int((ious < 0.5).sum()), "ms_per_frame": round(ms, 1),
+            "frames_under_0.5": int((ious < 0.5).sum()), "precision": round(float(precision[1:].mean()), 3),
+            "recall": round(float(recall[1:].mean()), 3), "ms_per_frame": round(ms, 1),
             "iou": [round(float(v), 3) for v in ious]}
     print(f"  bmx follower ({method}): mean IoU {info['mean_iou']}, min {info['min_iou']}, "
-          f"{info['frames_under_0.5']} frames under 0.5, {ms:.0f} ms per frame", file=sys.stderr, flush=True)
+          f"{info['frames_under_0.5']} frames under 0.5, precision {info['precision']}, recall {info['recall']} "
+          f"(frames 2..T), {ms:.0f} ms per frame", file=sys.stderr, flush=True)
     return torch.from_numpy(masks).float(), info
 
 
@@ -315,8 +320,8 @@ def table(result: dict, before: dict | None) -> str:
         if "follower" in b:
             f = b["follower"]
             lines.append(f"  followed: masks of track_masks(method={f['method']!r}) from the true frame-0 mask: mean IoU "
-                         f"{f['mean_iou']}, min {f['min_iou']}, {f['frames_under_0.5']} frames under 0.5, "
-                         f"{f['ms_per_frame']} ms per frame")
+                         f"{f['mean_iou']}, min {f['min_iou']}, {f['frames_under_0.5']} frames under 0.5, precision "
+                         f"{f.get('precision')}, recall {f.get('recall')}, {f['ms_per_frame']} ms per frame")
     if "world" in result:
         w = result["world"]
         lines += ["", "(b) world held-out scenes, 64x64x17, no encoding; object = the world's edit mask; "
