@@ -66,6 +66,7 @@ DIT_CONFIG = {"patch_size": [1, 2, 2], "num_attention_heads": 1, "attention_head
               "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 512, "num_layers": 4,
               "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
               "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+DIT_STORED = torch.float16  # the DiT files' dtype (half the bytes: two DiTs + the VAE fit the 30 MB budget)
 TEXT_TOKENS = 1             # the context used in training: zeros [B, 1, 4096] (the output ignores it anyway)
 
 
@@ -543,12 +544,15 @@ def git_commit() -> str:
         return "unknown"
 
 
-def save_model(model, path: Path) -> None:
-    """state_dict -> safetensors, written atomically."""
+def save_model(model, path: Path, dtype: torch.dtype | None = None) -> None:
+    """state_dict -> safetensors (floating tensors cast to `dtype` when given), written atomically."""
     from safetensors.torch import save_file
 
+    def stored(v: Tensor) -> Tensor:
+        return v.detach().to(dtype).contiguous() if dtype is not None and v.is_floating_point() else v.contiguous()
+
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: stored(v) for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
 
 
@@ -715,8 +719,9 @@ def main(argv=None) -> int:
 
         model, losses = train_dit(lat, cond, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log, start,
                                   dit_config(args.width, args.layers, args.ffn), checkpoint)
-        save_model(model, args.out / f"{name}.safetensors")
+        save_model(model, args.out / f"{name}.safetensors", DIT_STORED)
         extra = {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+                 "stored": f"{DIT_STORED} (the loaders build float32 modules)",
                  "text_context": f"ignored (cross-attention outputs zeroed); trained with zeros [B, {TEXT_TOKENS}, 4096]",
                  "vae_sha256": sha256(vae_dir / "vae.safetensors")}
         if args.what == "fun":
