@@ -14,14 +14,12 @@ They were trained once by `RETRAIN` on world pairs of TRAINING seeds 0..pairs-1 
 three rows on the same pairs, the same seed and the same step count. When the loaded world DiT is not the one
 in the manifest, engines() raises (the benchmark reports the rows as skipped with that message): retrain.
 
-One attention head: the world DiT has one head (dim 128), so the paper variant's spatial/temporal head split
-has no second group, and splitting inside a head is not the paper's mechanism (a head's attention logits sum
-over all its rotary pairs). The rows use the paper variant with the one head spatial (HeadSplit spatial_ratio 1:
-latent frame 0's time index moves to (1 - alpha_S) F', F' = F - 1, the other frames keep theirs; alpha_T has no
-head to act on). Chosen on the validation loss (VAL_SEEDS, training-range seeds never trained on; 600 steps
-each): all heads spatial 0.6204, all heads temporal (spatial_ratio 0: time alpha_T f) 0.6228, no AST-RoPE
-0.6237, untrained 0.8137. The split itself (two groups in one attention call) is covered by
-tests/core/test_ast_rope_paper.py on multi-head tiny models only.
+Heads: the recipe (all heads spatial, HeadSplit spatial_ratio 1: latent frame 0's time index moves to
+(1 - alpha_S) F', F' = F - 1, the other frames keep theirs; alpha_T has no head to act on) was chosen on the earlier
+one-head world DiT on the validation loss (VAL_SEEDS, training-range seeds never trained on; 600 steps each):
+all heads spatial 0.6204, all heads temporal (spatial_ratio 0: time alpha_T f) 0.6228, no AST-RoPE 0.6237,
+untrained 0.8137. The world DiT now has two heads (width 256); a real 1:1 spatial/temporal split on it is not
+measured yet. The split itself (two groups in one attention call) is covered by tests/core/test_ast_rope_paper.py.
 """
 
 from __future__ import annotations
@@ -286,7 +284,7 @@ def engines(world, settings) -> dict[str, Callable]:
     out["freeprop_untrained"] = run_engine(fun, None, encode, world.decode, world.context, settings)
     r = manifest["rows"]["freeprop"]["recipe"]
     log.info("FFP bench freeprop: bundled rows (%d steps on %d world training pairs, LoRA rank %d, paper variant "
-             "with spatial_ratio %g: the world DiT has 1 head)", r["steps"], r["pairs"], r["rank"], r["spatial_ratio"])
+             "with spatial_ratio %g)", r["steps"], r["pairs"], r["rank"], r["spatial_ratio"])
     return out
 
 
