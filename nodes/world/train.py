@@ -505,7 +505,8 @@ def fun_from_i2v(i2v):
 # ---------------------------------------------------------------- evaluation
 def evaluate(folder: Path, seeds, steps: int = 20, shift: float = 3.0, log=print) -> dict:
     """Held-out quality of the models in `folder`: VAE round-trip PSNR; I2V from each clip's own first frame vs
-    repeating frame 1 (PSNR over frames 2..T and bench.warp_error along the true motion)."""
+    repeating frame 1 (PSNR over frames 2..T and bench.warp_error along the true motion), and vs repeating the VAE
+    round trip of frame 1 (`repeat_vae_psnr`: a still video through the same VAE, isolating the DiT)."""
     from ..evaluate.bench import true_motion, warp_error, weighted_psnr
     from .model import generate_i2v, load_world_models
     from .scenes import render_clip
@@ -520,6 +521,7 @@ def evaluate(folder: Path, seeds, steps: int = 20, shift: float = 3.0, log=print
         motion = true_motion(clip)
         row = {"seed": int(s), "vae_psnr": weighted_psnr(rec, clip),
                "i2v_psnr": weighted_psnr(gen[1:], clip[1:]), "repeat_psnr": weighted_psnr(rep[1:], clip[1:]),
+               "repeat_vae_psnr": weighted_psnr(rec[:1].expand_as(clip)[1:], clip[1:]),
                "i2v_warp": warp_error(gen, motion), "repeat_warp": warp_error(rep, motion),
                "truth_warp": warp_error(clip, motion)}
         log(" ".join(f"{k} {v:.4g}" for k, v in row.items()))
