@@ -395,6 +395,11 @@ class MotionFollower:
       finds no match and smooths the object's flow over it, so the blob spills onto a band as wide as the
       object's speed against the camera. They leave the blob given to GrabCut and are its sure background
       (not the carried blob: it stays the motion state);
+    - what DIS misses: the last mask moved by the object's translation found by masked template matching (its
+      pixels of the last frame looked up in this one within SEARCH x the long side of where the camera's motion
+      puts them, `_matched`). DIS smooths a small, low-texture or half-hidden object's flow towards the
+      camera's, so the blob loses it (it lags, or keeps only its most textured part) while its pixels still
+      match where it went. It joins the blob given to GrabCut (not the carried blob);
     - the mask: GrabCut in the blob (sure object: the blob eroded by CORE x the square root of its area, at
       most CORE_MAX px, so a small far object keeps a core; the object's colours: the keyframe mask's GMM, frozen;
       the background's learnt around the blob each frame).
@@ -410,6 +415,7 @@ class MotionFollower:
     REACQUIRE_AREA = (0.3, 2.0)
     CORE, CORE_MAX = 0.12, 6
     HELD, GAPS = 0.01, 0.015
+    SEARCH = 0.04
 
     def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray):
         h, w = key_mask.shape
@@ -419,6 +425,7 @@ class MotionFollower:
         self.velocity, self.speed, self.coasting = None, 0.0, 0
         self.area = max(1.0, float(self.blob.sum()))
         self.mask = self.blob                           # the last mask returned
+        self.prev = key_frame                           # the last frame
         self.held = _disk(max(2, round(self.HELD * max(h, w))))
         self.gaps = _disk(max(2, round(self.GAPS * max(h, w))))
 
@@ -467,10 +474,34 @@ class MotionFollower:
         # the blob (a band as wide as the object's speed against the camera, on its trailing side)
         held = cv2.dilate(cv2.morphologyEx(self.mask.astype(np.uint8), cv2.MORPH_CLOSE, self.gaps), self.held) > 0
         uncovered = self._carried(self.mask, bg) & ~self._carried(held, self.velocity)
-        self.blob = blob
+        shift = self._matched(frame, bg)
+        region = blob if shift is None else blob | self._carried(self.mask, shift)
+        self.blob, self.prev = blob, frame
         self.area = max(1.0, float(blob.sum()))
-        self.mask = self._refine(frame, blob & ~uncovered, uncovered)
+        self.mask = self._refine(frame, region & ~uncovered, uncovered)
         return self.mask
+
+    def _matched(self, frame: np.ndarray, bg: np.ndarray) -> np.ndarray | None:
+        """The object's translation t -> p ([2] px): the last mask's pixels of the last frame found in frame
+        (uint8 RGB [H, W, 3]) by masked template matching (least squared RGB difference) within SEARCH x the long
+        side of where the camera's motion bg ([H, W, 2], t -> p) puts them; None for a mask under 16 px."""
+        m = self.mask
+        if m.sum() < 16:
+            return None
+        h, w = m.shape
+        x, y, bw, bh = cv2.boundingRect(m.astype(np.uint8))
+        cam = bg[m].mean(0)
+        r = max(4, round(self.SEARCH * max(h, w)))
+        lo, hi = np.floor(-cam).astype(int) - r, np.ceil(-cam).astype(int) + r
+        x0, y0 = max(0, x + lo[0]), max(0, y + lo[1])
+        x1, y1 = min(w, x + bw + hi[0]), min(h, y + bh + hi[1])
+        if x1 - x0 <= bw or y1 - y0 <= bh:
+            return None
+        weight = np.repeat(m[y:y + bh, x:x + bw, None].astype(np.float32), 3, -1)
+        patch = self.prev[y:y + bh, x:x + bw].astype(np.float32)
+        res = cv2.matchTemplate(frame[y0:y1, x0:x1].astype(np.float32), patch, cv2.TM_SQDIFF, mask=weight)
+        _, _, loc, _ = cv2.minMaxLoc(res)
+        return np.float32([x - x0 - loc[0], y - y0 - loc[1]])
 
     def _like_object(self, back: np.ndarray, resid: np.ndarray) -> np.ndarray:
         """bool [H, W]: flow back [H, W, 2] nearer the object's last motion than LIKE x its distance to the
