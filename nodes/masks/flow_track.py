@@ -38,8 +38,9 @@ import cv2
 import numpy as np
 
 from ..common import Cancelled, ShouldStop
-from ..flow.dis import DenseFlow, consistent, identity_grid, sample, to_gray
+from ..flow.dis import DenseFlow, consistent, identity_grid, sample, sample_u8, to_gray
 from ..flow.engine import patch_error, track_to_first
+from ..flow.track import patch_error_u8
 from .grabcut import grabcut_labels
 
 MAX_SIDE = 640
@@ -399,7 +400,9 @@ class MotionFollower:
       pixels of the last frame looked up in this one within SEARCH x the long side of where the camera's motion
       puts them, `_matched`). DIS smooths a small, low-texture or half-hidden object's flow towards the
       camera's, so the blob loses it (it lags, or keeps only its most textured part) while its pixels still
-      match where it went. It joins the blob given to GrabCut (not the carried blob);
+      match where it went. It joins the blob given to GrabCut (not the carried blob). The template leaves out
+      the last mask's pixels that the camera's motion explained better than that translation (background
+      GrabCut kept; a template of it would follow the camera);
     - the mask: GrabCut in the blob (sure object: the blob eroded by CORE x the square root of its area, at
       most CORE_MAX px, so a small far object keeps a core; the object's colours: the keyframe mask's GMM, frozen;
       the background's learnt around the blob each frame).
@@ -415,7 +418,7 @@ class MotionFollower:
     REACQUIRE_AREA = (0.3, 2.0)
     CORE, CORE_MAX = 0.12, 6
     HELD, GAPS = 0.01, 0.015
-    SEARCH = 0.04
+    SEARCH, CAMERA_LIKE = 0.04, 0.02
 
     def __init__(self, key_frame: np.ndarray, key_mask: np.ndarray):
         h, w = key_mask.shape
@@ -426,6 +429,7 @@ class MotionFollower:
         self.area = max(1.0, float(self.blob.sum()))
         self.mask = self.blob                           # the last mask returned
         self.prev = key_frame                           # the last frame
+        self.camera_like: np.ndarray | None = None     # pixels of the last frame that moved like the camera
         self.held = _disk(max(2, round(self.HELD * max(h, w))))
         self.gaps = _disk(max(2, round(self.GAPS * max(h, w))))
 
@@ -476,6 +480,7 @@ class MotionFollower:
         uncovered = self._carried(self.mask, bg) & ~self._carried(held, self.velocity)
         shift = self._matched(frame, bg)
         region = blob if shift is None else blob | self._carried(self.mask, shift)
+        self.camera_like = None if shift is None else self._camera_like(frame, bg, shift)
         self.blob, self.prev = blob, frame
         self.area = max(1.0, float(blob.sum()))
         self.mask = self._refine(frame, region & ~uncovered, uncovered)
@@ -486,6 +491,8 @@ class MotionFollower:
         (uint8 RGB [H, W, 3]) by masked template matching (least squared RGB difference) within SEARCH x the long
         side of where the camera's motion bg ([H, W, 2], t -> p) puts them; None for a mask under 16 px."""
         m = self.mask
+        if self.camera_like is not None and (m & ~self.camera_like).sum() >= 16:
+            m = m & ~self.camera_like
         if m.sum() < 16:
             return None
         h, w = m.shape
@@ -502,6 +509,14 @@ class MotionFollower:
         res = cv2.matchTemplate(frame[y0:y1, x0:x1].astype(np.float32), patch, cv2.TM_SQDIFF, mask=weight)
         _, _, loc, _ = cv2.minMaxLoc(res)
         return np.float32([x - x0 - loc[0], y - y0 - loc[1]])
+
+    def _camera_like(self, frame: np.ndarray, bg: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """bool [H, W]: pixels of frame (uint8 RGB) whose 5x5 patch the camera's motion bg ([H, W, 2], t -> p)
+        brings from the last frame better, by CAMERA_LIKE, than the object's translation shift ([2]) does:
+        background the mask may hold, left out of the next template."""
+        e_cam = patch_error_u8(frame, sample_u8(self.prev, self.grid + bg))
+        e_obj = patch_error_u8(frame, sample_u8(self.prev, self.grid + shift))
+        return e_cam + self.CAMERA_LIKE < e_obj
 
     def _like_object(self, back: np.ndarray, resid: np.ndarray) -> np.ndarray:
         """bool [H, W]: flow back [H, W, 2] nearer the object's last motion than LIKE x its distance to the

@@ -158,7 +158,7 @@ def test_follower_keeps_an_object_dis_gives_the_camera_motion(monkeypatch):
     iou_dis = run()
     print(f"\nscreened clip, 30 frames: IoU {iou.mean():.3f} (min {iou.min():.3f}, last 5 {iou[-5:].mean():.3f}); "
           f"without the matched mask {iou_dis.mean():.3f} (last 5 {iou_dis[-5:].mean():.3f})")
-    assert iou.mean() > 0.65 and iou[-5:].min() > 0.5      # measured 0.773, last 5 0.714
+    assert iou.mean() > 0.65 and iou[-5:].min() > 0.5      # measured 0.779, last 5 0.714
     assert iou_dis[-5:].max() < 0.2                          # measured 0.045: lost by frame 3
 
 
