@@ -241,7 +241,7 @@ WORLD_WORKFLOWS = {
 }
 SAMPLE_STEPS = 10
 SHIFT = 3.0
-LORA_STEPS = 20
+LORA_STEPS = 100                 # the shipped lora_edit.json stage-1 steps (stage 2 off)
 CONTENT_ENCODER = Path(__file__).resolve().parents[2] / "nodes" / "content_encoder" / "weights" / "world.safetensors"
 CONTENT_ENCODER_NAME = "ffp_world_content_encoder.safetensors"
 
