@@ -60,7 +60,13 @@ def _map(coords: np.ndarray) -> np.ndarray:
 
 def sample(image: np.ndarray, coords: np.ndarray, nearest: bool = False) -> np.ndarray:
     """Bilinear (or nearest) lookup of image [H, W(, C)] at absolute coords [H', W', 2]; edges replicated.
-    One CV_32FC2 map, not two strided x/y planes that OpenCV would copy first (same result, bit for bit)."""
+    One CV_32FC2 map, not two strided x/y planes that OpenCV would copy first (same result, bit for bit).
+    Nearest lookup of 8-byte pixels (a [H, W, 2] float32 flow or track) moves each pixel as one float64: it
+    only copies them, so the same bits, in about half the time of a two-channel remap."""
+    if nearest and image.ndim == 3 and image.shape[2] * image.itemsize == 8 and image.flags.c_contiguous:
+        one = cv2.remap(image.view(np.float64)[..., 0], _map(coords), None, cv2.INTER_NEAREST,
+                        borderMode=cv2.BORDER_REPLICATE)
+        return one.view(image.dtype).reshape(*one.shape, image.shape[2])
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     return cv2.remap(image, _map(coords), None, interp, borderMode=cv2.BORDER_REPLICATE)
 

@@ -103,22 +103,24 @@ def light_error_where(a: np.ndarray, b: np.ndarray, need: np.ndarray, tile: int 
     return out
 
 
-def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0) -> np.ndarray:
+def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Displacement (coords - grid) of untrusted pixels replaced by a Gaussian-weighted average of trusted
     neighbours' displacements (normalised convolution, at quarter resolution: the displacement field is
-    smooth at this scale): re-acquires pixels after a passing occluder."""
+    smooth at this scale): re-acquires pixels after a passing occluder. Returns (filled [H, W, 2], moved
+    [H, W] bool: the pixels it replaced; filled is coords elsewhere)."""
     h, w = trusted.shape
     small = (max(1, w // 4), max(1, h // 4))
     keep = trusted.view(np.uint8)
-    disp = np.zeros_like(coords)
-    cv2.copyTo(coords - grid, keep, disp)                # the trusted displacements, 0 elsewhere
+    disp = cv2.copyTo(coords - grid, keep)               # the trusted displacements, 0 elsewhere (a new array)
     num = cv2.GaussianBlur(cv2.resize(disp, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
     den = cv2.GaussianBlur(cv2.resize(keep.astype(np.float32), small, interpolation=cv2.INTER_AREA), (0, 0), sigma / 4)
     filled_disp = num / np.maximum(den, 1e-6)[..., None]
     den = cv2.resize(den, (w, h), interpolation=cv2.INTER_LINEAR)
     filled = grid + cv2.resize(filled_disp, (w, h), interpolation=cv2.INTER_LINEAR)
-    cv2.copyTo(coords, (keep | (den < 1e-3).view(np.uint8)), filled)
-    return filled
+    kept = keep | (den < 1e-3).view(np.uint8)
+    cv2.copyTo(coords, kept, filled)
+    return filled, kept == 0
 
 
 def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -126,16 +128,36 @@ def _compose(coords: np.ndarray, target: np.ndarray) -> np.ndarray:
     offset (locally a translation). Unlike bilinear lookup it never blends the trajectories of two objects
     across a motion boundary, so errors at object edges do not spread frame after frame."""
     snapped = np.round(target)
-    return sample(coords, snapped, nearest=True) + (target - snapped)
+    out = sample(coords, snapped, nearest=True)
+    out += np.subtract(target, snapped, out=snapped)
+    return out
+
+
+def _look_at(look: Callable[[np.ndarray, np.ndarray], np.ndarray], image: np.ndarray, points: np.ndarray
+             ) -> np.ndarray:
+    """look(image, coords) at points [N, 2] -> [N, C], as one map of rows of 1024 points (remap's maps are
+    under 32767 wide)."""
+    n = len(points)
+    pad = np.zeros((-(-n // 1024) * 1024, 2), np.float32)
+    pad[:n] = points
+    return look(image, pad.reshape(-1, 1024, 2)).reshape(len(pad), -1)[:n]
 
 
 def _keep_better(coords: np.ndarray, err: np.ndarray, seen: np.ndarray, cand: np.ndarray, frame: np.ndarray,
                  frame0: np.ndarray, error: Callable[[np.ndarray, np.ndarray], np.ndarray] = patch_error_u8,
-                 look: Callable[[np.ndarray, np.ndarray], np.ndarray] = sample) -> None:
+                 look: Callable[[np.ndarray, np.ndarray], np.ndarray] = sample, where: np.ndarray | None = None
+                 ) -> None:
     """Per pixel, replace coords [H, W, 2], its patch error err [H, W] and frame 0 seen through it (seen
     [H, W, 3], uint8, looked up by `look`) in place by the candidate's where the candidate's patch matches
-    frame 0 better (by `error`)."""
-    cand_seen = look(frame0, cand)
+    frame 0 better (by `error`). where [H, W] bool: the only pixels where cand differs from coords (None: it
+    may anywhere); frame 0 is looked up there alone (the same values: a lookup is per pixel)."""
+    if where is None:
+        cand_seen = look(frame0, cand)
+    elif not where.any():
+        return                                           # cand is coords: nothing is better
+    else:
+        cand_seen = seen.copy()
+        cand_seen[where] = _look_at(look, frame0, cand[where])
     cand_err = error(frame, cand_seen)
     better = (cand_err < err).view(np.uint8)            # OpenCV's masked copy: ~9x numpy's broadcast copyto
     cv2.copyTo(cand, better, coords)
@@ -216,15 +238,16 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             coords = _compose(coords, grid + flow)
             seen = look(frame0, coords)                    # frame 0 seen through the track, kept in step with it
             err = patch_error_u8(cur, seen)
-            filled = _fill_from_trusted(coords, err < match_tolerance, grid)
+            filled, moved = _fill_from_trusted(coords, err < match_tolerance, grid)
             anchored = anchor is not None and (t % max(1, anchor_every) == 0 or nxt is None)
             direct = grid + anchor(gray, gray0, coords - grid) if anchored else None  # seeded by the chain
             relit = light_tolerant and float((err < match_tolerance).mean()) < RELIT_SHARE
             if relit:                                      # the light changed: compare lighting-normalised
                 err = light_error(cur, seen)
-            for cand in (filled, direct):
+            for cand, where in ((filled, moved), (direct, None)):
                 if cand is not None:
-                    _keep_better(coords, err, seen, cand, cur, frame0, light_error if relit else patch_error_u8, look)
+                    _keep_better(coords, err, seen, cand, cur, frame0, light_error if relit else patch_error_u8, look,
+                                 where)
             valid = err < (match_tolerance / 2 if relit else match_tolerance)
             ins = inside(coords, h, w)
             if light_tolerant and not relit and not valid.all():   # local light: a shadow on the object alone

@@ -163,3 +163,31 @@ def test_care_limits_the_local_light_test_and_nothing_else():
     shadow = np.zeros((64, 96), bool)
     shadow[24:40, 60:80] = True
     assert full[-1][1].valid[shadow].mean() > part[-1][1].valid[shadow].mean()   # care was honoured
+
+
+def test_keep_better_looks_up_only_where_the_candidate_moved():
+    from ffprop.nodes.flow.dis import sample_u8
+    from ffprop.nodes.flow.track import _keep_better, patch_error_u8
+
+    rng = np.random.default_rng(9)
+    h, w = 40, 1100                                      # wider than one 1024-point row of the sparse lookup
+    frame0 = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), np.uint8), (0, 0), 1.5)
+    frame = np.roll(frame0, 2, 1)
+    coords = identity_grid(h, w) + rng.normal(0, 1.5, (h, w, 2)).astype(np.float32)
+    where = rng.random((h, w)) < 0.3
+    cand = coords.copy()
+    cand[where] -= (2, 0)                                # moved pixels: mostly better
+    for look in (sample, sample_u8):
+        seen = look(frame0, coords)
+        runs = []
+        for wh in (None, where):
+            c, s = coords.copy(), seen.copy()
+            e = patch_error_u8(frame, s)
+            _keep_better(c, e, s, cand, frame, frame0, patch_error_u8, look, wh)
+            runs.append((c, e, s))
+        assert not np.array_equal(runs[0][0], coords)
+        for a, b in zip(*runs):
+            assert np.array_equal(a, b)
+    c, e, s = coords.copy(), patch_error_u8(frame, seen), seen.copy()
+    _keep_better(c, e, s, coords.copy(), frame, frame0, where=np.zeros((h, w), bool))   # nothing moved
+    assert np.array_equal(c, coords) and np.array_equal(s, seen)
