@@ -249,6 +249,7 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     check_broken: when the tracked region stays mostly unmatched and in pieces, note it once in plan.notes, or
     with settings.auto_layer raise _ChainBroke (run_carry then restarts in layer mode)."""
     low, broken = plan.first_mask > 0.5, 0
+    low_f = low.astype(np.float32)
     near = {}                                            # frame 1's softened region seen through this frame's track
     reach = np.ones((4 * settings.mask_grow + 3,) * 2, np.uint8)   # a square: covers _close's ellipse, faster
 
@@ -275,7 +276,7 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
             soft = sample(plan.soft0, track.coords) if soft is None else soft
             region = soft * _close(track.valid, settings.mask_grow)
         if check_broken and t:
-            why = _broken(sample(low.astype(np.float32), track.coords) > 0.5, track.valid, track.flow)
+            why = _broken(sample(low_f, track.coords) > 0.5, track.valid, track.flow)
             broken = broken + 1 if why else 0
             if broken == BROKEN_FRAMES:
                 where = f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames in a row)"
