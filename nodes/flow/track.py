@@ -1,10 +1,9 @@
 """Track every pixel of each frame back to frame 0: chained flow, re-anchored to frame 0, patch-checked.
 
 uint8 frames in, one Track per frame out, streaming (the clip is never held): the chained flow of the next
-pair (and the decoding of the frame after it: the frames are read from that thread) runs in a worker thread
-while this frame is re-anchored and checked (both cores; OpenCV releases the GIL), and every per-pixel test
-runs on uint8 with OpenCV kernels. Deterministic: each DIS estimator is used by one thread only, in frame
-order."""
+pair runs in a worker thread while this frame is re-anchored and checked (both cores; OpenCV releases the GIL),
+and every per-pixel test runs on uint8 with OpenCV kernels. Deterministic: each DIS estimator is used by one
+thread only, in frame order."""
 
 from __future__ import annotations
 
@@ -221,18 +220,18 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     coords, valid = grid.copy(), np.ones((h, w), bool)
     yield first, Track(coords, valid)
 
-    def pair_flow(frame: np.ndarray, prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """frame's grey and its flow to the previous frame, then the next frame decoded (None at the end)."""
+    def pair_flow(frame: np.ndarray, prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gray = to_gray(frame)
-        return gray, chain(gray, prev_gray, None), next(it, None)
+        return gray, chain(gray, prev_gray, None)
 
     with ThreadPoolExecutor(1, thread_name_prefix="ffp-flow") as pool:
         cur, t = next(it, None), 0
         job = pool.submit(pair_flow, cur, gray0) if cur is not None and threaded else None
         prev_gray = gray0
         while cur is not None:
-            gray, flow, nxt = job.result() if threaded else pair_flow(cur, prev_gray)
-            if nxt is not None and threaded:               # its flow (and the decode after it) while this one is tracked
+            gray, flow = job.result() if threaded else pair_flow(cur, prev_gray)
+            nxt = next(it, None)                           # decode the next frame while its flow is computed
+            if nxt is not None and threaded:
                 job = pool.submit(pair_flow, nxt, gray)
             prev_gray = gray
             t += 1
