@@ -437,11 +437,14 @@ def encode_model_space(vae, clips: Tensor, batch: int = 4) -> Tensor:
     return (torch.cat(zs) - mean) / std
 
 
-def dit_loss(model, x0: Tensor, cond: Tensor, gen: torch.Generator) -> Tensor:
+def dit_loss(model, x0: Tensor, cond: Tensor, gen: torch.Generator, t_shift: float = 1.0) -> Tensor:
     """Flow-matching loss (host.sampling's convention): x_t = (1-t) x0 + t n, predict v = n - x0; the input is
-    cat([x_t, cond]) (cond: `i2v_channels` or `fun_channels`)."""
+    cat([x_t, cond]) (cond: `i2v_channels` or `fun_channels`). t is logit-normal, then mapped through the
+    sampler's shift (t_shift * t / (1 + (t_shift - 1) t); 1 = unshifted) so training sees the noise levels a
+    shifted schedule spends its steps on."""
     b = x0.shape[0]
     t = torch.sigmoid(torch.randn(b, generator=gen))          # logit-normal t in (0, 1)
+    t = t_shift * t / (1 + (t_shift - 1) * t)
     noise = torch.randn(x0.shape, generator=gen)
     tt = t.view(b, 1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * noise
@@ -462,7 +465,7 @@ def dit_config(width: int = 0, layers: int = 0, ffn: int = 0) -> dict:
 
 
 def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
-              log=print, model=None, config: dict | None = None, checkpoint=None):
+              log=print, model=None, config: dict | None = None, checkpoint=None, t_shift: float = 1.0):
     """Train a fresh I2V DiT of `config` (default DIT_CONFIG), or continue `model`, on model-space latents
     [N, 16, F, h, w] with conditioning channels cond [N, C, F, h, w]; checkpoint(model, step) every 500 steps
     when given; returns (model, losses)."""
@@ -477,7 +480,7 @@ def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int =
     model.train()
     for i in range(steps):
         idx = torch.randint(len(latents), (batch,), generator=gen)
-        loss = dit_loss(model, latents[idx], cond[idx], gen)
+        loss = dit_loss(model, latents[idx], cond[idx], gen, t_shift)
         optimizer_step(opt, sched, params, loss)
         losses.append(loss.item())
         if i % 25 == 0 or i == steps - 1:
@@ -506,7 +509,8 @@ def fun_from_i2v(i2v):
 def evaluate(folder: Path, seeds, steps: int = 20, shift: float = 3.0, log=print) -> dict:
     """Held-out quality of the models in `folder`: VAE round-trip PSNR; I2V from each clip's own first frame vs
     repeating frame 1 (PSNR over frames 2..T and bench.warp_error along the true motion), and vs repeating the VAE
-    round trip of frame 1 (`repeat_vae_psnr`: a still video through the same VAE, isolating the DiT)."""
+    round trip of frame 1 (`repeat_vae_psnr`: a still video through the same VAE, isolating the DiT), and the DiT's
+    one-Euler-step output (`i2v_mean_psnr`: its estimate of the expected clip given frame 1, no sampling spread)."""
     from ..evaluate.bench import true_motion, warp_error, weighted_psnr
     from .model import generate_i2v, load_world_models
     from .scenes import render_clip
@@ -521,6 +525,7 @@ def evaluate(folder: Path, seeds, steps: int = 20, shift: float = 3.0, log=print
         motion = true_motion(clip)
         row = {"seed": int(s), "vae_psnr": weighted_psnr(rec, clip),
                "i2v_psnr": weighted_psnr(gen[1:], clip[1:]), "repeat_psnr": weighted_psnr(rep[1:], clip[1:]),
+               "i2v_mean_psnr": weighted_psnr(generate_i2v(world, clip[0], FRAMES, 1, shift, seed=int(s))[1:], clip[1:]),
                "repeat_vae_psnr": weighted_psnr(rec[:1].expand_as(clip)[1:], clip[1:]),
                "i2v_warp": warp_error(gen, motion), "repeat_warp": warp_error(rep, motion),
                "truth_warp": warp_error(clip, motion)}
@@ -658,6 +663,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=0, help="dit without --init: model width, a multiple of 128 (default 128)")
     p.add_argument("--layers", type=int, default=0, help="dit without --init: transformer blocks (default 4)")
     p.add_argument("--ffn", type=int, default=0, help="dit without --init: FFN width (default 512)")
+    p.add_argument("--t-shift", type=float, default=1.0,
+                   help="dit, fun: shift the logit-normal training t like the sampler's schedule (1 = unshifted)")
     p.add_argument("--cache", type=Path, default=None, help="folder to cache rendered clips (default: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a shared CPU)")
     args = p.parse_args(argv)
@@ -720,12 +727,12 @@ def main(argv=None) -> int:
             log(f"checkpoint at step {step}")
 
         model, losses = train_dit(lat, cond, args.steps, args.seed, args.batch or 16, args.lr or 1e-3, log, start,
-                                  dit_config(args.width, args.layers, args.ffn), checkpoint)
+                                  dit_config(args.width, args.layers, args.ffn), checkpoint, args.t_shift)
         save_model(model, args.out / f"{name}.safetensors", DIT_STORED)
         extra = {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                  "stored": f"{DIT_STORED} (the loaders build float32 modules)",
                  "text_context": f"ignored (cross-attention outputs zeroed); trained with zeros [B, {TEXT_TOKENS}, 4096]",
-                 "vae_sha256": sha256(vae_dir / "vae.safetensors")}
+                 "vae_sha256": sha256(vae_dir / "vae.safetensors"), "t_shift": args.t_shift}
         if args.what == "fun":
             extra["control"] = "the clip's luma as grey RGB (control_clips); start image = frame 1"
         if args.init is not None:

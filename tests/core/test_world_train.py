@@ -108,3 +108,34 @@ def test_dit_config_keeps_comfyui_heads_of_128_and_refuses_other_widths():
     assert T.dit_config() == T.DIT_CONFIG
     with pytest.raises(ValueError, match="192 is not a multiple of 128"):
         T.dit_config(192)
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the DiT inside dit_loss: records (hidden_states, timestep), predicts zero velocity."""
+
+    config = type("Config", (), {"text_dim": 8})()
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict):
+        self.seen = (hidden_states, timestep)
+        return (torch.zeros_like(hidden_states[:, :2]),)
+
+
+def test_dit_loss_t_shift_maps_the_training_noise_levels_like_the_sampler():
+    """t_shift=1 is the plain logit-normal t; t_shift=s maps the same draws through s t / (1 + (s - 1) t) (the
+    sampler's schedule), so every t rises, x_t is built at the shifted t, and the loss is its flow target."""
+    x0, cond = torch.randn(64, 2, 1, 2, 2), torch.zeros(64, 1, 1, 2, 2)
+    model = _Recorder()
+    loss1 = T.dit_loss(model, x0, cond, torch.Generator().manual_seed(5))
+    t1 = model.seen[1] / 1000
+    torch.testing.assert_close(t1, torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(5))))
+    loss3 = T.dit_loss(model, x0, cond, torch.Generator().manual_seed(5), t_shift=3.0)
+    x_t, t3 = model.seen[0][:, :2], model.seen[1] / 1000
+    torch.testing.assert_close(t3, 3 * t1 / (1 + 2 * t1))
+    assert bool((t3 > t1).all()) and float(t1.median()) < 0.6 < float(t3.median())
+    gen = torch.Generator().manual_seed(5)
+    torch.randn(64, generator=gen)                                   # the t draw
+    noise = torch.randn(x0.shape, generator=gen)
+    tt = t3.view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - tt) * x0 + tt * noise)
+    torch.testing.assert_close(loss3, torch.nn.functional.mse_loss(torch.zeros_like(x0), noise - x0))
+    assert torch.isfinite(loss1)
