@@ -16,14 +16,18 @@ from ..common import OnStep, ShouldStop, report
 from .protocol import LATENT_CHANNELS, WanCond, WanDiT
 
 
+def shifted_sigma(u, shift: float):
+    """Wan's flow schedule: uniform time u in 0..1 (a float or a Tensor) -> sigma = shift u / (1 + (shift - 1) u)."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0 (Wan uses 5 for 480p, 3 for low res, ComfyUI's default 8); got {shift}.")
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def flow_sigmas(steps: int, shift: float = 5.0) -> Tensor:
     """[steps + 1] float64 sigmas from 1 to 0 on Wan's shifted schedule."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1; got {steps}.")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0 (Wan uses 5 for 480p, 3 for low res, ComfyUI's default 8); got {shift}.")
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
+    return shifted_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..host.sampling import shifted_sigma
+
 HIGH, LOW = "high_noise", "low_noise"
 WAN22_I2V_BOUNDARY = 0.9
 """Wan 2.2 I2V A14B's boundary sigma (its config's `boundary = 0.900`; T2V A14B uses 0.875)."""
@@ -45,13 +47,6 @@ def check_boundary(value: float, unit: str = "sigma") -> float:
                          f"A14B switches at sigma {WAN22_I2V_BOUNDARY} (0.5 as a step fraction splits the steps in "
                          "half, like ComfyUI's template at 10 of 20 steps).")
     return value
-
-
-def shifted_sigma(u: float, shift: float) -> float:
-    """Wan's flow schedule: uniform time u in 0..1 -> sigma = shift u / (1 + (shift - 1) u)."""
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0; got {shift}.")
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def boundary_sigma(value: float, unit: str = "sigma", shift: float = 5.0) -> float:

@@ -442,9 +442,10 @@ def dit_loss(model, x0: Tensor, cond: Tensor, gen: torch.Generator, t_shift: flo
     cat([x_t, cond]) (cond: `i2v_channels` or `fun_channels`). t is logit-normal, then mapped through the
     sampler's shift (t_shift * t / (1 + (t_shift - 1) t); 1 = unshifted) so training sees the noise levels a
     shifted schedule spends its steps on."""
+    from ..host.sampling import shifted_sigma
+
     b = x0.shape[0]
-    t = torch.sigmoid(torch.randn(b, generator=gen))          # logit-normal t in (0, 1)
-    t = t_shift * t / (1 + (t_shift - 1) * t)
+    t = shifted_sigma(torch.sigmoid(torch.randn(b, generator=gen)), t_shift)   # logit-normal t in (0, 1), shifted
     noise = torch.randn(x0.shape, generator=gen)
     tt = t.view(b, 1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * noise
