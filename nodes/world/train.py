@@ -465,6 +465,32 @@ def dit_config(width: int = 0, layers: int = 0, ffn: int = 0) -> dict:
                          "ffn_dim": ffn or DIT_CONFIG["ffn_dim"]}
 
 
+@torch.no_grad()
+def grow_dit(model, layers: int):
+    """`model` with `layers` blocks: its own blocks spread evenly (old block i at layers * i // old), identity
+    blocks between them (self-attention, cross-attention and FFN output projections zero, so every new block
+    adds nothing: the grown model computes the same function, and training gives it the extra depth)."""
+    old = model.config.num_layers
+    if layers < old:
+        raise ValueError(f"cannot grow a DiT of {old} blocks to {layers}: --layers must be at least {old}")
+    grown = new_dit({k: v for k, v in model.config.items() if not k.startswith("_")} | {"num_layers": layers})
+    keep = {layers * i // old: i for i in range(old)}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+    for j in range(layers):
+        if j in keep:
+            prefix = f"blocks.{keep[j]}."
+            state |= {f"blocks.{j}." + k[len(prefix):]: v for k, v in model.state_dict().items()
+                      if k.startswith(prefix)}
+        else:
+            block = grown.blocks[j]
+            for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[2]):
+                linear.weight.zero_()
+                linear.bias.zero_()
+            state |= {f"blocks.{j}.{k}": v for k, v in block.state_dict().items()}
+    grown.load_state_dict(state)
+    return grown
+
+
 def train_dit(latents: Tensor, cond: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 1e-3,
               log=print, model=None, config: dict | None = None, checkpoint=None, t_shift: float = 1.0):
     """Train a fresh I2V DiT of `config` (default DIT_CONFIG), or continue `model`, on model-space latents
@@ -662,7 +688,8 @@ def main(argv=None) -> int:
                    help="vae: fine-tune only the decoder of --init's VAE on whole clips (encoder, latents_mean/std "
                         "kept bit-identical); checkpoints vae.safetensors + manifest to --out every 50 steps")
     p.add_argument("--width", type=int, default=0, help="dit without --init: model width, a multiple of 128 (default 128)")
-    p.add_argument("--layers", type=int, default=0, help="dit without --init: transformer blocks (default 4)")
+    p.add_argument("--layers", type=int, default=0, help="dit: transformer blocks (default 4); with --init, grow its DiT to "
+                   "this many by inserting identity blocks (grow_dit)")
     p.add_argument("--ffn", type=int, default=0, help="dit without --init: FFN width (default 512)")
     p.add_argument("--t-shift", type=float, default=1.0,
                    help="dit, fun: shift the logit-normal training t like the sampler's schedule (1 = unshifted)")
@@ -714,6 +741,8 @@ def main(argv=None) -> int:
             name, init_name = "dit_i2v", "dit_i2v"
             cond = i2v_channels(pool_latents(vae_dir, pool, "first", cache))
             start = None if args.init is None else load_dit_file(args.init)
+            if start is not None and args.layers:
+                start = grow_dit(start, args.layers)
         else:
             name, init_name = "dit_fun_control", args.init_name
             if args.init is None:

@@ -139,3 +139,24 @@ def test_dit_loss_t_shift_maps_the_training_noise_levels_like_the_sampler():
     torch.testing.assert_close(x_t, (1 - tt) * x0 + tt * noise)
     torch.testing.assert_close(loss3, torch.nn.functional.mse_loss(torch.zeros_like(x0), noise - x0))
     assert torch.isfinite(loss1)
+
+
+def test_grow_dit_inserts_identity_blocks_that_then_train():
+    """A 2-block DiT grown to 5 computes the same velocity (the new blocks' output projections are zero), keeps
+    its blocks at the spread positions, and the new blocks receive gradient (they are not dead); shrinking is
+    refused with the numbers."""
+    small = T.seeded_init(lambda: T.new_dit(T.dit_config(128, 2, 256)), 3)
+    grown = T.grow_dit(small, 5)
+    assert grown.config.num_layers == 5
+    torch.testing.assert_close(grown.blocks[2].attn1.to_q.weight, small.blocks[1].attn1.to_q.weight)
+    x, t, ctx = torch.randn(2, 36, 2, 4, 4), torch.tensor([200.0, 900.0]), torch.zeros(2, 1, 4096)
+    with torch.no_grad():
+        want = small(x, t, ctx, return_dict=False)[0]
+    got = grown(x, t, ctx, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert float(want.abs().mean()) > 0.1
+    got.square().mean().backward()
+    new_out = grown.blocks[1].ffn.net[2].weight
+    assert float(new_out.abs().max()) == 0 and float(new_out.grad.abs().max()) > 0
+    with pytest.raises(ValueError, match="cannot grow a DiT of 5 blocks to 3"):
+        T.grow_dit(grown, 3)
