@@ -2,6 +2,7 @@
 
     python -m ffprop.nodes.world.train vae --steps N --seed S --out DIR [--clips K]
     python -m ffprop.nodes.world.train dit --steps N --seed S --out DIR [--vae DIR_WITH_vae.safetensors]
+    python -m ffprop.nodes.world.train dit --init DIR --layers N ...  # grow DIR's DiT to N blocks (grow_dit)
     python -m ffprop.nodes.world.train fun --init DIR_WITH_dit_i2v --steps N --seed S --out DIR [--vae DIR]
     python -m ffprop.nodes.world.train vae --decoder-only --init DIR --steps N --seed S --out DIR2 [--l1 W]
     python -m ffprop.nodes.world.train eval --out DIR --clips K    # held-out quality (K scenes)
