@@ -769,7 +769,11 @@ def main(argv=None) -> int:
         if args.init is not None:
             extra["init_from"] = init_record
         write_entry(args.out, name, f"{name}.safetensors", dict(model.config), args, time.time() - t0, extra)
-        write_reference(args.out)
+        if "vae" in read_manifest(args.out)["models"]:
+            write_reference(args.out)
+        else:                                      # --vae elsewhere: a reference needs the models side by side
+            print(f"reference.safetensors not written: {args.out} holds no VAE (this DiT was trained on "
+                  f"{vae_dir}'s); copy that VAE and its manifest entry beside it to load or bundle it", flush=True)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
     return 0
 

@@ -160,3 +160,17 @@ def test_grow_dit_inserts_identity_blocks_that_then_train():
     assert float(new_out.abs().max()) == 0 and float(new_out.grad.abs().max()) > 0
     with pytest.raises(ValueError, match="cannot grow a DiT of 5 blocks to 3"):
         T.grow_dit(grown, 3)
+
+
+def test_dit_training_with_the_vae_elsewhere_writes_the_dit_and_says_why_there_is_no_reference(tmp_path, capsys):
+    """`dit --vae DIR --out OTHER` (a fine-tune kept apart from the bundle) used to crash after training, in
+    write_reference, on OTHER's missing VAE; now the DiT and its manifest entry are written and the output says
+    why the reference is not."""
+    out = tmp_path / "dit"
+    args = ["dit", "--init", str(M.WEIGHTS), "--vae", str(M.WEIGHTS), "--layers", "4", "--steps", "1", "--clips", "2",
+            "--batch", "2", "--out", str(out)]
+    assert T.main(args) == 0
+    manifest = M.read_manifest(out)["models"]
+    assert sorted(manifest) == ["dit_i2v"] and manifest["dit_i2v"]["config"]["num_layers"] == 4
+    assert (out / "dit_i2v.safetensors").is_file() and not (out / "reference.safetensors").exists()
+    assert "reference.safetensors not written" in capsys.readouterr().out
