@@ -474,21 +474,17 @@ def grow_dit(model, layers: int):
     old = model.config.num_layers
     if layers < old:
         raise ValueError(f"cannot grow a DiT of {old} blocks to {layers}: --layers must be at least {old}")
-    grown = new_dit({k: v for k, v in model.config.items() if not k.startswith("_")} | {"num_layers": layers})
+    grown = new_dit({k: model.config[k] for k in DIT_CONFIG} | {"num_layers": layers})
     keep = {layers * i // old: i for i in range(old)}
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
-    for j in range(layers):
+    for j, block in enumerate(grown.blocks):
         if j in keep:
-            prefix = f"blocks.{keep[j]}."
-            state |= {f"blocks.{j}." + k[len(prefix):]: v for k, v in model.state_dict().items()
-                      if k.startswith(prefix)}
+            block.load_state_dict(model.blocks[keep[j]].state_dict())
         else:
-            block = grown.blocks[j]
             for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[2]):
                 linear.weight.zero_()
                 linear.bias.zero_()
-            state |= {f"blocks.{j}.{k}": v for k, v in block.state_dict().items()}
-    grown.load_state_dict(state)
+    outside = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+    grown.load_state_dict(outside | {k: v for k, v in grown.state_dict().items() if k.startswith("blocks.")})
     return grown
 
 
@@ -606,17 +602,23 @@ def write_entry(out: Path, name: str, file: str, config: dict, args, seconds: fl
     os.replace(tmp, manifest_path)
 
 
-def write_reference(out: Path) -> None:
-    """reference.safetensors: model.reference_forward of the models in `out` (the tests reproduce it)."""
+def write_reference(out: Path) -> bool:
+    """reference.safetensors: model.reference_forward of the models in `out` (the tests reproduce it). False,
+    writing nothing, when `out` lacks the VAE or the I2V DiT the reference runs (a DiT trained with --vae
+    elsewhere, kept apart from the bundle)."""
     from safetensors.torch import save_file
 
     from .model import load_fun_control, load_world_models, read_manifest, reference_forward
 
-    fun = load_fun_control(folder=out) if "dit_fun_control" in read_manifest(out)["models"] else None
+    models = read_manifest(out)["models"]
+    if not {"vae", "dit_i2v"} <= models.keys():
+        return False
+    fun = load_fun_control(folder=out) if "dit_fun_control" in models else None
     ref = reference_forward(load_world_models(folder=out), fun)
     tmp = out / "reference.tmp"
     save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp))
     os.replace(tmp, out / "reference.safetensors")
+    return True
 
 
 def decoder_main(args, pool: Tensor, cache: Path | None, t0: float, log) -> int:
@@ -769,11 +771,10 @@ def main(argv=None) -> int:
         if args.init is not None:
             extra["init_from"] = init_record
         write_entry(args.out, name, f"{name}.safetensors", dict(model.config), args, time.time() - t0, extra)
-        if "vae" in read_manifest(args.out)["models"]:
-            write_reference(args.out)
-        else:                                      # --vae elsewhere: a reference needs the models side by side
-            print(f"reference.safetensors not written: {args.out} holds no VAE (this DiT was trained on "
-                  f"{vae_dir}'s); copy that VAE and its manifest entry beside it to load or bundle it", flush=True)
+        if not write_reference(args.out):          # --vae / --init elsewhere: the models are not side by side
+            print(f"reference.safetensors not written: {args.out} lacks the VAE or the I2V DiT (this DiT was "
+                  f"trained on {vae_dir}'s VAE); copy them and their manifest entries beside it to load or bundle it",
+                  flush=True)
     print(f"done in {time.time() - t0:.0f}s -> {args.out}", flush=True)
     return 0
 
