@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator
@@ -165,7 +167,14 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float, crf: 
 
 class VideoWriter:
     """Frame-by-frame encode, atomically (the file appears on a clean close): `with VideoWriter(path, fps,
-    (h, w)) as out: out.write(uint8 [h, w, 3])`. Same formats, padding and audio as write_video."""
+    (h, w)) as out: out.write(uint8 [h, w, 3])`. Same formats, padding and audio as write_video.
+
+    The encoder runs in a worker thread of its own, at most IN_FLIGHT frames behind write() (x264 and the
+    muxer release the GIL), so a caller that computes the next frame meanwhile uses the second core; the
+    frames are encoded in order by that one thread, so the bytes are those of a same-thread encode. A failure
+    in the worker is raised by the next write() or by the close."""
+
+    IN_FLIGHT = 2
 
     def __init__(self, path: str | os.PathLike, fps: float, size: tuple[int, int], crf: int = 17,
                  audio_from: str | os.PathLike | None = None):
@@ -192,29 +201,50 @@ class VideoWriter:
             self._stream = stream
             self._mux_audio = (_audio_muxer(self._container, self._src, self._audio_encoder, self._audio_copy)
                                if self._src is not None else None)
+            self._worker = self._stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="ffp-encode"))
+            self._pending: deque[Future] = deque()
         except BaseException:
             self._stack.close()
             raise
         return self
 
+    def _encode(self, frame: av.VideoFrame | None) -> None:
+        """Encode one frame (None: flush the encoder) and mux its packets; the worker thread's only job."""
+        self._container.mux(self._stream.encode(frame))
+
     def write(self, frame: np.ndarray) -> None:
-        """One uint8 frame [h, w, 3] of the size given."""
+        """One uint8 frame [h, w, 3] of the size given (copied: the caller may reuse its array at once)."""
         if frame.shape != (*self.size, 3):
             raise ValueError(f"frame {self.count + 1} is {tuple(frame.shape)}; this video is {(*self.size, 3)}.")
         if any(p[1] for p in self._pad):
             frame = np.pad(frame, self._pad, mode="edge")
-        self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
-                                                                           format="rgb24")))
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        while len(self._pending) >= self.IN_FLIGHT:
+            self._pending.popleft().result()
+        self._pending.append(self._worker.submit(self._encode, picture))
         self.count += 1
+
+    def _drain(self) -> None:
+        """Wait for every queued frame; the first failure is raised after all have finished."""
+        failure = None
+        while self._pending:
+            error = self._pending.popleft().exception()
+            failure = failure or error
+        if failure is not None:
+            raise failure
 
     def __exit__(self, kind, value, tb) -> bool:
         try:
             if kind is None:
+                self._drain()
                 if self.count == 0:
                     raise ValueError(f"no frames written to '{self.path}'.")
-                self._container.mux(self._stream.encode())
+                self._encode(None)
                 if self._mux_audio is not None:
                     self._mux_audio(self.count / self.fps)
+            else:
+                with contextlib.suppress(BaseException):
+                    self._drain()          # the file is discarded; the worker must be idle before it closes
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 /work/venv/bin/python tests/benchmarks/bench_flow.py [--quality medium] [--clip 017]
 
 Prints, on the same clip in one run: the engine's wall time file -> file (nodes/flow/stream.py: decode ->
-engine -> encode), the floor (decode + encode + one DIS flow per frame at the same preset, sequential), their
+engine -> encode), the floor (decode + encode + one DIS flow per frame at the same preset, in one loop; the encode runs in VideoWriter's own thread for both), their
 ratio, and the CPU seconds of both (all threads: what a loaded machine's wall times hide); then peak RSS of a fresh process running the engine on 49 and on 200 frames of the same footage (the
 clip played forward and back), and whether two processes wrote the same bytes. Needs ../shared/data."""
 

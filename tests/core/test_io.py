@@ -125,3 +125,36 @@ def test_no_audio_source_and_unsupported_suffixes(tmp_path):
             write_video(tmp_path / name, torch.rand(2, 16, 16, 3), 25)
         assert not (tmp_path / name).exists()
     assert encoded_size(511, 511) == (512, 512) and encoded_size(480, 832) == (480, 832)
+
+
+def test_writer_encodes_in_the_background_from_a_copy_of_each_frame(tmp_path):
+    """VideoWriter encodes in a worker thread: the caller may overwrite its array right after write() and the
+    file still holds the frames as they were written, in order."""
+    from ffprop.nodes.video.io import VideoReader, VideoWriter
+
+    buf = np.zeros((64, 96, 3), np.uint8)
+    levels = [20, 120, 220, 60, 180]
+    with VideoWriter(tmp_path / "a.mp4", 25.0, (64, 96)) as w:
+        for v in levels:
+            buf[:] = v                     # one buffer reused for every frame
+            w.write(buf)
+    got = [int(round(float(f.mean()))) for f in VideoReader(tmp_path / "a.mp4")]
+    assert len(got) == len(levels)
+    assert all(abs(g - v) <= 3 for g, v in zip(got, levels)), got
+
+
+def test_writer_raises_an_encoder_failure_and_writes_no_file(tmp_path, monkeypatch):
+    """A failure inside the encoder thread reaches the caller (at a later write or at the close), and the
+    partial file is discarded."""
+    from ffprop.nodes.video.io import VideoWriter
+
+    def broken(self, frame):
+        raise RuntimeError("encoder gave up")
+
+    monkeypatch.setattr(VideoWriter, "_encode", broken)
+    out = tmp_path / "b.mp4"
+    with pytest.raises(RuntimeError, match="encoder gave up"):
+        with VideoWriter(out, 25.0, (32, 32)) as w:
+            for _ in range(6):
+                w.write(np.zeros((32, 32, 3), np.uint8))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
