@@ -1,7 +1,7 @@
 """LoRA-Edit stage 2 on the world models: does a keyframe's appearance carry into the frames near it?
 (not collected by pytest)
 
-    python tests/benchmarks/bench_world_stage2.py [--keyframe 17] [--steps 40] [--steps-sample 10]
+    python tests/benchmarks/bench_world_stage2.py [--keyframe 17] [--steps 40] [--steps-sample 10] [--first source]
 
 Each case: held-out world scene (the benchmark's world_cases(1), edits recolour, retexture, shape_swap, insertion),
 17 frames, 64x64; LoRA-Edit on the world DiT with the world's loose-box masks (as the bench's lora_edit row).
@@ -10,6 +10,9 @@ Rows, same noise and LoRA seed:
   stage1_long   stage 1 only, 2 x --steps steps (the same number of steps as stage1+2: more training alone)
   stage1+2      stage 1 --steps steps, then stage 2 --steps steps with ONE keyframe: the ground-truth edited
                 frame --keyframe (1-based) as the still (trainer.build_keyframe_samples)
+--first source: the generator is conditioned on the SOURCE's frame 1 (unedited), so the keyframe is the only
+place the edit is shown (a user who edited a later frame alone); the default `edited` conditions on the edited
+frame 1, which on the world already shows everything the keyframe does.
 Scores vs the ground-truth edited clip: edit_psnr (inside the true edit masks, dB) on the frames near the keyframe
 (--near frames ending at it) and on frames 2..5 (far from it), psnr over frames 2..T. One run prints both stages.
 """
@@ -33,6 +36,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--edits", default="recolour,retexture,shape_swap,insertion")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--first", choices=("edited", "source"), default="edited",
+                    help="the conditioning frame 1: the edited one (default) or the source's own (the keyframe alone "
+                         "carries the edit)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,7 +66,8 @@ def main() -> None:
                                     ("stage1+2", args.steps, args.steps)):
             t0 = time.perf_counter()
             train = TrainSettings(steps=steps, steps_stage2=stage2, learning_rate=args.lr, rank=16, seed=seed)
-            out = lora_edit_video(world.dit, encode, world.decode, s.source, mask, s.edited_first[None], world.context,
+            first = s.edited_first if args.first == "edited" else s.source[0]
+            out = lora_edit_video(world.dit, encode, world.decode, s.source, mask, first[None], world.context,
                                   train=train, sampling=sampling,
                                   keyframes=s.target[k:k + 1] if stage2 else None,
                                   keyframe_indices=[k] if stage2 else None).frames.float()
@@ -78,7 +85,7 @@ def main() -> None:
         vals = [r[key] for r in rows[name] if r[key] is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
-    print(f"\n{len(cases)} held-out scenes, 17 frames; keyframe = ground-truth frame {args.keyframe}; near = frames "
+    print(f"\n{len(cases)} held-out scenes, 17 frames; frame 1: {args.first}; keyframe = ground-truth frame {args.keyframe}; near = frames "
           f"{near.start + 1}..{near.stop}, far = frames 2..5; LoRA lr {args.lr:g}, {args.steps} steps per stage; "
           f"sampling {args.steps_sample} steps")
     print(f"{'row':<12}{'edit near':>10}{'at key':>8}{'far':>8}{'psnr':>8}{'sec':>6}")
