@@ -68,7 +68,10 @@ class FlowSettings:
     object (a removed part), carry the background with the background's motion (nodes/flow/removal.py); in
     layer mode with per-frame masks, leave those parts out of the moving layer (off: all of the region moves).
     flow: another backend for the frame-to-frame flow, flow(gray_a, gray_b, init) -> [H, W, 2] float32
-    (track.FlowFn: grey uint8 frames a -> b, init None), e.g. RAFT or ComfyUI's OPTICAL_FLOW."""
+    (track.FlowFn: grey uint8 frames a -> b, init None), e.g. RAFT or ComfyUI's OPTICAL_FLOW.
+    focus: where the region is carried along the track alone (a derived or frame-1 mask, no colour map, no
+    removal), track each frame only in a box around the last frame's region (its reach: see `reach_box`), not
+    the whole frame (track.track_frames' focus)."""
 
     mode: str = "auto"
     auto_layer: bool = False
@@ -82,6 +85,7 @@ class FlowSettings:
     light: bool = True
     colour_map: bool = True
     removal: bool = True
+    focus: bool = True
     flow: FlowFn | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -223,6 +227,24 @@ def _removal(plan: EditPlan, settings: FlowSettings) -> Removal | None:
     return removal_of(plan, settings)
 
 
+REACH_PX = 16       # px around the region that focus tracks, besides 1.5x the frame's motion near it
+
+
+def reach_box(region: np.ndarray, flow: np.ndarray | None) -> tuple[int, int, int, int] | None:
+    """Where the next frame is tracked (FlowSettings.focus): the bounding box of region > 0 [H, W] grown by
+    REACH_PX plus 1.5x the frame-to-frame motion inside it (the 95th percentile of |flow|, flow [H, W, 2] t -> t-1:
+    a few wild DIS vectors must not open the box), within the frame; None (the whole frame) when the region is
+    empty: the object may come back anywhere."""
+    box = _bbox(region)
+    if box is None:
+        return None
+    h, w = region.shape
+    y0, y1, x0, x1 = box
+    motion = 0.0 if flow is None else float(np.percentile(np.sqrt((flow[y0:y1, x0:x1] ** 2).sum(-1)), 95))
+    m = REACH_PX + int(np.ceil(1.5 * min(motion, max(h, w))))
+    return max(0, y0 - m), min(h, y1 + m), max(0, x0 - m), min(w, x1 + m)
+
+
 def _bbox(region: np.ndarray) -> tuple[int, int, int, int] | None:
     x, y, w, h = cv2.boundingRect((region > 0).astype(np.uint8))
     return None if w == 0 else (y, y + h, x, x + w)
@@ -250,16 +272,17 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     with settings.auto_layer raise _ChainBroke (run_carry then restarts in layer mode)."""
     low, broken = plan.first_mask > 0.5, 0
     low_f = low.astype(np.float32)
-    near = {}                                            # frame 1's softened region seen through this frame's track
+    ahead = {}                                           # "box": where focus tracks the next frame
     reach = np.ones((4 * settings.mask_grow + 3,) * 2, np.uint8)   # a square: covers _close's ellipse, faster
 
     def care(coords: np.ndarray) -> np.ndarray:
-        """Where valid is read: the tracked region and _close's reach around it."""
-        near["soft"] = soft = sample(plan.soft0, coords)
-        return cv2.dilate((soft > 0).view(np.uint8), reach).view(bool)
+        """Where valid is read: the tracked region and _close's reach around it (coords: the track's box)."""
+        return cv2.dilate((sample(plan.soft0, coords) > 0).view(np.uint8), reach).view(bool)
     own = masks(0, False) is None and plan.colour is None and plan.removal is None   # valid read near the region only
+    focus = own and settings.focus
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
-                          settings.chain_quality, settings.flow, settings.light, care=care if own else None)
+                          settings.chain_quality, settings.flow, settings.light, care=care if own else None,
+                          focus=(lambda: ahead.get("box")) if focus else None)
     frame0 = bg = None
     keep_out = None if plan.removal is None else \
         cv2.dilate(low.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(np.float32)
@@ -272,11 +295,17 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
         elif plan.colour is not None:                    # a global restyle
             region = np.ones(frame.shape[:2], np.float32)
         else:
-            soft = near.pop("soft", None)
-            soft = sample(plan.soft0, track.coords) if soft is None else soft
-            region = soft * _close(track.valid, settings.mask_grow)
+            coords, valid, _ = track.crop()
+            region = sample(plan.soft0, coords) * _close(valid, settings.mask_grow)
+            if track.box is not None:                    # tracked in a box only: the region lies inside it
+                y0, y1, x0, x1 = track.box
+                region, inner = np.zeros(frame.shape[:2], np.float32), region
+                region[y0:y1, x0:x1] = inner
+            if focus:
+                ahead["box"] = reach_box(region, track.flow)
         if check_broken and t:
-            why = _broken(sample(low_f, track.coords) > 0.5, track.valid, track.flow)
+            coords, valid, flow = track.crop()
+            why = _broken(sample(low_f, coords) > 0.5, valid, flow)
             broken = broken + 1 if why else 0
             if broken == BROKEN_FRAMES:
                 where = f"the per-pixel chain broke up at frame {t + 1} ({why}, {BROKEN_FRAMES} frames in a row)"

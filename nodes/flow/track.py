@@ -19,6 +19,8 @@ from .dis import DenseFlow, identity_grid, inside, sample, sample_u8, to_gray
 
 FlowFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 """flow(gray_a, gray_b, init=None) -> [H, W, 2] float32 flow from grey uint8 frame a to frame b."""
+Box = tuple[int, int, int, int]
+"""(y0, y1, x0, x1): the rows y0..y1-1 and columns x0..x1-1 a frame is tracked in."""
 
 RELIT_SHARE = 0.5      # when fewer pixels than this match frame 0 plainly, the frame counts as relit
 LIGHT_WINDOW = 15      # px: local brightness/colour cast removed over this window by the lighting-tolerant test
@@ -30,12 +32,23 @@ class Track:
     """coords [H, W, 2]: where pixel (x, y) of frame t lies in frame 0; valid [H, W]: tracked without
     occlusion (its patch matches frame 0, directly or after removing the local lighting change); flow
     [H, W, 2]: the frame-to-frame flow t -> t-1 the chain used (None for frame 0); seen [H, W, 3] uint8:
-    frame 0 looked up at coords (dis.sample_u8; None for frame 0, which is frame 0 itself)."""
+    frame 0 looked up at coords (dis.sample_u8; None for frame 0, which is frame 0 itself); box: where this
+    frame was tracked (track_frames' focus; None: everywhere): outside it valid is False and coords / seen are
+    an earlier frame's."""
 
     coords: np.ndarray
     valid: np.ndarray
     flow: np.ndarray | None = None
     seen: np.ndarray | None = None
+    box: Box | None = None
+
+    def crop(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(coords, valid, flow) inside box (views; the whole arrays when box is None)."""
+        if self.box is None:
+            return self.coords, self.valid, self.flow
+        y0, y1, x0, x1 = self.box
+        return (self.coords[y0:y1, x0:x1], self.valid[y0:y1, x0:x1],
+                None if self.flow is None else self.flow[y0:y1, x0:x1])
 
 
 def patch_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -103,6 +116,19 @@ def light_error_where(a: np.ndarray, b: np.ndarray, need: np.ndarray, tile: int 
     return out
 
 
+def _matched_share(ok: np.ndarray, coords: np.ndarray, care: Callable[[np.ndarray], np.ndarray] | None,
+                   partial: bool) -> float:
+    """The share of pixels that match frame 0 plainly (ok [h, w] bool), which decides whether the light changed:
+    over the whole frame, or, in a box smaller than the frame (partial) with a care region, over the box's
+    pixels outside that region (on every 4th row and column): a box is mostly the edited object, whose own
+    change (a flower opening) must not read as a change of light."""
+    if partial and care is not None:
+        ring = ~care(coords[::4, ::4])
+        if ring.sum() >= 64:
+            return float(ok[::4, ::4][ring].mean())
+    return float(ok.mean())
+
+
 def _fill_from_trusted(coords: np.ndarray, trusted: np.ndarray, grid: np.ndarray, sigma: float = 6.0
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Displacement (coords - grid) of untrusted pixels replaced by a Gaussian-weighted average of trusted
@@ -165,6 +191,26 @@ def _keep_better(coords: np.ndarray, err: np.ndarray, seen: np.ndarray, cand: np
     cv2.copyTo(cand_seen, better, seen)
 
 
+def _direct(anchor: FlowFn, gray: np.ndarray, gray0: np.ndarray, coords: np.ndarray, grid: np.ndarray,
+            box: Box) -> np.ndarray:
+    """Direct flow t -> 0 of the box's pixels, seeded by the chain: coords, grid [bh, bw, 2] (the box's) ->
+    their positions in frame 0 [bh, bw, 2]. On a box smaller than the frame, DIS runs between the box of frame
+    t and the window of frame 0 of the same size that the box's median displacement points at (kept inside
+    frame 0), so its cost is the box's, not the frame's."""
+    y0, y1, x0, x1 = box
+    h, w = gray.shape
+    if (y1 - y0, x1 - x0) == (h, w):
+        return grid + anchor(gray, gray0, coords - grid)
+    disp = coords - grid
+    dx, dy = np.median(disp.reshape(-1, 2), 0)
+    ox = int(np.clip(round(x0 + float(dx)), 0, w - (x1 - x0)))
+    oy = int(np.clip(round(y0 + float(dy)), 0, h - (y1 - y0)))
+    offset = np.array([ox - x0, oy - y0], np.float32)
+    window = gray0[oy:oy + y1 - y0, ox:ox + x1 - x0]
+    return grid + offset + anchor(np.ascontiguousarray(gray[y0:y1, x0:x1]), np.ascontiguousarray(window),
+                                  disp - offset)
+
+
 def dis_backend(quality: str, seeded: bool = False) -> FlowFn:
     """The default flow: OpenCV DIS at `quality` (one estimator per call site: they are not thread-safe);
     seeded: the estimator tuned to refine a given initial guess (dis.DenseFlow)."""
@@ -175,7 +221,8 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                  match_tolerance: float = 0.06, chain_quality: str | None = None,
                  chain_flow: FlowFn | None = None, light_tolerant: bool = True, threaded: bool = True,
                  cheap_anchor: bool = True, anchor_every: int = 2, fixed_point: bool = True,
-                 care: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, Track]]:
+                 care: Callable[[np.ndarray], np.ndarray] | None = None,
+                 focus: Callable[[], Box | None] | None = None) -> Iterator[tuple[np.ndarray, Track]]:
     """frames: uint8 [H, W, 3] each, any iterable (a decoder). Yields (frame, Track) per frame, frame 0 first.
 
     Each frame: chain the previous map along the backward flow t -> t-1 (DIS at chain_quality, or
@@ -204,7 +251,12 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     frame 0 is looked up through remap's fixed-point maps (dis.sample_u8, 1/32 px: faster), else through
     float maps (dis.sample, the masks room's follower). care(coords) -> [H, W] bool: where the caller reads
     valid (e.g. near the carried edit region); the local-light test runs only there, elsewhere valid is the
-    plain test's (None: everywhere)."""
+    plain test's (None: everywhere); it gets the coords of the frame's box. focus() -> Box or None, asked
+    before each frame after frame 0: track that frame only inside the box (None: the whole frame); every
+    per-pixel step, the direct flow included, then costs the box's share of the frame. Outside the box the
+    Track keeps the previous coords and seen and is not valid; the chained flow stays whole-frame (what
+    the box reads of the previous track may lie just outside the previous box: give the box a margin of the
+    motion's reach)."""
     it = iter(frames)
     first = next(it, None)
     if first is None:
@@ -217,7 +269,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
     grid = identity_grid(h, w)
     look = sample_u8 if fixed_point else sample
     frame0, gray0 = first, to_gray(first)
-    coords, valid = grid.copy(), np.ones((h, w), bool)
+    coords, valid, seen = grid.copy(), np.ones((h, w), bool), None
     yield first, Track(coords, valid)
 
     def pair_flow(frame: np.ndarray, prev_gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,26 +287,37 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                 job = pool.submit(pair_flow, nxt, gray)
             prev_gray = gray
             t += 1
-            coords = _compose(coords, grid + flow)
-            seen = look(frame0, coords)                    # frame 0 seen through the track, kept in step with it
-            err = patch_error_u8(cur, seen)
-            filled, moved = _fill_from_trusted(coords, err < match_tolerance, grid)
+            box = (focus() if focus is not None else None) or (0, h, 0, w)
+            y0, y1, x0, x1 = box
+            g, fr = grid[y0:y1, x0:x1], cur[y0:y1, x0:x1]
+            c = _compose(coords, g + flow[y0:y1, x0:x1])   # the box's pixels; the previous track read anywhere
+            s = look(frame0, c)                            # frame 0 seen through the track, kept in step with it
+            err = patch_error_u8(fr, s)
+            filled, moved = _fill_from_trusted(c, err < match_tolerance, g)
             anchored = anchor is not None and (t % max(1, anchor_every) == 0 or nxt is None)
-            direct = grid + anchor(gray, gray0, coords - grid) if anchored else None  # seeded by the chain
-            relit = light_tolerant and float((err < match_tolerance).mean()) < RELIT_SHARE
+            direct = _direct(anchor, gray, gray0, c, g, box) if anchored else None   # seeded by the chain
+            relit = light_tolerant and _matched_share(err < match_tolerance, c, care, box != (0, h, 0, w)) < RELIT_SHARE
             if relit:                                      # the light changed: compare lighting-normalised
-                err = light_error(cur, seen)
+                err = light_error(fr, s)
             for cand, where in ((filled, moved), (direct, None)):
                 if cand is not None:
-                    _keep_better(coords, err, seen, cand, cur, frame0, light_error if relit else patch_error_u8, look,
-                                 where)
-            valid = err < (match_tolerance / 2 if relit else match_tolerance)
-            ins = inside(coords, h, w)
-            if light_tolerant and not relit and not valid.all():   # local light: a shadow on the object alone
-                need = ~valid & ins if care is None else ~valid & ins & care(coords)
-                valid |= light_error_where(cur, seen, need) < match_tolerance / LOCAL_LIGHT
-            valid &= ins
-            yield cur, Track(coords, valid, flow, seen)
+                    _keep_better(c, err, s, cand, fr, frame0, light_error if relit else patch_error_u8, look, where)
+            v = err < (match_tolerance / 2 if relit else match_tolerance)
+            ins = inside(c, h, w)
+            if light_tolerant and not relit and not v.all():   # local light: a shadow on the object alone
+                need = ~v & ins if care is None else ~v & ins & care(c)
+                v |= light_error_where(fr, s, need) < match_tolerance / LOCAL_LIGHT
+            v &= ins
+            if (y1 - y0, x1 - x0) == (h, w):
+                coords, valid, seen, box = c, v, s, None
+            else:
+                coords = coords.copy()
+                coords[y0:y1, x0:x1] = c
+                valid = np.zeros((h, w), bool)
+                valid[y0:y1, x0:x1] = v
+                seen = (frame0 if seen is None else seen).copy()
+                seen[y0:y1, x0:x1] = s
+            yield cur, Track(coords, valid, flow, seen, box)
             cur = nxt
 
 
