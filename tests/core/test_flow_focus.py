@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from ffprop.nodes.evaluate.metrics import psnr
 from ffprop.nodes.flow import engine
-from ffprop.nodes.flow.dis import identity_grid
+from ffprop.nodes.flow.dis import identity_grid, sample_u8
 from ffprop.nodes.flow.engine import REACH_PX, FlowSettings, propagate_edit, reach_box
 from ffprop.nodes.flow.track import track_frames
 from ffprop.nodes.video.synthetic import synthetic_clip, texture
@@ -43,7 +43,8 @@ def test_a_focused_track_is_exact_inside_its_box_and_not_valid_outside():
         outside[y0:y1, x0:x1] = False
         assert not track.valid[outside].any()
         assert np.array_equal(track.coords[outside], tracks[t - 1][1].coords[outside])
-        assert np.array_equal(track.seen[y0:y1, x0:x1].shape, (y1 - y0, x1 - x0, 3))
+        box_coords = np.ascontiguousarray(track.coords[y0:y1, x0:x1])      # seen: frame 0 through the track
+        assert np.array_equal(track.seen[y0:y1, x0:x1], sample_u8(frames[0], box_coords))
 
 
 def test_focus_none_is_the_whole_frame_bit_for_bit():
