@@ -2,9 +2,11 @@
 frame 1, and how much the two outputs differ inside the true edit mask, frame by frame (not collected by pytest).
 
     python tests/benchmarks/bench_world_carry.py [--edits recolour,retexture] [--per-edit 1] [--steps 10]
+        [--lora-steps 100] [--lora-lr 1e-4]
 
 For each held-out scene (nodes/evaluate/bench.py world_cases) and each engine of the world benchmark (i2v: stock
-I2V; lora_edit: LoRA-Edit stage 1 with the world's loose-box mask), same noise and seeds for both runs: the mean
+I2V; lora_edit: LoRA-Edit stage 1 with the world's loose-box mask, --lora-steps at --lora-lr: --lora-lr 0 is
+LoRA-Edit's masked conditioning on the untouched DiT), same noise and seeds for both runs: the mean
 absolute RGB difference (0..1) of the two outputs inside the true edit mask of each frame, next to the truth's
 (the edited clip against the source). A model that carries the edit keeps the outputs as far apart as the truth
 is; where they meet, what the model puts on the object no longer depends on frame 1. Prints one row per engine
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--edits", default="recolour,retexture")
     ap.add_argument("--per-edit", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10, help="sampling steps")
+    ap.add_argument("--lora-steps", type=int, default=100, help="LoRA-Edit stage-1 steps (the benchmark's 100)")
+    ap.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA rate (0: no training, the conditioning alone)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,7 +50,8 @@ def main() -> None:
     if world is None:
         raise SystemExit(f"needs the world models: {problem}")
     cases = tuple(c for c in world_cases(args.per_edit) if c[1] in args.edits.split(","))
-    engines = wan_engines(world, BenchSettings(cases, sample_steps=args.steps, shift=3.0))
+    engines = wan_engines(world, BenchSettings(cases, sample_steps=args.steps, shift=3.0, train_steps=args.lora_steps,
+                                               lora_lr=args.lora_lr))
     rows: dict[str, list[np.ndarray]] = {"truth": []}
     for seed, edit in cases:
         s = render_sample(seed, edit)
