@@ -234,13 +234,13 @@ def reach_box(region: np.ndarray, flow: np.ndarray | None) -> tuple[int, int, in
     """Where the next frame is tracked (FlowSettings.focus): the bounding box of region > 0 [H, W] grown by
     REACH_PX plus 1.5x the frame-to-frame motion inside it (the 95th percentile of |flow|, flow [H, W, 2] t -> t-1:
     a few wild DIS vectors must not open the box), within the frame; None (the whole frame) when the region is
-    empty: the object may come back anywhere."""
+    empty (the object may come back anywhere) or flow is None (frame 1: the motion is not known yet)."""
     box = _bbox(region)
-    if box is None:
+    if box is None or flow is None:
         return None
     h, w = region.shape
     y0, y1, x0, x1 = box
-    motion = 0.0 if flow is None else float(np.percentile(np.sqrt((flow[y0:y1, x0:x1] ** 2).sum(-1)), 95))
+    motion = float(np.percentile(np.sqrt((flow[y0:y1, x0:x1] ** 2).sum(-1)), 95))
     m = REACH_PX + int(np.ceil(1.5 * min(motion, max(h, w))))
     return max(0, y0 - m), min(h, y1 + m), max(0, x0 - m), min(w, x1 + m)
 

@@ -57,15 +57,17 @@ def test_focus_none_is_the_whole_frame_bit_for_bit():
 
 def test_reach_box_grows_the_region_by_the_margin_and_the_motion():
     region = np.zeros((100, 200), np.float32)
-    assert reach_box(region, None) is None                               # nothing tracked: the whole frame
+    still = np.zeros((100, 200, 2), np.float32)
+    assert reach_box(region, still) is None                              # nothing tracked: the whole frame
     region[40:50, 100:110] = 1
-    assert reach_box(region, None) == (40 - REACH_PX, 50 + REACH_PX, 100 - REACH_PX, 110 + REACH_PX)
-    flow = np.zeros((100, 200, 2), np.float32)
+    assert reach_box(region, None) is None                               # frame 1: no motion known yet
+    assert reach_box(region, still) == (40 - REACH_PX, 50 + REACH_PX, 100 - REACH_PX, 110 + REACH_PX)
+    flow = still.copy()
     flow[..., 0] = 6.0                                                   # 6 px per frame: 9 px more each side
     assert reach_box(region, flow) == (40 - REACH_PX - 9, 50 + REACH_PX + 9, 100 - REACH_PX - 9, 110 + REACH_PX + 9)
     region[:, :] = 0
     region[0:5, 190:200] = 1                                             # at the corner: clipped to the frame
-    assert reach_box(region, None) == (0, 5 + REACH_PX, 190 - REACH_PX, 200)
+    assert reach_box(region, still) == (0, 5 + REACH_PX, 190 - REACH_PX, 200)
 
 
 def test_the_engine_with_focus_carries_the_demo_edit_as_well_as_the_whole_frame(monkeypatch):
@@ -85,7 +87,7 @@ def test_the_engine_with_focus_carries_the_demo_edit_as_well_as_the_whole_frame(
     for focus in (False, True):
         video = propagate_edit(clip.source, clip.edited[0], settings=FlowSettings(focus=focus)).video.numpy()
         scores[focus] = np.mean([psnr(a, b) for a, b in zip(video[1:], clip.edited.numpy()[1:])])
-    assert len(shares) == 33 and max(shares) < 0.6, f"box shares {min(shares):.2f}..{max(shares):.2f}"
+    assert len(shares) == 33 and shares[0] == 1.0 and max(shares[1:]) < 0.6, f"box shares {min(shares):.2f}..{max(shares):.2f}"
     assert scores[True] > 28 and scores[True] == pytest.approx(scores[False], abs=0.5), scores
 
 
