@@ -21,8 +21,8 @@ from ..common import log_once
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "world.safetensors"
 RETRAIN = ("python -m ffprop.nodes.content_encoder.train --out sce.safetensors --depth 3 --steps 800 --batch 1 "
            "--clips 16 --pairs 48 --lr 5e-4 --mpd-weight 4, then python -m ffprop.nodes.content_encoder.train --init "
-           "sce.safetensors --only-mpd --out nodes/content_encoder/weights/world.safetensors --clips 960 --pairs 1920 "
-           "--flow-times 2 --steps 8000 --lr 2e-3 --batch 8 --mpd-weight 1")
+           "sce.safetensors --only-mpd --out nodes/content_encoder/weights/world.safetensors --clips 1920 --pairs 3840 "
+           "--flow-times 2 --steps 12000 --lr 2e-3 --batch 8 --mpd-weight 1")
 TASK_FOR_EDIT = {"colour_fill": "colour_fill", "removal": "copy_paste", "insertion": "copy_paste"}
 
 
