@@ -230,15 +230,16 @@ def _removal(plan: EditPlan, settings: FlowSettings) -> Removal | None:
 REACH_PX = 16       # px around the region that focus tracks, besides 1.5x the frame's motion near it
 
 
-def reach_box(region: np.ndarray, flow: np.ndarray | None) -> tuple[int, int, int, int] | None:
-    """Where the next frame is tracked (FlowSettings.focus): the bounding box of region > 0 [H, W] grown by
-    REACH_PX plus 1.5x the frame-to-frame motion inside it (the 95th percentile of |flow|, flow [H, W, 2] t -> t-1:
-    a few wild DIS vectors must not open the box), within the frame; None (the whole frame) when the region is
-    empty (the object may come back anywhere) or flow is None (frame 1: the motion is not known yet)."""
-    box = _bbox(region)
+def reach_box(box: tuple[int, int, int, int] | None, flow: np.ndarray | None, shape: tuple[int, int]
+              ) -> tuple[int, int, int, int] | None:
+    """Where the next frame is tracked (FlowSettings.focus): box (y0, y1, x0, x1), the bounding box of this frame's
+    region (Carried.box), grown by REACH_PX plus 1.5x the frame-to-frame motion inside it (the 95th percentile of
+    |flow|, flow [H, W, 2] t -> t-1: a few wild DIS vectors must not open the box), within the frame of `shape`
+    (H, W); None (the whole frame) when the region is empty (box None: the object may come back anywhere) or flow
+    is None (frame 1: the motion is not known yet)."""
     if box is None or flow is None:
         return None
-    h, w = region.shape
+    h, w = shape
     y0, y1, x0, x1 = box
     motion = float(np.percentile(np.sqrt((flow[y0:y1, x0:x1] ** 2).sum(-1)), 95))
     m = REACH_PX + int(np.ceil(1.5 * min(motion, max(h, w))))
@@ -301,8 +302,6 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
                 y0, y1, x0, x1 = track.box
                 region, inner = np.zeros(frame.shape[:2], np.float32), region
                 region[y0:y1, x0:x1] = inner
-            if focus:
-                ahead["box"] = reach_box(region, track.flow)
         if check_broken and t:
             coords, valid, flow = track.crop()
             why = _broken(sample(low_f, coords) > 0.5, valid, flow)
@@ -322,7 +321,10 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
             if bg is not None:
                 _reveal(plan.removal, frame, track, bg, hard)
             moved = bg if plan.removal.any else None
-        yield frame, _content(frame, frame0, track, region, plan, settings, moved, hard)
+        carried = _content(frame, frame0, track, region, plan, settings, moved, hard)
+        if focus:
+            ahead["box"] = reach_box(carried.box, track.flow, region.shape)
+        yield frame, carried
     if plan.removal is not None and plan.removal.any:
         plan.notes.append(f"{plan.removal.share():.0%} of the edit region shows background where the source had "
                           "an object (a removed part): carried there with the background's motion, not the object's")

@@ -289,6 +289,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             t += 1
             box = (focus() if focus is not None else None) or (0, h, 0, w)
             y0, y1, x0, x1 = box
+            whole = (y1 - y0, x1 - x0) == (h, w)
             g, fr = grid[y0:y1, x0:x1], cur[y0:y1, x0:x1]
             c = _compose(coords, g + flow[y0:y1, x0:x1])   # the box's pixels; the previous track read anywhere
             s = look(frame0, c)                            # frame 0 seen through the track, kept in step with it
@@ -296,7 +297,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
             filled, moved = _fill_from_trusted(c, err < match_tolerance, g)
             anchored = anchor is not None and (t % max(1, anchor_every) == 0 or nxt is None)
             direct = _direct(anchor, gray, gray0, c, g, box) if anchored else None   # seeded by the chain
-            relit = light_tolerant and _matched_share(err < match_tolerance, c, care, box != (0, h, 0, w)) < RELIT_SHARE
+            relit = light_tolerant and _matched_share(err < match_tolerance, c, care, not whole) < RELIT_SHARE
             if relit:                                      # the light changed: compare lighting-normalised
                 err = light_error(fr, s)
             for cand, where in ((filled, moved), (direct, None)):
@@ -308,7 +309,7 @@ def track_frames(frames: Iterable[np.ndarray], quality: str = "medium", anchor_r
                 need = ~v & ins if care is None else ~v & ins & care(c)
                 v |= light_error_where(fr, s, need) < match_tolerance / LOCAL_LIGHT
             v &= ins
-            if (y1 - y0, x1 - x0) == (h, w):
+            if whole:
                 coords, valid, seen, box = c, v, s, None
             else:
                 coords = coords.copy()

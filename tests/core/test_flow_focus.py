@@ -56,18 +56,16 @@ def test_focus_none_is_the_whole_frame_bit_for_bit():
 
 
 def test_reach_box_grows_the_region_by_the_margin_and_the_motion():
-    region = np.zeros((100, 200), np.float32)
-    still = np.zeros((100, 200, 2), np.float32)
-    assert reach_box(region, still) is None                              # nothing tracked: the whole frame
-    region[40:50, 100:110] = 1
-    assert reach_box(region, None) is None                               # frame 1: no motion known yet
-    assert reach_box(region, still) == (40 - REACH_PX, 50 + REACH_PX, 100 - REACH_PX, 110 + REACH_PX)
+    shape = (100, 200)
+    still = np.zeros((*shape, 2), np.float32)
+    assert reach_box(None, still, shape) is None                          # nothing tracked: the whole frame
+    box = (40, 50, 100, 110)                                             # the region's bounding box
+    assert reach_box(box, None, shape) is None                           # frame 1: no motion known yet
+    assert reach_box(box, still, shape) == (40 - REACH_PX, 50 + REACH_PX, 100 - REACH_PX, 110 + REACH_PX)
     flow = still.copy()
     flow[..., 0] = 6.0                                                   # 6 px per frame: 9 px more each side
-    assert reach_box(region, flow) == (40 - REACH_PX - 9, 50 + REACH_PX + 9, 100 - REACH_PX - 9, 110 + REACH_PX + 9)
-    region[:, :] = 0
-    region[0:5, 190:200] = 1                                             # at the corner: clipped to the frame
-    assert reach_box(region, still) == (0, 5 + REACH_PX, 190 - REACH_PX, 200)
+    assert reach_box(box, flow, shape) == (40 - REACH_PX - 9, 50 + REACH_PX + 9, 100 - REACH_PX - 9, 110 + REACH_PX + 9)
+    assert reach_box((0, 5, 190, 200), still, shape) == (0, 5 + REACH_PX, 190 - REACH_PX, 200)   # clipped to the frame
 
 
 def test_the_engine_with_focus_carries_the_demo_edit_as_well_as_the_whole_frame(monkeypatch):
@@ -76,9 +74,9 @@ def test_the_engine_with_focus_carries_the_demo_edit_as_well_as_the_whole_frame(
     shares = []
     original = engine.reach_box
 
-    def spy(region, flow):
-        box = original(region, flow)
-        shares.append(1.0 if box is None else (box[1] - box[0]) * (box[3] - box[2]) / region.size)
+    def spy(region_box, flow, shape):
+        box = original(region_box, flow, shape)
+        shares.append(1.0 if box is None else (box[1] - box[0]) * (box[3] - box[2]) / (shape[0] * shape[1]))
         return box
 
     monkeypatch.setattr(engine, "reach_box", spy)
