@@ -205,7 +205,8 @@ def _settings(args):
     from .nodes.flow.engine import FlowSettings
 
     return FlowSettings(mode=args.mode, quality=args.quality, mask_threshold=args.mask_threshold,
-                        mask_grow=args.mask_grow, feather=args.feather, match_tolerance=args.match_tolerance)
+                        mask_grow=args.mask_grow, feather=args.feather, match_tolerance=args.match_tolerance,
+                        auto_follow=not getattr(args, "no_follow", False))
 
 
 def fit_edit(edited, source_first, policy: str, mask_given: bool, threshold: float):
@@ -544,7 +545,9 @@ def _add_flow_options(p: argparse.ArgumentParser) -> None:
     d = FLOW_DEFAULTS
     g = p.add_argument_group("engine flow (optical flow on the CPU, no weights)")
     g.add_argument("--mode", choices=FLOW_MODES, default=d["mode"],
-                   help="auto: delta, and a note when the per-pixel chain breaks up; delta: add the edit's change "
+                   help="auto: delta, and a note when the per-pixel chain breaks up (when the edit region is "
+                        "lost while the camera pans past the object: restarted with the motion follower's "
+                        "per-frame masks, see --no-follow); delta: add the edit's change "
                         "where it keeps the picture's structure (keeps the source's lighting), the relit edited "
                         "result elsewhere; pixels: the relit edited pixels everywhere; layer: the edit region "
                         "moves as one piece with the object")
@@ -555,6 +558,9 @@ def _add_flow_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feather", type=_int_at_least(0), default=d["feather"], help="soft edge width in px")
     g.add_argument("--match-tolerance", type=_fraction, default=d["match_tolerance"],
                    help="how closely (0..1) a pixel must still match frame 1 to keep the edit")
+    g.add_argument("--no-follow", action="store_true",
+                   help="mode auto: when the edit region is lost on a camera pan, only say so instead of "
+                        "restarting with the motion follower's per-frame masks")
 
 
 def build_parser() -> argparse.ArgumentParser:

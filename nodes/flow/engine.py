@@ -20,10 +20,13 @@ per edit, PSNR: shape_swap 31.8 -> 33.7 dB, insertion 29.2 -> 35.3, removal 34.6
 32.8 -> 34.5). Without per-frame masks, when the per-pixel chain breaks up (most of
 the tracked region unmatched, the rest in pieces, the unmatched pixels still moving with the object: not an
 occluder, for BROKEN_FRAMES frames) mode 'auto' notes it, and with FlowSettings.auto_layer restarts in layer
-mode."""
+mode. When the carried region is lost (under LOST_AREA of frame 1's for LOST_FRAMES frames) while the camera
+pans past the object, mode 'auto' restarts with per-frame masks from the masks room's motion follower
+(FlowSettings.auto_follow; a fast pan past occluders, DAVIS bmx-trees)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -45,6 +48,9 @@ BROKEN_VALID = 0.5       # auto notes a broken chain when fewer of the tracked r
 BROKEN_PIECES = 4        # matched rest falls into this many pieces (each >= 2 % of it; not an occluder)
 BROKEN_FRAMES = 3        # for this many frames in a row (the per-pixel chain broke up)
 WITH_OBJECT = 0.5        # ... and this share of its unmatched pixels moves with the matched ones (not an occluder)
+LOST_AREA = 0.25        # auto counts the edit region as lost when the carried region is under this share of frame 1's
+LOST_FRAMES = 3         # for this many frames in a row
+FOLLOW_GROWTH = 2.0     # the follower's mask is used while its area stays within this many times frame 1's
 GAIN_RANGE = (0.5, 2.0)  # the lighting gain applied to carried pixels is clipped to this
 
 
@@ -71,10 +77,16 @@ class FlowSettings:
     (track.FlowFn: grey uint8 frames a -> b, init None), e.g. RAFT or ComfyUI's OPTICAL_FLOW.
     focus: where the region is carried along the track alone (a derived or frame-1 mask, no colour map, no
     removal), track each frame only in a box around the last frame's region (its reach: see `reach_box`), not
-    the whole frame (track.track_frames' focus)."""
+    the whole frame (track.track_frames' focus).
+    auto_follow: in mode auto with only a frame-1 (or derived) mask, when the carried region is lost (under
+    LOST_AREA of frame 1's area for LOST_FRAMES frames in a row) and the camera pans past the object (the masks
+    room's pick_method on frames 1 and 2), restart with per-frame masks from the masks room's motion follower
+    (what Mask Propagate gives without SAM2), so the colour map or the mask layer carries the edit; otherwise
+    a note says the region was lost. Costs nothing until the region is lost."""
 
     mode: str = "auto"
     auto_layer: bool = False
+    auto_follow: bool = True
     quality: str = "medium"
     mask_threshold: float = 0.08
     mask_grow: int = 4
@@ -270,8 +282,10 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     masks(t, grow): the given region of frame t [H, W] (softened unless grow=False), or None to carry frame
     1's along the track.
     check_broken: when the tracked region stays mostly unmatched and in pieces, note it once in plan.notes, or
-    with settings.auto_layer raise _ChainBroke (run_carry then restarts in layer mode)."""
-    low, broken = plan.first_mask > 0.5, 0
+    with settings.auto_layer raise _ChainBroke (run_carry then restarts in layer mode); when the region carried
+    along the track is lost (LOST_AREA, LOST_FRAMES) while the camera pans, with settings.auto_follow raise
+    _RegionLost (run_carry restarts with the follower's masks), else note it once."""
+    low, broken, lost = plan.first_mask > 0.5, 0, 0
     low_f = low.astype(np.float32)
     ahead = {}                                           # "box": where focus tracks the next frame
     reach = np.ones((4 * settings.mask_grow + 3,) * 2, np.uint8)   # a square: covers _close's ellipse, faster
@@ -284,12 +298,15 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
     tracks = track_frames(frames, settings.quality, settings.anchor_refine, settings.match_tolerance,
                           settings.chain_quality, settings.flow, settings.light, care=care if own else None,
                           focus=(lambda: ahead.get("box")) if focus else None)
-    frame0 = bg = None
+    frame0 = frame1 = bg = None
+    area0 = float(plan.soft0.sum())
     keep_out = None if plan.removal is None else \
         cv2.dilate(low.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(np.float32)
     for t, (frame, track) in enumerate(tracks):
         if frame0 is None:
             frame0 = frame
+        elif frame1 is None:
+            frame1 = frame
         given = masks(t, plan.colour is None)            # a colour map's region as given: a grown rim would be recoloured
         if given is not None:
             region = given
@@ -314,6 +331,10 @@ def carry_pixels(frames: Iterator[np.ndarray], plan: EditPlan, settings: FlowSet
                     plan.notes.append(f"mode auto: {where}; if the edit tears into fragments, try mode 'layer' "
                                       "(or auto_layer), which moves it as one piece")
                     log.info("FFP flow: %s", plan.notes[-1])
+        if check_broken and own and t:
+            lost = lost + 1 if float(region.sum()) < LOST_AREA * area0 else 0
+            if lost == LOST_FRAMES:
+                _region_lost(t, plan, settings, frame0, frame1)
         moved = hard = None
         if plan.removal is not None and t:
             hard = masks(t, False)
@@ -368,6 +389,68 @@ def _reveal(removal: Removal, frame: np.ndarray, track: Track, bg: np.ndarray, h
 
 
 MOVING = 1.5            # px: a pixel whose motion is this close to another (the background, the object) moves with it
+
+
+class _RegionLost(Exception):
+    """Auto mode lost the edit region while the camera pans (the message says where): run_carry restarts with
+    per-frame masks from the motion follower."""
+
+
+def _region_lost(t: int, plan: EditPlan, settings: FlowSettings, frame0: np.ndarray, frame1: np.ndarray) -> None:
+    """The region carried along the track was lost at frame t: raise _RegionLost when settings.auto_follow and
+    the camera pans past the object (frames 0, 1 uint8 RGB), else note it once in plan.notes."""
+    from ..masks.flow_track import pans_past
+
+    where = (f"the edit region was lost at frame {t + 1} (under {LOST_AREA:.0%} of frame 1's area for "
+             f"{LOST_FRAMES} frames in a row)")
+    if settings.auto_follow and pans_past(frame0, frame1, plan.first_mask > 0.5, settings.quality):
+        raise _RegionLost(where)
+    if not any(n.startswith("mode auto: the edit region was lost") for n in plan.notes):
+        plan.notes.append(f"mode auto: {where}; give a mask for every frame (Mask Propagate, SAM2) to keep it")
+        log.info("FFP flow: %s", plan.notes[-1])
+
+
+def follower_masks(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, settings: FlowSettings,
+                   should_stop: ShouldStop | None = None) -> tuple[Callable[..., np.ndarray], int | None]:
+    """Per-frame masks of the edit region from the masks room's motion follower (follow_region, from frame
+    1's region plan.first_mask > 0.5) over a fresh pass of the frames -> (masks, stop): masks(t, grow) as
+    `prepare` returns them ([H, W] float32, softened unless grow=False), kept bit-packed at the tracking size
+    (at most 640 px on the long side: about 29 KB a frame) and scaled back as track_masks does. stop: the first
+    frame whose mask grew past FOLLOW_GROWTH x frame 1's area (the follower has spilled onto the scene: from
+    there masks are empty and the follower stops), or None."""
+    from ..masks.flow_track import follow_region
+
+    key = plan.first_mask > 0.5
+    h, w = key.shape
+    packed, small, stop = [], key.shape, None
+    for t, m in enumerate(follow_region(open_frames(), key, settings.quality, should_stop=should_stop)):
+        if t == 0:
+            small, limit = m.shape, FOLLOW_GROWTH * max(1, int(m.sum()))
+        elif m.sum() > limit:
+            stop = t
+            break
+        packed.append(np.packbits(m))
+
+    def masks(t: int, grow: bool = True) -> np.ndarray:
+        if t >= len(packed):
+            return np.zeros((h, w), np.float32)
+        m = key if t == 0 else np.unpackbits(packed[t], count=small[0] * small[1]).reshape(small).astype(bool)
+        if m.shape != (h, w):
+            m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+        m = m.astype(np.float32)
+        return soften(m, settings.mask_grow, settings.feather) if grow else m
+    return masks, stop
+
+
+def replan_per_frame(plan: EditPlan, settings: FlowSettings, note: str) -> None:
+    """Plan the same edit again, in place, as one given with per-frame masks (auto: a colour map or the mask
+    layer); plan.notes keeps what was said, then `note`, then the new plan's notes."""
+    new = plan_edit(np.round(plan.src0 * 255).astype(np.uint8), torch.from_numpy(plan.edit),
+                    torch.from_numpy(plan.first_mask), settings, True)
+    notes = plan.notes + [note] + new.notes
+    for f in dataclasses.fields(EditPlan):
+        setattr(plan, f.name, getattr(new, f.name))
+    plan.notes = notes
 
 
 class _ChainBroke(Exception):
@@ -515,7 +598,9 @@ def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, s
               on_step: Callable[[int, int], None] | None = None) -> None:
     """Drive carry over every frame, calling sink(t, frame, carried), then on_step(t + 1, t_len); honours
     should_stop after each frame but the first. With settings.auto_layer, when the per-pixel chain breaks up it
-    logs why and starts again from frame 1 in layer mode (the sink then gets t = 0, 1, ... a second time)."""
+    logs why and starts again from frame 1 in layer mode (the sink then gets t = 0, 1, ... a second time);
+    with settings.auto_follow, when the region is lost while the camera pans, it starts again with the
+    follower's per-frame masks (`follower_masks`; one more pass over the frames)."""
     try:
         for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
             sink(t, frame, carried)
@@ -526,6 +611,15 @@ def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, s
     except _ChainBroke as why:
         plan.mode = "layer"
         plan.notes.append(f"mode auto -> layer: {why}; the edit region now moves as one piece (restarted at frame 1)")
+        log.info("FFP flow: %s", plan.notes[-1])
+        run_carry(open_frames, plan, settings, masks, sink, t_len, should_stop, on_step)
+    except _RegionLost as why:
+        masks, stop = follower_masks(open_frames, plan, settings, should_stop)
+        tail = "" if stop is None else (f"; from frame {stop + 1} its mask grew past {FOLLOW_GROWTH:g}x frame 1's "
+                                        "area (it spilled onto the scene), so the edit stops there")
+        replan_per_frame(plan, settings, f"mode auto: {why} while the camera pans past the object: restarted at "
+                                         "frame 1 with per-frame masks from the motion follower (Mask Propagate's "
+                                         f"without SAM2){tail}")
         log.info("FFP flow: %s", plan.notes[-1])
         run_carry(open_frames, plan, settings, masks, sink, t_len, should_stop, on_step)
 

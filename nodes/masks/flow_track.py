@@ -229,8 +229,12 @@ class _Resized:
         self.shape = (frames.shape[0], size[1], size[0], 3)
 
     def __getitem__(self, t: int) -> np.ndarray:
-        f = self.frames[t]
-        return f if f.shape[1::-1] == self.size else cv2.resize(f, self.size, interpolation=cv2.INTER_AREA)
+        return at_size(self.frames[t], self.size)
+
+
+def at_size(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An image or mask [H, W, ...] at size (W, H) (cv2.INTER_AREA), itself when it already is."""
+    return a if a.shape[1::-1] == size else cv2.resize(a, size, interpolation=cv2.INTER_AREA)
 
 
 METHODS = ("patch", "motion", "auto")
@@ -269,8 +273,8 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
     if method not in METHODS:
         raise ValueError(f"unknown mask tracking method '{method}'; use one of {list(METHODS)}.")
     t_len, h, w = frames.shape[:3]
+    size = tracking_size(h, w, max_side)
     scale = min(1.0, max_side / max(h, w))
-    size = (max(8, round(w * scale)), max(8, round(h * scale)))
     small = _Resized(frames, size)
     keys = [k.astype(bool) for k in key_masks]
     yield keys
@@ -279,7 +283,7 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
     if method == "auto":
         method = pick_method(small[0], small[1], keys, quality) if t_len > 1 else "patch"
     if method == "motion":
-        yield from _follow(small, keys, quality, (w, h), should_stop)
+        yield from _follow((small[t] for t in range(1, t_len)), small[0], keys, quality, (w, h), should_stop)
         return
     stream = MotionStream(small[0], quality)
     trackers = [MaskTracker(small[0], k, tolerance) for k in keys]
@@ -309,6 +313,15 @@ def track_masks(frames: np.ndarray, key_masks: list[np.ndarray], quality: str = 
         yield masks
 
 
+def pans_past(first: np.ndarray, second: np.ndarray, key: np.ndarray, quality: str = "medium",
+              max_side: int = MAX_SIDE) -> bool:
+    """Whether the camera pans past the object (bool key [H, W] on uint8 RGB first; second the next frame):
+    pick_method at the tracking size says "motion", as track_masks(method="auto") decides."""
+    size = tracking_size(*first.shape[:2], max_side)
+    keys = [at_size(key.astype(np.float32), size) >= 0.5]
+    return pick_method(at_size(first, size), at_size(second, size), keys, quality) == "motion"
+
+
 def pick_method(first: np.ndarray, second: np.ndarray, keys: list[np.ndarray], quality: str = "medium") -> str:
     """track_masks' "auto": "motion" when the camera pans (background homography of the DIS flow frame 1 -> 0
     outside the key masks: median motion >= PAN px) and each object (bool [H, W] keys on uint8 RGB first)
@@ -326,23 +339,43 @@ def pick_method(first: np.ndarray, second: np.ndarray, keys: list[np.ndarray], q
     return "motion" if panning and apart else "patch"
 
 
-def _follow(small: _Resized, keys: list[np.ndarray], quality: str, size: tuple[int, int],
-            should_stop: ShouldStop | None) -> Iterator[list[np.ndarray]]:
-    """track_masks' "motion" method after frame 0: one MotionFollower per key mask (bool, at the tracking size)
-    over small's frames, sharing one DIS flow t -> t-1 per frame; masks scaled to size (W, H)."""
-    t_len = small.shape[0]
-    dis, prev = DenseFlow(quality), to_gray(small[0])
-    followers = [MotionFollower(small[0], k) for k in keys]
-    for t in range(1, t_len):
+def _follow(frames: Iterator[np.ndarray], first: np.ndarray, keys: list[np.ndarray], quality: str,
+            size: tuple[int, int] | None, should_stop: ShouldStop | None) -> Iterator[list[np.ndarray]]:
+    """track_masks' "motion" method after frame 0: one MotionFollower per key mask (bool, at the tracking size,
+    on `first`) over the next frames (uint8 RGB at the tracking size, one at a time), sharing one DIS flow
+    t -> t-1 per frame; masks scaled to size (W, H) (None: the tracking size)."""
+    dis, prev = DenseFlow(quality), to_gray(first)
+    followers = [MotionFollower(first, k) for k in keys]
+    for t, frame in enumerate(frames, 1):
         if should_stop is not None and should_stop():
-            raise Cancelled(f"cancelled at frame {t} of {t_len}")
-        frame = small[t]
+            raise Cancelled(f"cancelled at frame {t}")
         gray = to_gray(frame)
         back, prev = dis.flow(gray, prev), gray
         masks = [f.step(frame, back) for f in followers]
-        if frame.shape[1::-1] != size:
+        if size is not None and frame.shape[1::-1] != size:
             masks = [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) >= 0.5 for m in masks]
         yield masks
+
+
+def tracking_size(h: int, w: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """(W, H) at which track_masks tracks a clip of H x W: the long side at most max_side."""
+    scale = min(1.0, max_side / max(h, w))
+    return max(8, round(w * scale)), max(8, round(h * scale))
+
+
+def follow_region(frames: Iterator[np.ndarray], key_mask: np.ndarray, quality: str = "medium",
+                  max_side: int = MAX_SIDE, should_stop: ShouldStop | None = None) -> Iterator[np.ndarray]:
+    """The motion follower (track_masks(method="motion")) over frames given one at a time, as a file streams
+    them: uint8 RGB [H, W, 3], the keyframe first; key_mask bool [H, W] on it. Yields bool masks at the
+    tracking size (`tracking_size`), the key mask's first: the same masks as track_masks, before its scaling
+    back to H x W (cv2.INTER_LINEAR, >= 0.5). Holds two frames."""
+    frames = iter(frames)
+    first = next(frames)
+    size = tracking_size(*first.shape[:2], max_side)
+    key = at_size(key_mask.astype(bool).astype(np.float32), size) >= 0.5
+    yield key
+    for masks in _follow((at_size(f, size) for f in frames), at_size(first, size), [key], quality, None, should_stop):
+        yield masks[0]
 
 
 # ---- the motion follower: an object that moves unlike the camera (fast pans, occluding trees) --------------

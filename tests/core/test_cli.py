@@ -139,6 +139,16 @@ def test_every_option_of_ours_has_help_and_flow_defaults_agree_with_the_engine()
             assert action.help, f"ffprop {name} {action.option_strings} has no help text"
 
 
+def test_no_follow_turns_the_engines_auto_follow_off():
+    """--no-follow reaches the engine's settings (auto_follow), the other flow options as given."""
+    from ffprop.__main__ import _settings, build_parser
+
+    base = ["propagate", "--video", "v.mp4", "--edited-first-frame", "e.png", "-o", "o.mp4"]
+    assert _settings(build_parser().parse_args(base)).auto_follow
+    off = _settings(build_parser().parse_args(base + ["--no-follow", "--mask-grow", "2"]))
+    assert not off.auto_follow and off.mask_grow == 2
+
+
 # ---- bad inputs: exit 2, nothing written ------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["0", "-1"])

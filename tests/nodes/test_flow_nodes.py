@@ -113,3 +113,29 @@ def test_an_optical_flow_that_is_not_raft_is_refused(clip):
                                                offload_device=mm.unet_offload_device())
     with pytest.raises(ValueError, match="not torchvision's RAFT"):
         run(clip, optical_flow=patcher)
+
+
+def test_a_frame_1_mask_lost_on_a_pan_is_followed_inside_the_host():
+    """The motion follower's synthetic pan (tests/core/test_masks_motion.py) with only a frame-1 mask: inside
+    ComfyUI's runtime the node restarts with the follower's per-frame masks (auto_follow), and its output is
+    the engine's run on those masks given per frame, bit for bit."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
+    from ffprop.nodes.masks.flow_track import track_masks
+    from ffprop.nodes.video.frames import from_uint8
+    from test_masks_motion import panning_clip
+
+    video, masks = panning_clip()
+    source = from_uint8(video)
+    edited = from_uint8(np.where(masks[0][..., None], video[0][..., [2, 0, 1]], video[0]))
+    args = ARGS | {"flow_quality": "medium"}
+    out = FFPFlowPropagate.execute(pack_video(source, 24.0), edited[None], **args,
+                                   edit_mask=torch.from_numpy(masks[:1].astype(np.float32)))
+    given = np.stack([m[0] for m in track_masks(video, [masks[0]], method="motion")])
+    want = propagate_edit(source, edited, torch.from_numpy(given.astype(np.float32)),
+                          FlowSettings(quality="medium", mask_grow=2, feather=2))
+    assert torch.equal(out.result[1], want.video) and torch.equal(out.result[2], want.mask)
