@@ -117,3 +117,31 @@ def test_the_file_path_restarts_with_the_follower_too(pan, tmp_path):
     assert any("restarted at frame 1 with per-frame masks from the motion follower" in n for n in res.notes)
     back, _ = read_video(tmp_path / "out.mp4")
     assert len(_vanished(back, truth, source, masks)) <= 4
+
+
+def test_the_followers_masks_stop_where_they_spill_past_twice_frame_1s_area(monkeypatch):
+    """follower_masks uses the follower's masks while their area stays within FOLLOW_GROWTH x frame 1's; from the
+    first frame past it the masks are empty (the edit stops there) and stop names that frame. A stand-in
+    follower yields a square growing 1.3x in area per frame (what loraedit 032's follower does from frame 37)."""
+    import ffprop.nodes.masks.flow_track as flow_track
+    from ffprop.nodes.flow.engine import FOLLOW_GROWTH, follower_masks, plan_edit
+
+    h, w = 60, 80
+    key = np.zeros((h, w), bool)
+    key[20:30, 30:40] = True
+    sides = [round(10 * 1.3 ** (t / 2)) for t in range(8)]                # areas 1, 1.3, 1.69, 2.2, ... x
+
+    def growing(frames, key_mask, quality="medium", max_side=640, should_stop=None):
+        for t, _ in enumerate(frames):
+            m = np.zeros((h, w), bool)
+            m[25 - sides[t] // 2:25 + (sides[t] + 1) // 2, 35 - sides[t] // 2:35 + (sides[t] + 1) // 2] = True
+            yield m
+    monkeypatch.setattr(flow_track, "follow_region", growing)
+    frame = np.full((h, w, 3), 120, np.uint8)
+    plan = plan_edit(frame, torch.from_numpy(np.float32(frame) / 255), torch.from_numpy(key.astype(np.float32)),
+                     FlowSettings(), False)
+    masks, stop = follower_masks(lambda: iter([frame] * 8), plan, FlowSettings())
+    areas = [s * s / 100 for s in sides]
+    assert stop == next(t for t, a in enumerate(areas) if a > FOLLOW_GROWTH) == 3
+    assert [bool(masks(t, False).any()) for t in range(8)] == [True, True, True] + [False] * 5
+    assert masks(2, False).sum() == sides[2] ** 2 and np.array_equal(masks(0, False) > 0, key)
