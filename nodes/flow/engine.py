@@ -392,8 +392,12 @@ MOVING = 1.5            # px: a pixel whose motion is this close to another (the
 
 
 class _RegionLost(Exception):
-    """Auto mode lost the edit region while the camera pans (the message says where): run_carry restarts with
-    per-frame masks from the motion follower."""
+    """Auto mode lost the edit region at frame t while the camera pans (the message says where): run_carry
+    restarts with per-frame masks from the motion follower."""
+
+    def __init__(self, where: str, t: int):
+        super().__init__(where)
+        self.t = t
 
 
 def _region_lost(t: int, plan: EditPlan, settings: FlowSettings, frame0: np.ndarray, frame1: np.ndarray) -> None:
@@ -404,7 +408,7 @@ def _region_lost(t: int, plan: EditPlan, settings: FlowSettings, frame0: np.ndar
     where = (f"the edit region was lost at frame {t + 1} (under {LOST_AREA:.0%} of frame 1's area for "
              f"{LOST_FRAMES} frames in a row)")
     if settings.auto_follow and pans_past(frame0, frame1, plan.first_mask > 0.5, settings.quality):
-        raise _RegionLost(where)
+        raise _RegionLost(where, t)
     if not any(n.startswith("mode auto: the edit region was lost") for n in plan.notes):
         plan.notes.append(f"mode auto: {where}; give a mask for every frame (Mask Propagate, SAM2) to keep it")
         log.info("FFP flow: %s", plan.notes[-1])
@@ -600,7 +604,8 @@ def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, s
     should_stop after each frame but the first. With settings.auto_layer, when the per-pixel chain breaks up it
     logs why and starts again from frame 1 in layer mode (the sink then gets t = 0, 1, ... a second time);
     with settings.auto_follow, when the region is lost while the camera pans, it starts again with the
-    follower's per-frame masks (`follower_masks`; one more pass over the frames)."""
+    follower's per-frame masks (`follower_masks`; one more pass over the frames), unless the follower's mask
+    spilled onto the scene before the frame where the track was lost (then the track is run again as it was)."""
     try:
         for t, (frame, carried) in enumerate(carry(open_frames, plan, settings, masks)):
             sink(t, frame, carried)
@@ -614,14 +619,21 @@ def run_carry(open_frames: Callable[[], Iterator[np.ndarray]], plan: EditPlan, s
         log.info("FFP flow: %s", plan.notes[-1])
         run_carry(open_frames, plan, settings, masks, sink, t_len, should_stop, on_step)
     except _RegionLost as why:
-        masks, stop = follower_masks(open_frames, plan, settings, should_stop)
+        followed, stop = follower_masks(open_frames, plan, settings, should_stop)
+        if stop is not None and stop <= why.t:          # the follower spilled before the track was lost
+            plan.notes.append(f"mode auto: {why}; the motion follower's mask spilled onto the scene at frame "
+                              f"{stop + 1}, sooner, so the track is kept")
+            log.info("FFP flow: %s", plan.notes[-1])
+            run_carry(open_frames, plan, dataclasses.replace(settings, auto_follow=False), masks, sink, t_len,
+                      should_stop, on_step)
+            return
         tail = "" if stop is None else (f"; from frame {stop + 1} its mask grew past {FOLLOW_GROWTH:g}x frame 1's "
                                         "area (it spilled onto the scene), so the edit stops there")
         replan_per_frame(plan, settings, f"mode auto: {why} while the camera pans past the object: restarted at "
                                          "frame 1 with per-frame masks from the motion follower (Mask Propagate's "
                                          f"without SAM2){tail}")
         log.info("FFP flow: %s", plan.notes[-1])
-        run_carry(open_frames, plan, settings, masks, sink, t_len, should_stop, on_step)
+        run_carry(open_frames, plan, settings, followed, sink, t_len, should_stop, on_step)
 
 
 def propagate_edit(source: torch.Tensor, edited_first: torch.Tensor, edit_mask: torch.Tensor | None = None,

@@ -145,3 +145,21 @@ def test_the_followers_masks_stop_where_they_spill_past_twice_frame_1s_area(monk
     assert stop == next(t for t, a in enumerate(areas) if a > FOLLOW_GROWTH) == 3
     assert [bool(masks(t, False).any()) for t in range(8)] == [True, True, True] + [False] * 5
     assert masks(2, False).sum() == sides[2] ** 2 and np.array_equal(masks(0, False) > 0, key)
+
+
+def test_a_follower_that_spills_before_the_track_was_lost_leaves_the_track(pan, monkeypatch):
+    """When the follower's mask grows past FOLLOW_GROWTH x frame 1's before the frame where the track was lost,
+    the restart would be worse than the track: auto keeps the track (the same output as auto_follow off) and
+    says why. A stand-in follower spills at once (the whole frame from frame 2)."""
+    import ffprop.nodes.masks.flow_track as flow_track
+
+    def spilling(frames, key_mask, quality="medium", max_side=640, should_stop=None):
+        for t, f in enumerate(frames):
+            yield key_mask.astype(bool) if t == 0 else np.ones(f.shape[:2], bool)
+    monkeypatch.setattr(flow_track, "follow_region", spilling)
+    source, masks, truth = pan
+    key = torch.from_numpy(masks[:1].astype(np.float32))
+    kept = propagate_edit(source, truth[0], key)
+    assert any("spilled onto the scene at frame 2, sooner, so the track is kept" in n for n in kept.notes), kept.notes
+    off = propagate_edit(source, truth[0], key, FlowSettings(auto_follow=False))
+    assert torch.equal(kept.video, off.video) and torch.equal(kept.mask, off.mask)
