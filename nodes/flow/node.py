@@ -75,7 +75,10 @@ class FFPFlowPropagate(io.ComfyNode):
                                       "flow) or one per frame (e.g. from SAM2). Unconnected: derived from the "
                                       "difference between the edited and the source frame 1."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",
-                               tooltip="auto: delta (the log says when the tracking breaks up and layer may do better); a colour "
+                               tooltip="auto: delta (the log says when the tracking breaks up and layer may do better; when "
+                                       "the edit region is lost while the camera pans past the object, it "
+                                       "restarts with the motion follower's masks, as Mask Propagate without SAM2 "
+                                       "gives them: choose delta to keep the plain track); a colour "
                                        "change with a mask for every frame, or a whole-frame colour restyle, is carried "
                                        "as one colour map of each frame's own pixels. "
                                        "delta: add the edit's change where it keeps the picture's structure "
